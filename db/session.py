@@ -1,0 +1,134 @@
+"""Engines and sessions. The URL comes from the caller (services.config.Settings)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.schema import Base
+
+_engines: dict[str, Engine] = {}
+_engine_pid: dict[str, int] = {}
+
+
+class SchemaOutOfDate(RuntimeError):
+    pass
+
+
+def get_engine(url: str) -> Engine:
+    """One engine per URL per process; a forked worker gets a fresh pool, never the parent's sockets."""
+    engine = _engines.get(url)
+    if engine is not None and _engine_pid[url] == os.getpid():
+        return engine
+    if engine is not None:  # inherited across fork: drop the parent's connections without closing them
+        engine.dispose(close=False)
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):  # noqa: ANN001
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.close()
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    _engines[url] = engine
+    _engine_pid[url] = os.getpid()
+    return engine
+
+
+def dispose_engines() -> None:
+    for engine in _engines.values():
+        engine.dispose(close=False)
+    _engines.clear()
+    _engine_pid.clear()
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """A session that commits on success and rolls back on any exception."""
+    session = sessionmaker(get_engine(url), expire_on_commit=False)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def insert_ignore(session: Session, model: type[Base], rows: Iterable[dict[str, Any]]) -> list[int]:
+    """INSERT … ON CONFLICT DO NOTHING; returns the ids of the rows actually inserted.
+
+    This is what makes a re-run job write nothing twice: the unique keys decide.
+    """
+    rows = list(rows)
+    if not rows:
+        return []
+    dialect = session.get_bind().dialect.name
+    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}[dialect]
+    stmt = insert(model).values(rows).on_conflict_do_nothing().returning(model.id)
+    return [row[0] for row in session.execute(stmt)]
+
+
+# --- migrations -------------------------------------------------------------------------------
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+
+
+def current_revision(url: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with get_engine(url).connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def head_revision(url: str) -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+
+def ensure_schema(url: str) -> None:
+    """SQLite (the embedded default) is migrated automatically; a server database must be
+    migrated on purpose (`w2sctl db upgrade`), so a stale schema is an error, not a surprise."""
+    if url.startswith("sqlite"):
+        upgrade(url)
+        return
+    current, head = current_revision(url), head_revision(url)
+    if current != head:
+        raise SchemaOutOfDate(
+            f"database schema is at revision {current or 'none'}, the code needs {head}: "
+            "run `w2sctl db upgrade`"
+        )
+
+
+def table_names(url: str) -> list[str]:
+    return inspect(get_engine(url)).get_table_names()

@@ -1,0 +1,193 @@
+"""Settings from the environment and one typed config per kind of round, validated with clear errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from services.errors import InputError
+
+QUEUES = ("weak", "strong", "train", "control")
+
+
+class ConfigError(InputError):
+    """A user-facing configuration error; the message names the field or file."""
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+class Settings(BaseModel):
+    """Where the service keeps its state. Nothing set: everything embedded under W2S_HOME."""
+
+    home: Path
+    database_url: str
+    broker_url: str | None  # None: tasks run in-process (embedded mode)
+    checkpoint_dir: Path
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url is None
+
+    def redacted_database_url(self) -> str:
+        return _redact(self.database_url)
+
+    def redacted_broker_url(self) -> str | None:
+        return _redact(self.broker_url) if self.broker_url else None
+
+
+def _redact(url: str) -> str:
+    """Credentials never reach a terminal or a log."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL (e.g. redis://): hide anything between :// and @
+        head, sep, tail = url.partition("://")
+        return head + sep + ("***@" + tail.split("@", 1)[1] if "@" in tail else tail)
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    home = Path(env.get("W2S_HOME") or ".w2s").absolute()
+    return Settings(
+        home=home,
+        database_url=env.get("W2S_DATABASE_URL") or f"sqlite:///{home / 'w2s.sqlite'}",
+        broker_url=env.get("W2S_BROKER_URL") or None,
+        checkpoint_dir=Path(env.get("W2S_CHECKPOINT_DIR") or home / "checkpoints").absolute(),
+    )
+
+
+# --- round configs -------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: int = Field(1024, ge=1, le=32768, description="ref: 1024 for GSM8K, 2048 for MATH")
+    batch_size: int = Field(16, ge=1, le=4096, description="prompts per generate() call")
+    chunk_size: int = Field(256, ge=1, le=100_000, description="questions per generation job")
+
+
+class TrainingConfig(_Strict):
+    """Fine-tuning hyper-parameters. The reference did not publish its values; these are ours."""
+
+    learning_rate: float = Field(1e-5, gt=0, le=1.0, description="peak LR after warm-up")
+    epochs: int = Field(2, ge=1, le=100)
+    micro_batch_size: int = Field(4, ge=1, le=1024, description="per rank")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    max_seq_len: int = Field(1024, ge=16, le=131072)
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    zero_stage: Literal[2, 3] = 2
+    num_ranks: int = Field(1, ge=1, le=4096, description="DeepSpeed ranks on this node")
+    timeout_s: float = Field(24 * 3600, gt=0, description="the launch is killed after this")
+
+
+class EvalConfig(_Strict):
+    dataset: str = Field(description="a labelled dataset name")
+    limit: int | None = Field(None, ge=1, description="evaluate on the first N questions only")
+
+
+class PromotionConfig(_Strict):
+    # A candidate is promoted only if it beats the current student by more than this
+    # (accuracy points as a fraction); 0 means "strictly better".
+    min_improvement: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class SFTRoundConfig(_Strict):
+    """Stage I: two voters answer the pool, agreed answers train the student."""
+
+    stage: Literal["sft"] = "sft"
+    iteration: int = Field(1, ge=1, le=10, description="1: weak + strong-ICL voters; 2: two fine-tuned students")
+    weak: str = Field(description="registered model answering zero-shot (the first voter)")
+    strong: str = Field(description="registered model answering with in-context demonstrations (the second voter)")
+    student: str | None = Field(None, description="model to fine-tune; default: the strong voter")
+    pool: str = Field(description="the unlabelled question pool")
+    pool_limit: int | None = Field(None, ge=1, description="use the first N pool questions only")
+    eval: EvalConfig
+    demonstrations: int = Field(4, ge=0, le=64, description="ref: K = 4 weak (question, response) pairs")
+    variants: list[Literal["weak", "icl", "hybrid"]] = Field(
+        default_factory=lambda: ["weak", "icl"], min_length=1, description="training sets to fine-tune on"
+    )
+    seed: int = 0
+    generation: GenerationConfig = GenerationConfig()
+    training: TrainingConfig = TrainingConfig()
+    promotion: PromotionConfig = PromotionConfig()
+
+    @model_validator(mode="after")
+    def _distinct_variants(self) -> SFTRoundConfig:
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants: each variant at most once, got {self.variants}")
+        return self
+
+
+class WeakSFTRoundConfig(_Strict):
+    """Fine-tune a weak model on a labelled set (question + gold solution), as GSM8K train_1."""
+
+    stage: Literal["weak-sft"] = "weak-sft"
+    weak: str = Field(description="registered model to fine-tune")
+    train: str = Field(description="a labelled dataset with gold solutions")
+    eval: EvalConfig
+    seed: int = 0
+    generation: GenerationConfig = GenerationConfig()
+    training: TrainingConfig = TrainingConfig()
+    promotion: PromotionConfig = PromotionConfig()
+
+
+RoundConfig = Annotated[Union[SFTRoundConfig, WeakSFTRoundConfig], Field(discriminator="stage")]
+
+
+class _RoundConfigEnvelope(BaseModel):
+    config: RoundConfig
+
+
+def parse_round_config(data: dict[str, Any], source: str = "round config") -> SFTRoundConfig | WeakSFTRoundConfig:
+    """Validate a round config; errors name each offending field."""
+    if "stage" not in data:
+        raise ConfigError(f"{source}: field 'stage' is required (sft or weak-sft)")
+    try:
+        return _RoundConfigEnvelope(config=data).config
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + _describe(exc)) from None
+
+
+def load_round_config_file(path: Path, overrides: dict[str, Any]) -> SFTRoundConfig | WeakSFTRoundConfig:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
+    return parse_round_config(_merge(data, overrides), source=str(path))
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        # Drop the envelope and the union tag pydantic adds to the location.
+        loc = [str(p) for p in error["loc"] if p not in ("config", "sft", "weak-sft")]
+        field = ".".join(loc) or "config"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        parts.append(f"{field}: {message}")
+    return "; ".join(parts)

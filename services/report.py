@@ -1,0 +1,104 @@
+"""Round reports: the columns of the reference table, computed from the database alone.
+
+Pool gold answers appear here and nowhere else: they grade, they never vote or train.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.schema import Checkpoint, Generation, Job, Question, Round, TrainingExample
+from services.selection import Vote, accuracy, stage1_vote
+
+STEP_ORDER = ("generate:weak", "generate:strong", "vote", "train", "evaluate", "promote")
+
+
+def job_counts(session: Session, round_id: int) -> dict[str, dict[str, int]]:
+    """step → state → count, in the order the steps run."""
+    counts: dict[str, Counter] = {}
+    for step, state in session.execute(select(Job.step, Job.state).where(Job.round_id == round_id)):
+        counts.setdefault(step, Counter())[state] += 1
+    ordered = sorted(counts, key=lambda s: STEP_ORDER.index(s) if s in STEP_ORDER else len(STEP_ORDER))
+    return {step: dict(counts[step]) for step in ordered}
+
+
+def round_report(session: Session, round_: Round, promotion: dict[str, Any] | None = None) -> dict[str, Any]:
+    report: dict[str, Any] = {"round": round_.id, "stage": round_.stage, "iteration": round_.iteration}
+    resolved = round_.resolved
+    task = resolved["task"]
+    if round_.stage == "sft":
+        report.update(_vote_figures(session, round_, task))
+    report["variants"] = _variants(session, round_)
+    if promotion is None:
+        promote = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == "promote"))
+        promotion = promote.result if promote is not None and promote.state == "done" else None
+    if promotion:
+        report["student_before"] = {"name": promotion["baseline"], "accuracy": promotion["baseline_accuracy"]}
+        report["outcome"] = promotion["outcome"]
+        report["promoted"] = promotion["promoted"]
+        report["reason"] = promotion["reason"]
+    return report
+
+
+def _vote_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
+    question_ids = round_.resolved["question_ids"]
+    gold = dict(session.execute(select(Question.id, Question.gold_answer).where(Question.id.in_(question_ids))).all())
+    answers: dict[str, dict[int, str]] = {"weak": {}, "strong": {}}
+    for voter, qid, answer in session.execute(
+        select(Generation.voter, Generation.question_id, Generation.answer)
+        .where(Generation.round_id == round_.id, Generation.sample_index == 0)
+    ):
+        answers[voter][qid] = answer
+    votes = [Vote(q, answers["weak"][q], answers["strong"][q]) for q in question_ids
+             if q in answers["weak"] and q in answers["strong"]]
+    kept = stage1_vote(votes, task)
+    kept_weak = {q: answers["weak"][q] for q in kept}
+    figures = {
+        "pool": len(question_ids),
+        "weak_answered": sum(1 for a in answers["weak"].values() if a),
+        "strong_answered": sum(1 for a in answers["strong"].values() if a),
+        "kept": len(kept),
+        "kept_share": len(kept) / len(question_ids) if question_ids else 0.0,
+        "has_gold": any(gold.values()),
+    }
+    if figures["has_gold"]:
+        figures["weak_accuracy"] = accuracy(answers["weak"], gold, task)
+        figures["strong_accuracy"] = accuracy(answers["strong"], gold, task)
+        figures["kept_accuracy"] = accuracy(kept_weak, gold, task)
+        figures["kept_by_gold_steps"] = _difficulty_mix(session, kept)
+    return figures
+
+
+def _difficulty_mix(session: Session, kept: list[int]) -> dict[str, int]:
+    """How many solution lines the kept questions' gold solutions have: agreement tends to keep
+    the easy questions, and a kept set of one-step problems teaches a student to stop early."""
+    mix: Counter = Counter()
+    for (solution,) in session.execute(select(Question.gold_solution).where(Question.id.in_(kept))):
+        if solution:
+            mix[str(sum(1 for line in solution.splitlines() if line.strip() and not line.startswith("####")))] += 1
+    return dict(sorted(mix.items()))
+
+
+def _variants(session: Session, round_: Round) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    examples = Counter(session.scalars(select(TrainingExample.variant).where(TrainingExample.round_id == round_.id)))
+    for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == "train").order_by(Job.id)):
+        variant = job.payload["variant"]
+        entry: dict[str, Any] = {"examples": examples.get(variant, 0), "state": job.state}
+        result = job.result or {}
+        if result.get("checkpoint_id"):
+            checkpoint = session.get(Checkpoint, result["checkpoint_id"])
+            entry.update(checkpoint=checkpoint.name, status=checkpoint.status,
+                         accuracy=(checkpoint.metrics or {}).get("eval_accuracy"),
+                         train_loss=(result.get("train") or {}).get("final_loss"))
+            evaluation = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == f"evaluate:{variant}"))
+            if evaluation is not None and evaluation.result:
+                entry["accuracy"] = evaluation.result.get("accuracy")
+        elif result.get("skipped"):
+            entry["skipped"] = result["skipped"]
+        out[variant] = entry
+    return out

@@ -1,0 +1,256 @@
+"""What a round is and how it moves: start, advance, resume.
+
+A round is a small graph of steps. `advance` reads the round's jobs from the database and plans
+whatever step has become ready; it is idempotent (job keys are unique per round) and safe to call
+from anywhere, any number of times. The broker holds nothing that cannot be re-planned from here.
+
+Stage I (`sft`)::
+
+    evaluate:baseline ──────────────────────────────────────────────┐
+    generate:weak ──► generate:strong (after weak when K > 0) ──► vote ──► train:<variant> ──► evaluate:<variant> ──► promote
+
+Weak fine-tuning (`weak-sft`)::
+
+    evaluate:baseline ─────────────────────┐
+    train:gold ──► evaluate:gold ─────────► promote
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.schema import Checkpoint, Generation, Job, Question, Round, utcnow
+from db.session import insert_ignore
+from services.config import SFTRoundConfig, WeakSFTRoundConfig, parse_round_config
+from services.errors import InputError, NotFound, StateError
+from services.registry import current_student, get_checkpoint, get_dataset, lineage_root
+
+TERMINAL_ROUND_STATES = ("done", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    key: str
+    kind: str
+    queue: str
+    payload: dict[str, Any]
+
+
+# --- start ---------------------------------------------------------------------------------------
+
+
+def start_round(session: Session, config: SFTRoundConfig | WeakSFTRoundConfig) -> tuple[Round, list[int]]:
+    """Validate against the database, write the round and its first jobs. Returns (round, job ids to enqueue).
+
+    The caller commits before enqueueing: nothing reaches the broker that is not in the database.
+    """
+    resolved = resolve(session, config)
+    round_ = Round(
+        stage=config.stage,
+        iteration=getattr(config, "iteration", 1),
+        state="running",
+        config=config.model_dump(mode="json"),
+        resolved=resolved,
+    )
+    session.add(round_)
+    session.flush()
+    return round_, advance(session, round_.id)
+
+
+def resolve(session: Session, config: SFTRoundConfig | WeakSFTRoundConfig) -> dict[str, Any]:
+    """Names → ids, with every check that needs the database. Raises before anything is written."""
+    eval_set = get_dataset(session, config.eval.dataset)
+    if not eval_set.labelled:
+        raise InputError(f"eval.dataset {eval_set.name!r} has no gold answers (it was imported with --unlabelled)")
+    if config.stage == "weak-sft":
+        weak = get_checkpoint(session, config.weak)
+        train_set = get_dataset(session, config.train)
+        if not train_set.labelled:
+            raise InputError(f"train {train_set.name!r} has no gold solutions: weak-sft needs a labelled dataset")
+        if train_set.task != eval_set.task:
+            raise InputError(f"train is a {train_set.task} dataset but eval.dataset is {eval_set.task}")
+        baseline = current_student(session, weak)
+        return {"task": train_set.task, "student_id": weak.id, "baseline_id": baseline.id,
+                "lineage_root_id": lineage_root(weak), "train_id": train_set.id, "eval_id": eval_set.id}
+
+    weak, strong = get_checkpoint(session, config.weak), get_checkpoint(session, config.strong)
+    student = get_checkpoint(session, config.student) if config.student else strong
+    pool = get_dataset(session, config.pool)
+    if pool.task != eval_set.task:
+        raise InputError(f"pool is a {pool.task} dataset but eval.dataset is {eval_set.task}")
+    if pool.id == eval_set.id:
+        raise InputError("pool and eval.dataset are the same dataset: evaluate on held-out questions")
+    question_ids = session.scalars(
+        select(Question.id).where(Question.dataset_id == pool.id).order_by(Question.index).limit(config.pool_limit)
+    ).all()
+    if config.demonstrations > len(question_ids):
+        raise InputError(f"demonstrations: {config.demonstrations} is more than the pool's {len(question_ids)} questions")
+    baseline = current_student(session, student)
+    return {"task": pool.task, "weak_id": weak.id, "strong_id": strong.id, "student_id": student.id,
+            "baseline_id": baseline.id, "lineage_root_id": lineage_root(student), "pool_id": pool.id,
+            "eval_id": eval_set.id, "question_ids": list(question_ids)}
+
+
+def load_config(round_: Round) -> SFTRoundConfig | WeakSFTRoundConfig:
+    return parse_round_config(round_.config, source=f"round {round_.id} config")
+
+
+# --- advance -------------------------------------------------------------------------------------
+
+
+def advance(session: Session, round_id: int) -> list[int]:
+    """Plan every step that has become ready; finish or fail the round. Returns new job ids to enqueue.
+
+    Takes a row lock on the round (PostgreSQL) so concurrent callers plan one after the other;
+    the unique job keys make a second planner's inserts no-ops either way.
+    """
+    round_ = session.scalar(select(Round).where(Round.id == round_id).with_for_update())
+    if round_ is None:
+        raise NotFound(f"round {round_id} does not exist")
+    if round_.state in TERMINAL_ROUND_STATES:
+        return []
+    jobs = {job.key: job for job in session.scalars(select(Job).where(Job.round_id == round_id))}
+
+    failed = [job for job in jobs.values() if job.state == "failed"]
+    if failed:
+        round_.state, round_.finished_at = "failed", utcnow()
+        round_.error = "; ".join(f"job {job.id} ({job.key}) failed: {job.error or 'no reason recorded'}" for job in failed)
+        return []
+
+    config = load_config(round_)
+    plan = plan_weak_sft(round_, jobs) if isinstance(config, WeakSFTRoundConfig) else plan_sft(session, round_, config, jobs)
+    new_ids = insert_ignore(
+        session,
+        Job,
+        [{"round_id": round_id, "key": spec.key, "step": step_of(spec.key), "kind": spec.kind, "queue": spec.queue,
+          "state": "queued", "payload": spec.payload} for spec in plan if spec.key not in jobs],
+    )
+    promote = jobs.get("promote")
+    if promote is not None and promote.state == "done":
+        round_.state, round_.finished_at = "done", utcnow()
+        round_.outcome = (promote.result or {}).get("outcome")
+    return new_ids
+
+
+def step_of(key: str) -> str:
+    """`generate:weak:0003` → `generate:weak`; `train:icl` → `train`."""
+    parts = key.split(":")
+    return ":".join(parts[:2]) if parts[0] == "generate" else parts[0]
+
+
+def _done(jobs: dict[str, Job], prefix: str) -> bool:
+    matching = [job for key, job in jobs.items() if key == prefix or key.startswith(prefix + ":")]
+    return bool(matching) and all(job.state == "done" for job in matching)
+
+
+def _evaluate(checkpoint_id: int, eval_id: int, config: SFTRoundConfig | WeakSFTRoundConfig) -> dict[str, Any]:
+    return {"checkpoint_id": checkpoint_id, "dataset_id": eval_id, "limit": config.eval.limit}
+
+
+def _candidates(jobs: dict[str, Job]) -> dict[str, int]:
+    """variant → candidate checkpoint id, for train jobs that produced one (a set with no examples trains nothing)."""
+    out = {}
+    for key, job in jobs.items():
+        if key.startswith("train:") and job.state == "done" and (job.result or {}).get("checkpoint_id"):
+            out[key.split(":", 1)[1]] = job.result["checkpoint_id"]
+    return out
+
+
+def _tail(jobs: dict[str, Job], variants: list[str], resolved: dict[str, Any]) -> list[JobSpec]:
+    """evaluate each candidate once its training is done, then promote once everything is in."""
+    plan = []
+    candidates = _candidates(jobs)
+    for variant, checkpoint_id in candidates.items():
+        plan.append(JobSpec(f"evaluate:{variant}", "evaluate", "strong",
+                            {"checkpoint_id": checkpoint_id, "dataset_id": resolved["eval_id"], "limit": None}))
+    trained = all(_done(jobs, f"train:{variant}") for variant in variants)
+    evaluated = all(_done(jobs, f"evaluate:{variant}") for variant in candidates) and _done(jobs, "evaluate:baseline")
+    if trained and evaluated:
+        plan.append(JobSpec("promote", "promote", "control", {"candidates": candidates}))
+    return plan
+
+
+def plan_sft(session: Session, round_: Round, config: SFTRoundConfig, jobs: dict[str, Job]) -> list[JobSpec]:
+    resolved = round_.resolved
+    question_ids = resolved["question_ids"]
+    chunks = [question_ids[i : i + config.generation.chunk_size] for i in range(0, len(question_ids), config.generation.chunk_size)]
+    plan = [JobSpec("evaluate:baseline", "evaluate", "strong", _evaluate(resolved["baseline_id"], resolved["eval_id"], config))]
+    plan += [JobSpec(f"generate:weak:{i:04d}", "generate", "weak", {"voter": "weak", "question_ids": chunk})
+             for i, chunk in enumerate(chunks)]
+
+    # The strong voter's few-shot demonstrations come from the weak voter's own outputs: one fixed
+    # set per round, so it can only be chosen once every weak answer is in.
+    if config.demonstrations == 0 or _done(jobs, "generate:weak"):
+        if "demonstration_ids" not in resolved:
+            resolved = {**resolved, "demonstration_ids": choose_demonstrations(session, round_, config)}
+            round_.resolved = resolved
+        plan += [JobSpec(f"generate:strong:{i:04d}", "generate", "strong", {"voter": "strong", "question_ids": chunk})
+                 for i, chunk in enumerate(chunks)]
+
+    if _done(jobs, "generate:weak") and _done(jobs, "generate:strong"):
+        plan.append(JobSpec("vote", "vote", "control", {}))
+    if _done(jobs, "vote"):
+        plan += [JobSpec(f"train:{variant}", "train", "train", {"variant": variant}) for variant in config.variants]
+        plan += _tail(jobs, list(config.variants), resolved)
+    # A candidate's eval uses the round's eval limit too (same questions as the baseline).
+    return [_with_limit(spec, config) for spec in plan]
+
+
+def plan_weak_sft(round_: Round, jobs: dict[str, Job]) -> list[JobSpec]:
+    config = load_config(round_)
+    resolved = round_.resolved
+    plan = [JobSpec("evaluate:baseline", "evaluate", "strong", _evaluate(resolved["baseline_id"], resolved["eval_id"], config)),
+            JobSpec("train:gold", "train", "train", {"variant": "gold"})]
+    plan += _tail(jobs, ["gold"], resolved)
+    return [_with_limit(spec, config) for spec in plan]
+
+
+def _with_limit(spec: JobSpec, config: SFTRoundConfig | WeakSFTRoundConfig) -> JobSpec:
+    if spec.kind == "evaluate":
+        return JobSpec(spec.key, spec.kind, spec.queue, {**spec.payload, "limit": config.eval.limit})
+    return spec
+
+
+def choose_demonstrations(session: Session, round_: Round, config: SFTRoundConfig) -> list[int]:
+    """K weak generations with a non-empty answer, drawn with the round's seed (unchecked: no labels exist)."""
+    if config.demonstrations == 0:
+        return []
+    rows = session.execute(
+        select(Generation.id)
+        .join(Question, Question.id == Generation.question_id)
+        .where(Generation.round_id == round_.id, Generation.voter == "weak", Generation.answer != "")
+        .order_by(Question.index)
+    ).scalars().all()
+    if len(rows) < config.demonstrations:
+        # Fewer answered questions than K: use what there is rather than stall the round.
+        return list(rows)
+    return sorted(random.Random(config.seed).sample(list(rows), config.demonstrations))
+
+
+# --- resume, lookups -----------------------------------------------------------------------------
+
+
+def get_round(session: Session, round_id: int) -> Round:
+    round_ = session.get(Round, round_id)
+    if round_ is None:
+        raise NotFound(f"round {round_id} does not exist")
+    return round_
+
+
+def resume_round(session: Session, round_id: int) -> list[int]:
+    """Re-plan what is missing and return every queued job id (to be re-sent); safe to repeat."""
+    round_ = get_round(session, round_id)
+    if round_.state in TERMINAL_ROUND_STATES:
+        raise StateError(f"round {round_id} is {round_.state}: nothing to resume")
+    advance(session, round_id)
+    session.flush()
+    return list(session.scalars(select(Job.id).where(Job.round_id == round_id, Job.state == "queued").order_by(Job.id)))
+
+
+def checkpoint_for(session: Session, round_: Round, voter: str) -> Checkpoint:
+    return session.get(Checkpoint, round_.resolved[f"{voter}_id"])

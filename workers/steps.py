@@ -1,0 +1,289 @@
+"""What each kind of job does. Each handler reads its inputs in a short transaction, does the
+work outside any transaction, and writes its results in the transaction that marks the job done."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Update, select, update
+
+from db.schema import Checkpoint, Dataset, Evaluation, Generation, Job, Question, Round, TrainingExample, utcnow
+from db.session import insert_ignore
+from models.answers import answers_match, extract_answer
+from models.generation import generate
+from models.loading import default_cache
+from models.prompts import clean_response, few_shot, zero_shot
+from services.config import SFTRoundConfig
+from services.promotion import gate
+from services.report import round_report
+from services.rounds import load_config
+from services.selection import Vote, stage1_vote, variant_sources
+from workers.runner import JobContext
+
+GREEDY = "greedy"
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+# --- generate ------------------------------------------------------------------------------------
+
+
+def run_generate(ctx: JobContext) -> None:
+    voter = ctx.payload["voter"]
+    with ctx.session() as session:
+        round_ = session.get(Round, ctx.round_id)
+        config: SFTRoundConfig = load_config(round_)
+        checkpoint = session.get(Checkpoint, round_.resolved[f"{voter}_id"])
+        done = set(session.scalars(select(Generation.question_id).where(
+            Generation.round_id == ctx.round_id, Generation.voter == voter,
+            Generation.question_id.in_(ctx.payload["question_ids"]))))
+        by_id = {q.id: q for q in session.scalars(select(Question).where(Question.id.in_(ctx.payload["question_ids"])))}
+        todo = [by_id[qid] for qid in ctx.payload["question_ids"] if qid not in done]
+        demonstrations = []
+        if voter == "strong" and round_.resolved.get("demonstration_ids"):
+            demos = session.execute(
+                select(Question.text, Generation.text).join(Generation, Generation.question_id == Question.id)
+                .where(Generation.id.in_(round_.resolved["demonstration_ids"])).order_by(Generation.id)
+            ).all()
+            demonstrations = [(q, a) for q, a in demos]
+        task = round_.resolved["task"]
+        checkpoint_id, path = checkpoint.id, checkpoint.path
+
+    loaded = default_cache().get(path)
+    strategy = "few-shot" if demonstrations else "zero-shot"
+    total = len(ctx.payload["question_ids"])
+    finished = total - len(todo)
+    # Commit every few batches: a retry after a crash skips the questions already answered.
+    for group in _batches(todo, config.generation.batch_size * 4) or [[]]:
+        prompts = [few_shot(q.text, demonstrations) if demonstrations else zero_shot(q.text) for q in group]
+        completions = generate(loaded, prompts, max_new_tokens=config.generation.max_new_tokens,
+                               batch_size=config.generation.batch_size) if prompts else []
+        rows = []
+        for question, samples in zip(group, completions):
+            text = clean_response(samples[0].text)
+            rows.append({"round_id": ctx.round_id, "job_id": ctx.job_id, "question_id": question.id,
+                         "checkpoint_id": checkpoint_id, "voter": voter, "sample_index": 0, "strategy": strategy,
+                         "text": text, "answer": extract_answer(text, task),
+                         "input_tokens": samples[0].input_tokens, "output_tokens": samples[0].output_tokens})
+        finished += len(group)
+        with ctx.session() as session:
+            insert_ignore(session, Generation, rows)
+            ctx.progress(session, finished / max(total, 1))
+    with ctx.session() as session:
+        ctx.finish(session, {"generated": len(todo), "skipped_existing": total - len(todo)})
+
+
+# --- vote ----------------------------------------------------------------------------------------
+
+
+def run_vote(ctx: JobContext) -> None:
+    with ctx.session() as session:
+        round_ = session.get(Round, ctx.round_id)
+        config: SFTRoundConfig = load_config(round_)
+        task = round_.resolved["task"]
+        rows = session.execute(
+            select(Generation.id, Generation.voter, Generation.question_id, Generation.text, Generation.answer)
+            .where(Generation.round_id == ctx.round_id, Generation.sample_index == 0)
+        ).all()
+        texts = dict(session.execute(select(Question.id, Question.text).where(
+            Question.id.in_(round_.resolved["question_ids"]))).all())
+
+        first = {r.question_id: r for r in rows if r.voter == "weak"}
+        second = {r.question_id: r for r in rows if r.voter == "strong"}
+        votes = [Vote(qid, first[qid].answer, second[qid].answer)
+                 for qid in round_.resolved["question_ids"] if qid in first and qid in second]
+        kept = stage1_vote(votes, task)
+
+        examples, counts = [], {}
+        for variant in config.variants:
+            sources = variant_sources(variant)
+            for qid in kept:
+                for source in sources:
+                    generation = first[qid] if source == "first" else second[qid]
+                    examples.append({"round_id": ctx.round_id, "variant": variant, "question_id": qid,
+                                     "generation_id": generation.id, "prompt": zero_shot(texts[qid]),
+                                     "response": generation.text})
+            counts[variant] = len(kept) * len(sources)
+        insert_ignore(session, TrainingExample, examples)
+        ctx.finish(session, {"pool": len(round_.resolved["question_ids"]), "voted": len(votes), "kept": len(kept),
+                             "examples": counts})
+
+
+# --- train ---------------------------------------------------------------------------------------
+
+
+def run_train(ctx: JobContext) -> None:
+    from workers.launch import launch_training
+
+    variant = ctx.payload["variant"]
+    with ctx.session() as session:
+        round_ = session.get(Round, ctx.round_id)
+        config = load_config(round_)
+        student = session.get(Checkpoint, round_.resolved["student_id"])
+        if variant == "gold":  # weak-sft: the labelled set's own solutions are the targets
+            _write_gold_examples(session, ctx.round_id, round_.resolved["train_id"])
+        examples = session.execute(
+            select(TrainingExample.prompt, TrainingExample.response)
+            .where(TrainingExample.round_id == ctx.round_id, TrainingExample.variant == variant)
+            .order_by(TrainingExample.id)
+        ).all()
+        student_id, student_path, student_role = student.id, student.path, student.role
+        lineage_root_id = round_.resolved["lineage_root_id"]
+        stage, iteration = round_.stage, round_.iteration
+    if not examples:
+        with ctx.session() as session:
+            ctx.finish(session, {"checkpoint_id": None, "skipped": "no training examples: the vote kept no question"})
+        return
+
+    store = ctx.settings.checkpoint_dir
+    name = f"round{ctx.round_id}-{variant}"
+    output_dir = store / name
+    work_dir = store / "jobs" / f"job{ctx.job_id}-attempt{ctx.attempt}"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    train_file = work_dir / "train.jsonl"
+    with train_file.open("w") as f:
+        for prompt, response in examples:
+            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    data_hash = hashlib.sha256(train_file.read_bytes()).hexdigest()
+
+    if not (output_dir / "w2s.json").is_file():  # a previous attempt may have finished training already
+        shutil.rmtree(output_dir, ignore_errors=True)
+        job_file = work_dir / "job.json"
+        job_file.write_text(json.dumps({
+            "base_model": student_path,
+            "train_file": str(train_file),
+            "output_dir": str(output_dir),
+            "lineage": {"parent": student_id, "parent_path": student_path, "round": ctx.round_id, "stage": stage,
+                        "iteration": iteration, "variant": variant, "examples": len(examples),
+                        "data_sha256": data_hash, "config": config.model_dump(mode="json")},
+            **config.training.model_dump(exclude={"num_ranks", "timeout_s"}),
+            "seed": config.seed,
+        }, indent=2))
+        log_path = work_dir / "train.log"
+        ctx.set_log_path(str(log_path))
+        result = launch_training("models.train.sft", job_file, num_ranks=config.training.num_ranks,
+                                 log_path=log_path, timeout_s=config.training.timeout_s)
+        if result.returncode != 0 or not (output_dir / "w2s.json").is_file():
+            shutil.rmtree(output_dir, ignore_errors=True)
+            raise RuntimeError(f"training exited with status {result.returncode}; log {log_path}:\n{result.log_tail[-1500:]}")
+
+    metrics_file = output_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    with ctx.session() as session:
+        insert_ignore(session, Checkpoint, [{
+            "name": name, "path": str(output_dir), "role": student_role, "status": "candidate",
+            "parent_id": student_id, "lineage_root_id": lineage_root_id, "round_id": ctx.round_id,
+            "variant": variant, "metrics": {"train": metrics}, "created_at": utcnow()}])
+        checkpoint_id = session.scalar(select(Checkpoint.id).where(Checkpoint.name == name))
+        ctx.finish(session, {"checkpoint_id": checkpoint_id, "examples": len(examples), "train": metrics})
+
+
+def _write_gold_examples(session, round_id: int, dataset_id: int) -> None:
+    questions = session.scalars(select(Question).where(Question.dataset_id == dataset_id).order_by(Question.index))
+    insert_ignore(session, TrainingExample, [
+        {"round_id": round_id, "variant": "gold", "question_id": q.id, "generation_id": None,
+         "prompt": zero_shot(q.text), "response": q.gold_solution or q.gold_answer}
+        for q in questions])
+
+
+# --- evaluate ------------------------------------------------------------------------------------
+
+
+def run_evaluate(ctx: JobContext) -> None:
+    checkpoint_id, dataset_id, limit = ctx.payload["checkpoint_id"], ctx.payload["dataset_id"], ctx.payload.get("limit")
+    with ctx.session() as session:
+        round_ = session.get(Round, ctx.round_id)
+        config = load_config(round_)
+        dataset = session.get(Dataset, dataset_id)
+        questions = session.execute(
+            select(Question.text, Question.gold_answer).where(Question.dataset_id == dataset_id)
+            .order_by(Question.index).limit(limit)).all()
+        key = dict(checkpoint_id=checkpoint_id, dataset_id=dataset_id, strategy=GREEDY, n_questions=len(questions))
+        existing = session.scalar(select(Evaluation).filter_by(**key))
+        if existing is not None:  # evaluated before (by this or another round): reuse it
+            ctx.finish(session, {"evaluation_id": existing.id, "accuracy": existing.accuracy, "reused": True})
+            return
+        path, task = session.get(Checkpoint, checkpoint_id).path, dataset.task
+
+    started = time.perf_counter()
+    loaded = default_cache().get(path)
+    correct = input_tokens = output_tokens = 0
+    done = 0
+    for group in _batches(questions, config.generation.batch_size * 4):
+        completions = generate(loaded, [zero_shot(q.text) for q in group],
+                               max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size)
+        for question, samples in zip(group, completions):
+            answer = extract_answer(clean_response(samples[0].text), task)
+            correct += answers_match(answer, question.gold_answer or "", task)
+            input_tokens += samples[0].input_tokens
+            output_tokens += samples[0].output_tokens
+        done += len(group)
+        with ctx.session() as session:
+            ctx.progress(session, done / max(len(questions), 1))
+    accuracy = correct / max(len(questions), 1)
+    with ctx.session() as session:
+        insert_ignore(session, Evaluation, [{**key, "round_id": ctx.round_id, "correct": correct, "accuracy": accuracy,
+                                             "input_tokens": input_tokens, "output_tokens": output_tokens,
+                                             "wall_s": time.perf_counter() - started, "created_at": utcnow()}])
+        evaluation = session.scalar(select(Evaluation).filter_by(**key))
+        ctx.finish(session, {"evaluation_id": evaluation.id, "accuracy": evaluation.accuracy, "reused": False})
+
+
+# --- promote -------------------------------------------------------------------------------------
+
+
+def run_promote(ctx: JobContext) -> None:
+    with ctx.session() as session:
+        round_ = session.get(Round, ctx.round_id)
+        config = load_config(round_)
+        jobs = {job.key: job for job in session.scalars(select(Job).where(Job.round_id == ctx.round_id))}
+        baseline = session.get(Checkpoint, round_.resolved["baseline_id"])
+        baseline_accuracy = jobs["evaluate:baseline"].result["accuracy"]
+        candidates: dict[str, float] = {}
+        by_name: dict[str, Checkpoint] = {}
+        for variant, checkpoint_id in ctx.payload["candidates"].items():
+            checkpoint = session.get(Checkpoint, checkpoint_id)
+            candidates[checkpoint.name] = jobs[f"evaluate:{variant}"].result["accuracy"]
+            by_name[checkpoint.name] = checkpoint
+        decision = gate(baseline.name, baseline_accuracy, candidates, config.promotion.min_improvement)
+
+        now = utcnow()
+        for name, checkpoint in by_name.items():
+            # Compare-and-set: only a candidate can become promoted or rejected, once.
+            status = "promoted" if name == decision.promoted else "rejected"
+            session.execute(update_status(checkpoint.id, status, now))
+            checkpoint.metrics = {**(checkpoint.metrics or {}), "eval_accuracy": candidates[name],
+                                  "baseline_accuracy": baseline_accuracy}
+        result = {"outcome": "promoted" if decision.promoted else "rejected", "promoted": decision.promoted,
+                  "reason": decision.reason, "baseline": baseline.name, "baseline_accuracy": baseline_accuracy,
+                  "candidates": candidates}
+        session.flush()
+        round_.report = round_report(session, round_, promotion=result)
+        ctx.finish(session, result)
+
+
+def update_status(checkpoint_id: int, status: str, now) -> Update:
+    values: dict[str, Any] = {"status": status}
+    if status == "promoted":
+        values["promoted_at"] = now
+    return update(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.status == "candidate").values(**values)
+
+
+HANDLERS = {
+    "generate": run_generate,
+    "vote": run_vote,
+    "train": run_train,
+    "evaluate": run_evaluate,
+    "promote": run_promote,
+}
+
+# Keep the environment tidy for DeepSpeed subprocesses started from a Celery worker.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
