@@ -1,0 +1,289 @@
+"""Shared pieces of the training entry points: DeepSpeed behind one small object.
+
+The entry points (``sft.py``, ``preference.py``) keep the algorithm in view: config, data, model,
+optimiser, one loop. Everything DeepSpeed needs — process group, engine config, ZeRO, mixed
+precision, gathering a full state dict and writing a Hugging Face directory atomically — lives in
+:class:`DeepSpeedStrategy` (the shape of OpenRLHF's ``utils/deepspeed/deepspeed.py``, much smaller).
+
+A run is started by the DeepSpeed launcher (``workers/launch.py``), which sets ``RANK``,
+``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` for every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Name of the file with w2s metadata (lineage, resolved config) inside every checkpoint directory.
+W2S_METADATA_FILE = "w2s.json"
+
+
+def linear_warmup_decay(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier: linear warm-up from 0 to 1 over ``warmup_steps``, then linear
+    decay to 0 at ``total_steps`` (the schedule of HF ``get_linear_schedule_with_warmup``).
+
+    ``step`` counts optimiser steps already taken (0 for the first update).
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps  # +1: the first update does not run at lr = 0
+    remaining = total_steps - step
+    span = max(1, total_steps - warmup_steps)
+    return max(0.0, remaining / span)
+
+
+def temporary_dir_for(out_dir: Path) -> Path:
+    """Where a checkpoint is written before the rename that publishes it."""
+    return out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+
+
+class DeepSpeedStrategy:
+    """The few verbs a training loop needs from DeepSpeed.
+
+    ``setup_distributed()`` once per process, ``setup(model, lr=...)`` to get the engine,
+    then per micro-batch ``backward(loss)`` and ``step()``; ``save_hf(...)`` at the end, on every
+    rank (ZeRO-3 gathers the weights collectively; only rank 0 writes).
+    """
+
+    def __init__(
+        self,
+        *,
+        zero_stage: int = 2,  # ZeRO-2: optimiser state and gradients sharded, weights replicated
+        micro_batch_size: int = 8,  # examples per rank per forward pass
+        gradient_accumulation_steps: int = 1,
+        max_grad_norm: float = 1.0,  # clipping as in most SFT recipes (TRL, OpenRLHF)
+        seed: int = 0,
+    ) -> None:
+        if zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {zero_stage}")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size: must be >= 1, got {micro_batch_size}")
+        if gradient_accumulation_steps < 1:
+            raise ValueError(
+                f"gradient_accumulation_steps: must be >= 1, got {gradient_accumulation_steps}"
+            )
+        self.zero_stage = zero_stage
+        self.micro_batch_size = micro_batch_size
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.seed = seed
+        self.engine: Any = None  # deepspeed.DeepSpeedEngine after setup()
+
+    # -- process group -------------------------------------------------------------------------
+
+    @staticmethod
+    def use_cuda() -> bool:
+        return torch.cuda.is_available()
+
+    def setup_distributed(self) -> None:
+        """Join the process group the launcher described in the environment; seed every PRNG."""
+        import deepspeed
+        from deepspeed.runtime.utils import set_random_seed
+
+        if self.use_cuda():
+            torch.cuda.set_device(self.local_rank)
+        deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda() else "gloo")
+        set_random_seed(self.seed)
+
+    @property
+    def local_rank(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+    @property
+    def world_size(self) -> int:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            return dist.get_world_size()
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.use_cuda() else torch.device("cpu")
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+    def all_reduce_mean(self, value: float) -> float:
+        """Mean of a Python float over all ranks (for logging)."""
+        return self.all_reduce_sum(value) / self.world_size
+
+    def all_reduce_sum(self, value: float) -> float:
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or self.world_size == 1:
+            return float(value)
+        tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return float(tensor.item())
+
+    def print0(self, *args: Any) -> None:
+        if self.is_rank0():
+            print(*args, flush=True)
+
+    def log_json(self, **record: Any) -> None:
+        """One JSON object per line on rank 0's stdout: what ``workers.launch.parse_progress`` reads."""
+        if self.is_rank0():
+            sys.stdout.write(json.dumps(record) + "\n")
+            sys.stdout.flush()
+
+    # -- engine --------------------------------------------------------------------------------
+
+    def ds_config(self) -> dict[str, Any]:
+        """The DeepSpeed config, built from ours (no JSON file to keep in sync)."""
+        bf16 = self.use_cuda() and torch.cuda.is_bf16_supported()  # CPU: fp32 (gloo, no bf16 kernels)
+        zero: dict[str, Any] = {"stage": self.zero_stage}
+        if self.zero_stage == 3:
+            # save_hf needs the full weights on rank 0.
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        return {
+            "train_micro_batch_size_per_gpu": self.micro_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "gradient_clipping": self.max_grad_norm,
+            "zero_optimization": zero,
+            "bf16": {"enabled": bf16},
+            "fp16": {"enabled": False},
+            "steps_per_print": 10**9,  # we log ourselves, as JSON lines
+            "wall_clock_breakdown": False,
+        }
+
+    def setup(
+        self,
+        model: torch.nn.Module,
+        *,
+        lr: float,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        lr_lambda: Callable[[int], float] | None = None,
+    ) -> Any:
+        """Wrap ``model`` in a DeepSpeed engine with a plain ``torch.optim.AdamW``.
+
+        A client optimiser avoids JIT-building DeepSpeed's fused/CPU Adam ops, and ZeRO supports
+        it. Biases and norm weights (1-D parameters) get no weight decay. ``lr_lambda`` maps the
+        number of optimiser steps taken to a multiplier of ``lr``; DeepSpeed steps it at each
+        gradient-accumulation boundary.
+        """
+        import deepspeed
+
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas)
+        scheduler = (
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda is not None else None
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config()
+        )
+        return self.engine
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> bool:
+        """Step the engine (optimiser and schedule move only at accumulation boundaries).
+
+        Returns True when this micro-step ended an optimiser step.
+        """
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        return bool(boundary)
+
+    def current_lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    # -- saving --------------------------------------------------------------------------------
+
+    def full_state_dict(self, model: Any) -> dict[str, torch.Tensor] | None:
+        """Full (unsharded) weights on rank 0, ``None`` elsewhere. Collective under ZeRO-3."""
+        if self.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        if not self.is_rank0():
+            return None
+        module = getattr(model, "module", model)  # the engine or the bare model
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+    def save_hf(
+        self,
+        model: Any,
+        tokenizer: Any,
+        out_dir: str | Path,
+        *,
+        lineage: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
+        extra_files: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write a Hugging Face directory (safetensors, tokenizer, ``w2s.json``) to ``out_dir``.
+
+        ``model`` is the engine from :meth:`setup` or the bare model. Call on every rank: under
+        ZeRO-3 the weights are gathered collectively; only rank 0 writes. It writes everything
+        under ``<out>.tmp-<pid>`` and renames it to ``<out>`` only when complete, so a reader never
+        sees a half-written checkpoint; the temporary directory is removed if anything fails.
+        ``extra_files`` maps file names to JSON-serialisable objects written beside the weights.
+        """
+        out_dir = Path(out_dir)
+        module = getattr(model, "module", model)
+        state_dict = self.full_state_dict(model)
+
+        if self.is_rank0():
+            if out_dir.exists():
+                raise FileExistsError(f"output_dir: {out_dir} already exists; refusing to overwrite")
+            tmp = temporary_dir_for(out_dir)
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+                # safetensors is the default (and, from transformers 5, the only) format.
+                module.save_pretrained(tmp, state_dict=state_dict)
+                tokenizer.save_pretrained(tmp)
+                metadata = {
+                    "format": 1,
+                    "created_at": datetime.now(timezone.utc).isoformat(),
+                    "lineage": dict(lineage or {}),
+                    "config": dict(config or {}),
+                    "world_size": self.world_size,
+                    "zero_stage": self.zero_stage,
+                }
+                _write_json(tmp / W2S_METADATA_FILE, metadata)
+                for name, payload in (extra_files or {}).items():
+                    _write_json(tmp / name, payload)
+                os.replace(tmp, out_dir)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        self.barrier()
+        return out_dir
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
+        f.write("\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,266 @@
+"""Supervised fine-tuning of the strong student on trusted reasoning chains.
+
+Launched by DeepSpeed, one process per rank (see ``workers/launch.py``)::
+
+    python -m deepspeed.launcher.runner --num_gpus N --master_port P \\
+        --module --no_local_rank models.train.sft --config job.json
+
+The job file is an :class:`SFTConfig` as JSON. Reads top to bottom like nanoGPT's ``train.py``:
+config, data, model, optimiser, one loop, save. The loss is the causal-LM cross-entropy on the
+response tokens only (prompt tokens are labelled -100); each response ends with the tokenizer's
+eos token so the student learns to stop. Rank 0 prints one JSON line per logged step,
+``{"step": .., "loss": .., "epoch": .., "lr": .., "total_steps": ..}``, for the supervisor, and at
+the end writes the checkpoint (safetensors, tokenizer, ``w2s.json``, ``metrics.json``) atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.train.common import DeepSpeedStrategy, linear_warmup_decay
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's ignore_index)
+
+
+class SFTConfig(BaseModel):
+    """One SFT job, as written to the job file by the train task."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # -- inputs and outputs --------------------------------------------------------------------
+    base_model: Path = Field(description="Hugging Face directory of the model to fine-tune")
+    train_file: Path = Field(description='JSONL, one {"prompt": str, "response": str} per line')
+    output_dir: Path = Field(description="where the checkpoint appears, complete, at the end")
+    lineage: dict[str, Any] = Field(
+        default_factory=dict, description="copied into the checkpoint's w2s.json (parent, round…)"
+    )
+
+    # -- optimisation --------------------------------------------------------------------------
+    # 1e-4: usual for full fine-tuning of sub-billion models; lower it for 7B+ students.
+    learning_rate: float = Field(1e-4, gt=0, description="peak AdamW learning rate")
+    epochs: int = Field(2, ge=1, description="passes over the training file")
+    micro_batch_size: int = Field(8, ge=1, description="examples per rank per forward pass")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per update")
+    max_seq_len: int = Field(512, ge=2, description="prompt + response tokens; longer is cut")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="fraction of updates warming up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices (not norms)")
+    seed: int = Field(0, description="model-independent PRNGs and the data order")
+
+    # -- system --------------------------------------------------------------------------------
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (2: shard optimiser)")
+    log_every: int = Field(10, ge=1, description="optimiser steps between JSON loss lines")
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> SFTConfig:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"job file {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"job file {path}: not JSON ({exc})") from None
+        return cls.model_validate(raw)
+
+    def check_inputs(self) -> None:
+        """Fail before any work if an input is missing or the output would be overwritten."""
+        if not (self.base_model / "config.json").is_file():
+            raise FileNotFoundError(
+                f"base_model: {self.base_model} is not a Hugging Face model directory "
+                "(no config.json there)"
+            )
+        if not self.train_file.is_file():
+            raise FileNotFoundError(f"train_file: {self.train_file} does not exist")
+        if self.output_dir.exists():
+            raise FileExistsError(f"output_dir: {self.output_dir} already exists")
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def load_rows(path: Path) -> list[tuple[str, str]]:
+    """(prompt, response) pairs from a JSONL file; errors name the file, line and field."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not JSON ({exc})") from None
+            for field in ("prompt", "response"):
+                if not isinstance(row.get(field), str):
+                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a string")
+            rows.append((row["prompt"], row["response"]))
+    if not rows:
+        raise ValueError(f"train_file: {path} has no rows")
+    return rows
+
+
+def build_example(tokenizer: Any, prompt: str, response: str, max_seq_len: int) -> dict[str, list[int]]:
+    """Token ids and labels for one (prompt, response) pair.
+
+    Prompt and response are tokenized separately and concatenated, so the boundary of the loss
+    mask is exact: labels are -100 on every prompt token and equal the ids on the response and
+    the appended eos. The prompt gets the tokenizer's special tokens (e.g. BOS), the response
+    none. Longer than ``max_seq_len``: cut on the right (the eos may go; then the model is not
+    taught to stop at the cut).
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos token; SFT needs one to end responses")
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + response_ids)[:max_seq_len]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_seq_len]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def collate(examples: Sequence[dict[str, list[int]]], *, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad on the right to the longest example: pad ids, attention 0, labels -100."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# -- the job ---------------------------------------------------------------------------------------
+
+
+def train(cfg: SFTConfig) -> dict[str, Any]:
+    """Run one SFT job on this rank; returns the metrics (written by rank 0 with the checkpoint)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg.check_inputs()
+    strategy = DeepSpeedStrategy(
+        zero_stage=cfg.zero_stage,
+        micro_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        seed=cfg.seed,
+    )
+    strategy.setup_distributed()
+
+    # data: tokenize everything up front (SFT sets are thousands of rows, not millions)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # safe: labels come from build_example, not pads
+    examples = [build_example(tokenizer, p, r, cfg.max_seq_len) for p, r in load_rows(cfg.train_file)]
+    dropped = sum(all(t == IGNORE_INDEX for t in e["labels"]) for e in examples)
+    examples = [e for e in examples if any(t != IGNORE_INDEX for t in e["labels"])]
+    if not examples:
+        raise ValueError(f"max_seq_len: {cfg.max_seq_len} leaves no response token in any row")
+    sampler = DistributedSampler(
+        examples, num_replicas=strategy.world_size, rank=strategy.rank, shuffle=True, seed=cfg.seed
+    )
+    loader = DataLoader(
+        examples,
+        batch_size=cfg.micro_batch_size,
+        sampler=sampler,
+        collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id),
+    )
+
+    # model: full precision weights; DeepSpeed casts to bf16 on GPUs (fp32 master copy in ZeRO)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.base_model, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+    )
+    model.config.use_cache = False
+
+    # optimiser: AdamW, linear warm-up then linear decay to 0 over all updates
+    total_steps = max(1, len(loader) * cfg.epochs // cfg.gradient_accumulation_steps)
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    engine = strategy.setup(
+        model,
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        lr_lambda=partial(linear_warmup_decay, warmup_steps=warmup_steps, total_steps=total_steps),
+    )
+    strategy.print0(
+        f"sft: {len(examples)} examples ({dropped} dropped: no response token fits), "
+        f"world size {strategy.world_size}, {total_steps} updates, zero stage {cfg.zero_stage}"
+    )
+
+    # the loop
+    step = 0  # optimiser updates taken
+    window: list[float] = []  # micro-batch losses since the last log line
+    logged: list[dict[str, Any]] = []
+    tokens = 0  # non-pad tokens seen by this rank
+    t0 = time.perf_counter()
+    engine.train()
+    for epoch in range(cfg.epochs):
+        sampler.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            loss = engine(**batch).loss  # mean over this micro-batch's response tokens
+            strategy.backward(loss)
+            window.append(loss.item())
+            tokens += int(batch["attention_mask"].sum())
+            lr = strategy.current_lr()  # the rate this update uses (the schedule moves in step())
+            if not strategy.step():
+                continue
+            step += 1
+            if step % cfg.log_every == 0 or step == total_steps:
+                record = {
+                    "step": step,
+                    "loss": strategy.all_reduce_mean(sum(window) / len(window)),
+                    "epoch": round(epoch + (i + 1) / len(loader), 4),
+                    "lr": lr,
+                    "total_steps": total_steps,
+                }
+                strategy.log_json(**record)
+                logged.append(record)
+                window = []
+    seconds = time.perf_counter() - t0
+    all_tokens = strategy.all_reduce_sum(tokens)
+
+    # save: every rank takes part (ZeRO-3 gathers), rank 0 writes
+    metrics = {
+        "initial_loss": logged[0]["loss"] if logged else None,
+        "final_loss": logged[-1]["loss"] if logged else None,
+        "steps": step,
+        "epochs": cfg.epochs,
+        "examples": len(examples),
+        "examples_dropped": dropped,
+        "world_size": strategy.world_size,
+        "train_seconds": round(seconds, 3),
+        "tokens": int(all_tokens),
+        "tokens_per_s": round(all_tokens / seconds, 1) if seconds > 0 else None,
+    }
+    strategy.save_hf(
+        engine,
+        tokenizer,
+        cfg.output_dir,
+        lineage=cfg.lineage,
+        config={"method": "sft", **cfg.model_dump(mode="json")},
+        extra_files={"metrics.json": metrics},
+    )
+    strategy.log_json(event="saved", output_dir=str(cfg.output_dir), **metrics)
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, type=Path, help="SFT job file (JSON)")
+    # DeepSpeed's launcher appends --local_rank unless told --no_local_rank; LOCAL_RANK is in env.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    train(SFTConfig.from_json_file(args.config))
+
+
+if __name__ == "__main__":
+    main()
