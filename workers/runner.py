@@ -29,6 +29,7 @@ log = logging.getLogger("w2s.worker")
 
 # A running job whose worker has not heart-beaten for this long may be claimed again.
 LEASE = timedelta(minutes=30)
+RETRY_BACKOFF_S = 30.0
 
 
 class Superseded(RuntimeError):
@@ -94,7 +95,7 @@ def claim(session: Session, job_id: int) -> Job | None:
     return session.get(Job, job_id, populate_existing=True)
 
 
-def run_job(job_id: int, handler: Callable[[JobContext], None], *, enqueue: Callable[[list[int]], None]) -> str:
+def run_job(job_id: int, handler: Callable[[JobContext], None], *, enqueue: Callable[..., None]) -> str:
     """Claim, run, record, advance. Returns what happened, for logs and tests."""
     settings = load_settings()
     with session_scope(settings.database_url) as session:
@@ -126,7 +127,9 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, enqueue: Call
 
     with session_scope(settings.database_url) as session:
         new_ids = advance(session, ctx.round_id)
-    enqueue(new_ids + ([job_id] if outcome == "retry" else []))
+    enqueue(new_ids)
+    if outcome == "retry":  # back off: transient causes (a busy GPU, a network blip) get time to clear
+        enqueue([job_id], countdown=RETRY_BACKOFF_S * 2 ** (ctx.attempt - 1))
     return outcome
 
 

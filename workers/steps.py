@@ -155,7 +155,8 @@ def run_train(ctx: JobContext) -> None:
     data_hash = hashlib.sha256(train_file.read_bytes()).hexdigest()
 
     if not (output_dir / "w2s.json").is_file():  # a previous attempt may have finished training already
-        shutil.rmtree(output_dir, ignore_errors=True)
+        for partial in [output_dir, *store.glob(f"{name}.tmp-*")]:  # what an interrupted attempt left
+            shutil.rmtree(partial, ignore_errors=True)
         job_file = work_dir / "job.json"
         job_file.write_text(json.dumps({
             "base_model": student_path,
@@ -170,10 +171,11 @@ def run_train(ctx: JobContext) -> None:
         log_path = work_dir / "train.log"
         ctx.set_log_path(str(log_path))
         result = launch_training("models.train.sft", job_file, num_ranks=config.training.num_ranks,
-                                 log_path=log_path, timeout_s=config.training.timeout_s)
+                                 log_path=log_path, timeout_s=config.training.timeout_s, check=False)
         if result.returncode != 0 or not (output_dir / "w2s.json").is_file():
             shutil.rmtree(output_dir, ignore_errors=True)
-            raise RuntimeError(f"training exited with status {result.returncode}; log {log_path}:\n{result.log_tail[-1500:]}")
+            why = "timed out" if result.timed_out else f"exited with status {result.returncode}"
+            raise RuntimeError(f"training {why}; log {log_path}:\n{result.log_tail[-1500:]}")
 
     metrics_file = output_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}

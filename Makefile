@@ -1,0 +1,14 @@
+# The two commands of the quick start. Each sets up what it needs first.
+.PHONY: setup demo test test-fast
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	.venv/bin/w2sctl demo
+
+test: setup
+	.venv/bin/pytest -q
+
+test-fast: setup
+	.venv/bin/pytest -q -m "not slow"

@@ -1,0 +1,88 @@
+"""Shared fixtures: an isolated embedded home per test, real PostgreSQL and Redis for integration
+tests (they fail, never skip, when a server is down), and the tiny demo models built once."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+POSTGRES_ADMIN_URL = os.environ.get("W2S_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("W2S_TEST_REDIS", "redis://127.0.0.1:6379")
+# The tiny demo models are cached across test runs here (the build is idempotent and checked).
+DEMO_CACHE = Path(os.environ.get("W2S_TEST_CACHE", REPO / ".w2s-test-cache"))
+
+
+@pytest.fixture
+def w2s_home(tmp_path, monkeypatch) -> Path:
+    """Embedded mode in a fresh directory: SQLite, in-process tasks."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("W2S_HOME", str(home))
+    for var in ("W2S_DATABASE_URL", "W2S_BROKER_URL", "W2S_CHECKPOINT_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    from workers import dispatch
+
+    dispatch._local_queue.clear()
+    return home
+
+
+@pytest.fixture
+def cli_runner():
+    from services.cli import cli
+
+    runner = CliRunner()
+
+    def invoke(*args: str, ok: bool = True):
+        result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, f"w2sctl {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output}"
+        return result
+
+    return invoke
+
+
+@pytest.fixture(scope="session")
+def demo_assets():
+    from models.demo import build_demo
+
+    return build_demo(DEMO_CACHE / "tiny", scale="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A fresh database on the real PostgreSQL server, dropped at the end of the session."""
+    import psycopg
+
+    name = f"w2s_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {exc} (start it: see .ci/run)")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    host = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    yield f"{host}/{name}"
+    from db.session import dispose_engines
+
+    dispose_engines()
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A Redis database number of its own on the real server, flushed before use."""
+    import redis
+
+    url = f"{REDIS_URL}/13"
+    client = redis.Redis.from_url(url, socket_connect_timeout=5)
+    try:
+        client.flushdb()
+    except redis.exceptions.ConnectionError as exc:
+        pytest.fail(f"Redis is not reachable at {REDIS_URL}: {exc} (start it: see .ci/run)")
+    return url
