@@ -30,9 +30,7 @@ def get_engine(url: str) -> Engine:
     if engine is not None:  # inherited across fork: drop the parent's connections without closing them
         engine.dispose(close=False)
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _make_sqlite_dir(url)
         engine = create_engine(url, connect_args={"timeout": 60})
 
         @event.listens_for(engine, "connect")
@@ -46,6 +44,12 @@ def get_engine(url: str) -> Engine:
     _engines[url] = engine
     _engine_pid[url] = os.getpid()
     return engine
+
+
+def _make_sqlite_dir(url: str) -> None:
+    path = url.split("///", 1)[-1]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
 def dispose_engines() -> None:
@@ -100,6 +104,8 @@ def alembic_config(url: str):
 def upgrade(url: str, revision: str = "head") -> None:
     from alembic import command
 
+    if url.startswith("sqlite"):
+        _make_sqlite_dir(url)
     command.upgrade(alembic_config(url), revision)
 
 

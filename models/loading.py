@@ -18,6 +18,10 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+# Workers log their own progress; a per-load progress bar only clutters job logs.
+hf_logging.disable_progress_bar()
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,21 +44,21 @@ class App:
 pass_app = click.make_pass_decorator(App, ensure=True)
 
 
+class Group(click.Group):
+    """Every user-fixable error becomes one clear line and exit status 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (W2SError, CheckpointError, SchemaOutOfDate) as exc:
+            raise click.ClickException(str(exc)) from None
+
+
 def main() -> None:
-    try:
-        cli.main(standalone_mode=False, prog_name="w2sctl")
-    except click.exceptions.Abort:
-        console.print("aborted")
-        sys.exit(1)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (W2SError, CheckpointError, SchemaOutOfDate) as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
+    cli(prog_name="w2sctl")
 
 
-@click.group()
+@click.group(cls=Group)
 @click.version_option(package_name="w2s")
 def cli() -> None:
     """w2s: weak-to-strong reasoning as a job service."""
@@ -68,7 +67,7 @@ def cli() -> None:
 # --- db ------------------------------------------------------------------------------------------
 
 
-@cli.group()
+@cli.group(cls=Group)
 def db() -> None:
     """The SQL store."""
 
@@ -84,7 +83,7 @@ def db_upgrade(app: App) -> None:
 # --- datasets ------------------------------------------------------------------------------------
 
 
-@cli.group()
+@cli.group(cls=Group)
 def dataset() -> None:
     """Question sets: labelled (gold answers) or unlabelled pools."""
 
@@ -119,7 +118,7 @@ def dataset_list(app: App) -> None:
 # --- models --------------------------------------------------------------------------------------
 
 
-@cli.group()
+@cli.group(cls=Group)
 def model() -> None:
     """Local model checkpoints (Hugging Face directories in safetensors)."""
 
@@ -154,7 +153,7 @@ def model_list(app: App) -> None:
 # --- rounds --------------------------------------------------------------------------------------
 
 
-@cli.group("round")
+@cli.group("round", cls=Group)
 def round_() -> None:
     """Start and follow rounds."""
 
@@ -169,6 +168,7 @@ def round_() -> None:
 @click.option("--pool", help="Unlabelled question pool.")
 @click.option("--pool-limit", type=int, help="Use only the first N pool questions.")
 @click.option("--train", "train_set", help="weak-sft: labelled dataset with gold solutions.")
+@click.option("--train-limit", type=int, help="weak-sft: train on the first N questions only.")
 @click.option("--eval", "eval_set", help="Labelled dataset for the promotion gate.")
 @click.option("--eval-limit", type=int, help="Evaluate on the first N questions only.")
 @click.option("--demonstrations", type=int, help="In-context demonstrations for the strong voter (ref: 4).")
@@ -200,7 +200,7 @@ def round_start(app: App, config_file: Path | None, wait: bool | None, sets: tup
 def _overrides(flags: dict[str, Any], sets: tuple[str, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     simple = {"stage": "stage", "iteration": "iteration", "weak": "weak", "strong": "strong", "student": "student",
-              "pool": "pool", "pool_limit": "pool_limit", "train_set": "train", "demonstrations": "demonstrations",
+              "pool": "pool", "pool_limit": "pool_limit", "train_set": "train", "train_limit": "train_limit", "demonstrations": "demonstrations",
               "seed": "seed"}
     for flag, field in simple.items():
         if flags.get(flag) is not None:

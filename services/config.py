@@ -134,6 +134,7 @@ class WeakSFTRoundConfig(_Strict):
     stage: Literal["weak-sft"] = "weak-sft"
     weak: str = Field(description="registered model to fine-tune")
     train: str = Field(description="a labelled dataset with gold solutions")
+    train_limit: int | None = Field(None, ge=1, description="train on the first N questions only")
     eval: EvalConfig
     seed: int = 0
     generation: GenerationConfig = GenerationConfig()

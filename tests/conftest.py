@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -33,17 +32,9 @@ def w2s_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def cli_runner():
-    from services.cli import cli
+    from tests.support import invoke_cli
 
-    runner = CliRunner()
-
-    def invoke(*args: str, ok: bool = True):
-        result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
-        if ok:
-            assert result.exit_code == 0, f"w2sctl {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output}"
-        return result
-
-    return invoke
+    return invoke_cli
 
 
 @pytest.fixture(scope="session")

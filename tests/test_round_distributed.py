@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from db.schema import Job, Round
 from db.session import session_scope
-from tests.roundcheck import check_stage1_round
+from tests.support import check_stage1_round
 from tests.test_round_embedded import POOL_LIMIT, TINY_ROUND
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

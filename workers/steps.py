@@ -129,7 +129,7 @@ def run_train(ctx: JobContext) -> None:
         config = load_config(round_)
         student = session.get(Checkpoint, round_.resolved["student_id"])
         if variant == "gold":  # weak-sft: the labelled set's own solutions are the targets
-            _write_gold_examples(session, ctx.round_id, round_.resolved["train_id"])
+            _write_gold_examples(session, ctx.round_id, round_.resolved["train_id"], config.train_limit)
         examples = session.execute(
             select(TrainingExample.prompt, TrainingExample.response)
             .where(TrainingExample.round_id == ctx.round_id, TrainingExample.variant == variant)
@@ -188,8 +188,9 @@ def run_train(ctx: JobContext) -> None:
         ctx.finish(session, {"checkpoint_id": checkpoint_id, "examples": len(examples), "train": metrics})
 
 
-def _write_gold_examples(session, round_id: int, dataset_id: int) -> None:
-    questions = session.scalars(select(Question).where(Question.dataset_id == dataset_id).order_by(Question.index))
+def _write_gold_examples(session, round_id: int, dataset_id: int, limit: int | None) -> None:
+    questions = session.scalars(select(Question).where(Question.dataset_id == dataset_id)
+                                .order_by(Question.index).limit(limit))
     insert_ignore(session, TrainingExample, [
         {"round_id": round_id, "variant": "gold", "question_id": q.id, "generation_id": None,
          "prompt": zero_shot(q.text), "response": q.gold_solution or q.gold_answer}

@@ -1,16 +1,29 @@
-"""Checks of a finished stage I round against the database, shared by the embedded and the
-distributed end-to-end tests: the same invariants must hold on both paths."""
+"""Shared test helpers: the CLI invoker, and the checks of a finished stage I round against the
+database, used by the embedded and the distributed end-to-end tests: the same invariants must
+hold on both paths."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from click.testing import CliRunner, Result
+
 from sqlalchemy import func, select
 
-from db.schema import Checkpoint, Evaluation, Generation, Job, Question, Round, TrainingExample
+from db.schema import Checkpoint, Evaluation, Generation, Job, Round, TrainingExample
 from db.session import session_scope
 from services.promotion import gate
 from services.selection import Vote, stage1_vote
+
+
+def invoke_cli(*args, ok: bool = True) -> Result:
+    """Run `w2sctl ARGS` in this process; with ok, assert it succeeded and show its output if not."""
+    from services.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, f"w2sctl {' '.join(map(str, args))} exited {result.exit_code}:\n{result.output}"
+    return result
 
 
 def check_stage1_round(database_url: str, round_id: int, *, pool_size: int, variants: list[str]) -> dict:
@@ -40,12 +53,16 @@ def check_stage1_round(database_url: str, round_id: int, *, pool_size: int, vari
             assert len(rows) == per_question * len(kept)
             assert {r.question_id for r in rows} == set(kept)
 
-        # No gold answer of the pool reached a training target.
-        pool_gold = dict(session.execute(select(Question.id, Question.gold_solution)
-                                         .where(Question.id.in_(round_.resolved["question_ids"]))).all())
-        for question_id, response in session.execute(select(TrainingExample.question_id, TrainingExample.response)
-                                                     .where(TrainingExample.round_id == round_id)):
-            assert response != pool_gold[question_id]
+        # Every training target is a model's own response (provenance), never the pool's gold.
+        for example, text, voter in session.execute(
+            select(TrainingExample, Generation.text, Generation.voter)
+            .join(Generation, Generation.id == TrainingExample.generation_id)
+            .where(TrainingExample.round_id == round_id)
+        ):
+            assert example.response == text and example.question_id in weak
+            assert (voter == "weak") if example.variant == "weak" else True
+        assert session.scalar(select(func.count()).select_from(TrainingExample).where(
+            TrainingExample.round_id == round_id, TrainingExample.generation_id.is_(None))) == 0
 
         # Candidates: on disk, evaluated, and gated by the pure rule.
         candidates = session.scalars(select(Checkpoint).where(Checkpoint.round_id == round_id)).all()
@@ -65,5 +82,5 @@ def check_stage1_round(database_url: str, round_id: int, *, pool_size: int, vari
         report = round_.report
         assert report["pool"] == pool_size and report["kept"] == len(kept)
         assert report["student_before"]["accuracy"] == evaluation[baseline.id]
-        assert session.scalar(select(func.count()).select_from(Evaluation)) == 1 + len(candidates)
+        assert all(c.id in evaluation for c in candidates)
         return report
