@@ -11,10 +11,12 @@ from db.schema import Base
 
 
 def table_counts() -> dict[str, int]:
-    from db.session import session_scope
+    from db.session import ensure_schema, session_scope
     from services.config import load_settings
 
-    with session_scope(load_settings().database_url) as session:
+    url = load_settings().database_url
+    ensure_schema(url)
+    with session_scope(url) as session:
         return {t.name: session.scalar(select(func.count()).select_from(t)) for t in Base.metadata.sorted_tables}
 
 

@@ -28,6 +28,7 @@ def service_env(postgres_url, redis_url, tmp_path):
     env = {**os.environ, "W2S_DATABASE_URL": postgres_url, "W2S_BROKER_URL": redis_url,
            "W2S_CHECKPOINT_DIR": str(tmp_path / "checkpoints"), "W2S_HOME": str(tmp_path / "home"),
            "PYTHONUNBUFFERED": "1"}
+    w2sctl(env, "db", "upgrade")  # a server database is migrated on purpose, before workers start
     return env
 
 
@@ -44,17 +45,17 @@ def worker(service_env, tmp_path):
     process = subprocess.Popen([*W2SCTL, "worker", "--queues", "weak,strong,train,control", "--hostname", "w2s-test@%h"],
                                env=service_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     yield process
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
     log.close()
 
 
 def test_stage1_round_through_redis_and_postgres(service_env, worker, demo_assets, tmp_path):
     env = service_env
-    w2sctl(env, "db", "upgrade")
     w2sctl(env, "dataset", "import", demo_assets.pool, "--name", "pool", "--unlabelled")
     w2sctl(env, "dataset", "import", demo_assets.test, "--name", "test")
     w2sctl(env, "model", "register", "weak", "--path", demo_assets.weak_model, "--role", "weak")
