@@ -1,0 +1,373 @@
+"""Stage II: preference optimisation of M_plus on the pairs it picked, with DPO or ORPO.
+
+Launched by DeepSpeed, one process per rank (see ``workers/launch.py``)::
+
+    python -m deepspeed.launcher.runner --num_gpus N --master_port P \\
+        --module --no_local_rank models.train.preference --config job.json
+
+The job file is a :class:`PreferenceConfig` as JSON; the training file has one
+``{"prompt", "chosen", "rejected"}`` per line. Reads like ``sft.py``: config, data, model,
+optimiser, one loop, save. Each pair is tokenized as two SFT examples (``sft.build_example``:
+prompt labelled -100, response + eos), and a micro-batch of B pairs is one forward pass over 2B
+rows padded on the right, chosen rows first (the layout of ``models/train/losses.py``).
+
+- DPO (Rafailov et al. 2023): the reference model is the starting policy, frozen. Its
+  log-probs are computed for every pair once, before the first update (one pass, no grad, by the
+  same engine), so no second model is ever held in memory.
+- ORPO (Hong et al. 2024): no reference model; SFT loss on the chosen responses plus β times the
+  odds-ratio loss on mean response log-probs.
+
+Rank 0 prints one JSON line per logged step, ``{"step", "loss", "epoch", "lr", "total_steps",
+"reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward"}`` (TRL's
+``rewards/margins`` etc.; for ORPO the rewards are β times mean log-probs, as TRL's ORPO logs
+them), and at the end writes the checkpoint (safetensors, tokenizer, ``w2s.json``,
+``metrics.json``) atomically. ``metrics.json`` holds ``initial_margin`` and ``final_margin``: the
+mean over all training pairs of (chosen - rejected) summed response log-prob under the policy
+before and after training, each from one no-grad pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.train.common import DeepSpeedStrategy, linear_warmup_decay
+from models.train.losses import dpo_loss, orpo_loss, sequence_logps
+from models.train.sft import IGNORE_INDEX, build_example, collate
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+class PreferenceConfig(BaseModel):
+    """One DPO or ORPO job, as written to the job file by the train task."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # -- inputs and outputs --------------------------------------------------------------------
+    base_model: Path = Field(description="Hugging Face directory of the policy to start from (M_plus)")
+    train_file: Path = Field(description='JSONL, one {"prompt", "chosen", "rejected"} per line')
+    output_dir: Path = Field(description="where the checkpoint appears, complete, at the end")
+    lineage: dict[str, Any] = Field(
+        default_factory=dict, description="copied into the checkpoint's w2s.json (parent, round…)"
+    )
+
+    # -- the method ----------------------------------------------------------------------------
+    loss: Literal["dpo", "orpo"] = Field("dpo", description="dpo: frozen reference; orpo: none")
+    # 0.1: ALGORITHMS.md stage II (DPO β); also TRL's DPOConfig and ORPOConfig default (ORPO's λ).
+    beta: float = Field(0.1, gt=0, description="DPO β (KL strength) or ORPO λ (odds-ratio weight)")
+
+    # -- optimisation --------------------------------------------------------------------------
+    # 1e-6: TRL's DPOConfig/ORPOConfig default for full fine-tuning; the ref paper publishes none.
+    learning_rate: float = Field(1e-6, gt=0, description="peak AdamW learning rate")
+    epochs: int = Field(1, ge=1, description="passes over the pairs (alignment-handbook DPO: 1)")
+    micro_batch_size: int = Field(4, ge=1, description="pairs per rank per forward (2x rows)")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per update")
+    max_seq_len: int = Field(512, ge=2, description="prompt + response tokens; longer is cut")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="fraction of updates warming up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices (not norms)")
+    seed: int = Field(0, description="model-independent PRNGs and the data order")
+
+    # -- system --------------------------------------------------------------------------------
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (2: shard optimiser)")
+    log_every: int = Field(10, ge=1, description="optimiser steps between JSON loss lines")
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> PreferenceConfig:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"job file {path} does not exist") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"job file {path}: not JSON ({exc})") from None
+        return cls.model_validate(raw)
+
+    def check_inputs(self) -> None:
+        """Fail before any work if an input is missing or the output would be overwritten."""
+        if not (self.base_model / "config.json").is_file():
+            raise FileNotFoundError(
+                f"base_model: {self.base_model} is not a Hugging Face model directory "
+                "(no config.json there)"
+            )
+        if not self.train_file.is_file():
+            raise FileNotFoundError(f"train_file: {self.train_file} does not exist")
+        if self.output_dir.exists():
+            raise FileExistsError(f"output_dir: {self.output_dir} already exists")
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def load_pairs(path: Path) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) triples from a JSONL file; errors name the file, line and field."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: must be a JSON object with {', '.join(PAIR_FIELDS)}")
+            for field in PAIR_FIELDS:
+                if not isinstance(row.get(field), str):
+                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a string")
+            pairs.append((row["prompt"], row["chosen"], row["rejected"]))
+    if not pairs:
+        raise ValueError(f"train_file: {path} has no rows")
+    return pairs
+
+
+def build_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str, max_seq_len: int) -> dict[str, Any]:
+    """The two SFT examples of one pair (same prompt tokens; labels only on each response + eos)."""
+    return {
+        "chosen": build_example(tokenizer, prompt, chosen, max_seq_len),
+        "rejected": build_example(tokenizer, prompt, rejected, max_seq_len),
+    }
+
+
+def has_response(example: dict[str, list[int]]) -> bool:
+    return any(t != IGNORE_INDEX for t in example["labels"])
+
+
+def collate_pairs(pairs: Sequence[dict[str, Any]], *, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """B pairs -> 2B rows padded on the right: chosen rows 0..B-1, rejected rows B..2B-1.
+
+    ``index`` (B,) is each pair's position in the training set (to look up reference log-probs).
+    """
+    batch = collate(
+        [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], pad_token_id=pad_token_id
+    )
+    batch["index"] = torch.tensor([p["index"] for p in pairs], dtype=torch.long)
+    return batch
+
+
+def forward_logps(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """One forward over the 2B rows: ``(chosen_sum, rejected_sum, chosen_mean, rejected_mean, chosen_n)``."""
+    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    total, mean, n_tokens = sequence_logps(logits, batch["labels"])
+    chosen_sum, rejected_sum = total.chunk(2)
+    chosen_mean, rejected_mean = mean.chunk(2)
+    return chosen_sum, rejected_sum, chosen_mean, rejected_mean, n_tokens.chunk(2)[0]
+
+
+@torch.no_grad()
+def score_pairs(engine: Any, loader: Any, n_pairs: int, strategy: DeepSpeedStrategy) -> torch.Tensor:
+    """Summed response log-probs of every training pair under the current policy, on every rank.
+
+    Returns ``(n_pairs, 2)``: [chosen, rejected]. Each rank scores its shard (``loader`` has an
+    unshuffled ``DistributedSampler``, which may repeat a few pairs to even the shards) and the
+    shards are summed across ranks with a count per pair, so repeats average out exactly.
+    """
+    was_training = engine.training
+    engine.eval()
+    sums = torch.zeros(n_pairs, 2, dtype=torch.float64, device=strategy.device)
+    counts = torch.zeros(n_pairs, dtype=torch.float64, device=strategy.device)
+    for batch in loader:
+        batch = {k: v.to(strategy.device) for k, v in batch.items()}
+        chosen, rejected, _, _, _ = forward_logps(engine, batch)
+        sums.index_add_(0, batch["index"], torch.stack([chosen, rejected], dim=1).double())
+        counts.index_add_(0, batch["index"], torch.ones_like(batch["index"], dtype=torch.float64))
+    all_reduce_sum_(sums)
+    all_reduce_sum_(counts)
+    engine.train(was_training)
+    return (sums / counts.unsqueeze(1)).float().cpu()
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> None:
+    """In-place sum over ranks (no-op on one process). Candidate for ``DeepSpeedStrategy``."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def margin_stats(logps: torch.Tensor) -> dict[str, float]:
+    """Mean (chosen - rejected) summed log-prob over pairs, and the share where chosen is likelier."""
+    diff = logps[:, 0] - logps[:, 1]
+    return {"margin": float(diff.mean()), "pair_accuracy": float((diff > 0).float().mean())}
+
+
+# -- the job ---------------------------------------------------------------------------------------
+
+
+def train(cfg: PreferenceConfig) -> dict[str, Any]:
+    """Run one DPO/ORPO job on this rank; returns the metrics (written by rank 0 with the checkpoint)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg.check_inputs()
+    strategy = DeepSpeedStrategy(
+        zero_stage=cfg.zero_stage,
+        micro_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        seed=cfg.seed,
+    )
+    strategy.setup_distributed()
+
+    # data: tokenize every pair up front; a pair is dropped if either response has no token left
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # safe: labels come from build_example, not pads
+    rows = load_pairs(cfg.train_file)
+    pairs = [build_pair(tokenizer, *row, cfg.max_seq_len) for row in rows]
+    pairs = [p for p in pairs if has_response(p["chosen"]) and has_response(p["rejected"])]
+    dropped = len(rows) - len(pairs)
+    if not pairs:
+        raise ValueError(f"max_seq_len: {cfg.max_seq_len} leaves no response token in any pair")
+    for i, p in enumerate(pairs):
+        p["index"] = i
+    collate_fn = partial(collate_pairs, pad_token_id=tokenizer.pad_token_id)
+    sampler = DistributedSampler(
+        pairs, num_replicas=strategy.world_size, rank=strategy.rank, shuffle=True, seed=cfg.seed
+    )
+    loader = DataLoader(pairs, batch_size=cfg.micro_batch_size, sampler=sampler, collate_fn=collate_fn)
+    score_loader = DataLoader(  # every pair once, in order: reference log-probs and margins
+        pairs,
+        batch_size=cfg.micro_batch_size,
+        sampler=DistributedSampler(
+            pairs, num_replicas=strategy.world_size, rank=strategy.rank, shuffle=False
+        ),
+        collate_fn=collate_fn,
+    )
+
+    # model: full precision weights; DeepSpeed casts to bf16 on GPUs (fp32 master copy in ZeRO)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.base_model, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+    )
+    model.config.use_cache = False
+
+    # optimiser: AdamW, linear warm-up then linear decay to 0 over all updates
+    total_steps = max(1, len(loader) * cfg.epochs // cfg.gradient_accumulation_steps)
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    engine = strategy.setup(
+        model,
+        lr=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        lr_lambda=partial(linear_warmup_decay, warmup_steps=warmup_steps, total_steps=total_steps),
+    )
+    strategy.print0(
+        f"preference ({cfg.loss}, beta {cfg.beta}): {len(pairs)} pairs ({dropped} dropped: a "
+        f"response has no token that fits), world size {strategy.world_size}, {total_steps} updates, "
+        f"zero stage {cfg.zero_stage}"
+    )
+
+    # reference: the policy before any update, scored once (DPO's π_ref; both: the initial margin)
+    t0 = time.perf_counter()
+    ref_logps = score_pairs(engine, score_loader, len(pairs), strategy)
+    initial = margin_stats(ref_logps)
+    ref_logps = ref_logps.to(strategy.device)
+    strategy.print0(
+        f"reference log-probs of {len(pairs)} pairs in {time.perf_counter() - t0:.1f} s; "
+        f"initial margin {initial['margin']:.4f}"
+    )
+
+    # the loop
+    step = 0  # optimiser updates taken
+    window: dict[str, list[float]] = {}  # micro-batch values since the last log line
+    logged: list[dict[str, Any]] = []
+    tokens = 0  # non-pad tokens seen by this rank
+    t0 = time.perf_counter()
+    engine.train()
+    for epoch in range(cfg.epochs):
+        sampler.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            chosen, rejected, chosen_mean, rejected_mean, chosen_n = forward_logps(engine, batch)
+            if cfg.loss == "dpo":
+                ref = ref_logps[batch["index"]]
+                loss, chosen_rewards, rejected_rewards = dpo_loss(
+                    chosen, rejected, ref[:, 0], ref[:, 1], beta=cfg.beta
+                )
+            else:
+                # SFT term: token-mean NLL of the chosen responses, as the causal-LM cross-entropy
+                chosen_nll = -chosen.sum() / chosen_n.sum().clamp(min=1)
+                loss, _ = orpo_loss(chosen_nll, chosen_mean, rejected_mean, beta=cfg.beta)
+                chosen_rewards = cfg.beta * chosen_mean.detach()  # as TRL's ORPOTrainer logs them
+                rejected_rewards = cfg.beta * rejected_mean.detach()
+            strategy.backward(loss)
+            for key, value in (
+                ("loss", loss.item()),
+                ("reward_margin", (chosen_rewards - rejected_rewards).mean().item()),
+                ("reward_accuracy", (chosen_rewards > rejected_rewards).float().mean().item()),
+                ("chosen_reward", chosen_rewards.mean().item()),
+                ("rejected_reward", rejected_rewards.mean().item()),
+            ):
+                window.setdefault(key, []).append(value)
+            tokens += int(batch["attention_mask"].sum())
+            lr = strategy.current_lr()  # the rate this update uses (the schedule moves in step())
+            if not strategy.step():
+                continue
+            step += 1
+            if step % cfg.log_every == 0 or step == total_steps:
+                means = {k: strategy.all_reduce_mean(sum(v) / len(v)) for k, v in window.items()}
+                record = {
+                    "step": step,
+                    "loss": means.pop("loss"),
+                    "epoch": round(epoch + (i + 1) / len(loader), 4),
+                    "lr": lr,
+                    "total_steps": total_steps,
+                    **means,
+                }
+                strategy.log_json(**record)
+                logged.append(record)
+                window = {}
+    seconds = time.perf_counter() - t0
+    all_tokens = strategy.all_reduce_sum(tokens)
+    final = margin_stats(score_pairs(engine, score_loader, len(pairs), strategy))
+
+    # save: every rank takes part (ZeRO-3 gathers), rank 0 writes
+    metrics = {
+        "loss_type": cfg.loss,
+        "beta": cfg.beta,
+        "initial_loss": logged[0]["loss"] if logged else None,
+        "final_loss": logged[-1]["loss"] if logged else None,
+        "initial_margin": initial["margin"],
+        "final_margin": final["margin"],
+        "initial_pair_accuracy": initial["pair_accuracy"],
+        "final_pair_accuracy": final["pair_accuracy"],
+        "final_reward_margin": logged[-1]["reward_margin"] if logged else None,
+        "final_reward_accuracy": logged[-1]["reward_accuracy"] if logged else None,
+        "steps": step,
+        "epochs": cfg.epochs,
+        "pairs": len(pairs),
+        "pairs_dropped": dropped,
+        "world_size": strategy.world_size,
+        "train_seconds": round(seconds, 3),
+        "tokens": int(all_tokens),
+        "tokens_per_s": round(all_tokens / seconds, 1) if seconds > 0 else None,
+    }
+    strategy.save_hf(
+        engine,
+        tokenizer,
+        cfg.output_dir,
+        lineage=cfg.lineage,
+        config={"method": cfg.loss, **cfg.model_dump(mode="json")},
+        extra_files={"metrics.json": metrics},
+    )
+    strategy.log_json(event="saved", output_dir=str(cfg.output_dir), **metrics)
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, type=Path, help="DPO/ORPO job file (JSON)")
+    # DeepSpeed's launcher appends --local_rank unless told --no_local_rank; LOCAL_RANK is in env.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    train(PreferenceConfig.from_json_file(args.config))
+
+
+if __name__ == "__main__":
+    main()
