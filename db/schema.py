@@ -97,7 +97,7 @@ class Round(Base):
     __tablename__ = "rounds"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    stage: Mapped[str] = mapped_column(String(20))  # weak-sft | sft
+    stage: Mapped[str] = mapped_column(String(20))  # weak-sft | sft | preference
     iteration: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[str] = mapped_column(String(20), default="running")  # running | done | failed | cancelled
     config: Mapped[dict[str, Any]] = mapped_column()  # the validated round config, defaults filled in
@@ -176,6 +176,26 @@ class TrainingExample(Base):
     generation_id: Mapped[int | None] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
     prompt: Mapped[str] = mapped_column(Text)
     response: Mapped[str] = mapped_column(Text)
+
+
+class PreferencePair(Base):
+    """A stage II pair: the weak model's original response on one side, a student sample on the other."""
+
+    __tablename__ = "preference_pairs"
+    __table_args__ = (UniqueConstraint("round_id", "question_id", "pair_index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    question_id: Mapped[int] = mapped_column(ForeignKey("questions.id", ondelete="CASCADE"))
+    pair_index: Mapped[int] = mapped_column(Integer)  # 0..pairs_per_question-1
+    case: Mapped[str] = mapped_column(String(20))  # weak_chosen | weak_rejected
+    confidence: Mapped[float] = mapped_column(Float)  # the student's majority share
+    prompt: Mapped[str] = mapped_column(Text)
+    chosen: Mapped[str] = mapped_column(Text)
+    rejected: Mapped[str] = mapped_column(Text)
+    # Provenance: the generations each side came from (the weak one is from a stage I round).
+    chosen_generation_id: Mapped[int] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
+    rejected_generation_id: Mapped[int] = mapped_column(ForeignKey("generations.id", ondelete="CASCADE"))
 
 
 class Evaluation(Base):

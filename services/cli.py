@@ -160,7 +160,8 @@ def round_() -> None:
 
 @round_.command("start")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="YAML round config; flags override it.")
-@click.option("--stage", type=click.Choice(["sft", "weak-sft"]), help="sft: stage I vote + fine-tune; weak-sft: train a weak model on gold.")
+@click.option("--stage", type=click.Choice(["sft", "preference", "weak-sft"]),
+              help="sft: stage I vote + fine-tune; preference: stage II pairs + DPO/ORPO; weak-sft: train a weak model on gold.")
 @click.option("--iteration", type=int, help="Stage I iteration (1: weak + strong-ICL; 2: two fine-tuned students).")
 @click.option("--weak", help="Weak voter (registered model name).")
 @click.option("--strong", help="Strong voter (registered model name).")
@@ -173,6 +174,8 @@ def round_() -> None:
 @click.option("--eval-limit", type=int, help="Evaluate on the first N questions only.")
 @click.option("--demonstrations", type=int, help="In-context demonstrations for the strong voter (ref: 4).")
 @click.option("--variants", help="Comma-separated training sets: weak,icl,hybrid.")
+@click.option("--loss", type=click.Choice(["dpo", "orpo"]), help="Stage II preference loss.")
+@click.option("--samples", type=int, help="Stage II: answers the student samples per question (ref: 10).")
 @click.option("--seed", type=int)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Any other config field, dotted: --set training.epochs=3 --set generation.batch_size=32.")
@@ -205,6 +208,10 @@ def _overrides(flags: dict[str, Any], sets: tuple[str, ...]) -> dict[str, Any]:
     for flag, field in simple.items():
         if flags.get(flag) is not None:
             out[field] = flags[flag]
+    if flags.get("loss"):
+        out.setdefault("training", {})["loss"] = flags["loss"]
+    if flags.get("samples") is not None:
+        out.setdefault("sampling", {})["samples"] = flags["samples"]
     if flags.get("variants"):
         out["variants"] = [v.strip() for v in flags["variants"].split(",") if v.strip()]
     if flags.get("eval_set") is not None or flags.get("eval_limit") is not None:
@@ -309,6 +316,14 @@ def render_report(report: dict[str, Any]) -> Table:
                 table.add_row("kept set by solution length", mix)
         else:
             table.add_row("accuracies", "the pool has no gold answers")
+    if "pairs" in report:
+        table.add_row("questions sampled", str(report["sampled_questions"]))
+        skipped = report.get("skipped") or {}
+        table.add_row("skipped", ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in skipped.items()) or "none")
+        by_case = report.get("pairs_by_case") or {}
+        table.add_row("pairs", f"{report['pairs']} (" + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in by_case.items()) + ")")
+        if report.get("chosen_accuracy") is not None:
+            table.add_row("accuracy of chosen / rejected", f"{pct(report['chosen_accuracy'])} / {pct(report['rejected_accuracy'])}")
     if report.get("student_before"):
         before = report["student_before"]
         table.add_row("student before", f"{before['name']} {pct(before['accuracy'])}")
@@ -386,6 +401,24 @@ def jobs(app: App, round_id: int | None, state: str | None, as_json: bool) -> No
         table.add_row(str(r["id"]), str(r["round"]), r["key"], r["queue"], r["state"], str(r["attempts"]),
                       f"{r['progress']:.0%}", r["owner"] or "", (r["error"] or "")[:80])
     console.print(table)
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+@cli.command("export")
+@click.option("--round", "round_id", type=int, required=True)
+@click.option("--format", "fmt", type=click.Choice(["trl", "llama-factory"]), default="trl", show_default=True)
+@click.option("--variant", help="Stage I: only this training set (weak, icl, hybrid, gold).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="JSONL file to write.")
+@pass_app
+def export(app: App, round_id: int, fmt: str, variant: str | None, out: Path) -> None:
+    """A round's training examples or preference pairs, for other trainers, with provenance ids."""
+    from services.export import export_round
+
+    with app.session() as session:
+        count = export_round(session, round_id, fmt, out, variant)
+    console.print(f"wrote {count} rows to {out}")
 
 
 # --- worker --------------------------------------------------------------------------------------

@@ -142,24 +142,72 @@ class WeakSFTRoundConfig(_Strict):
     promotion: PromotionConfig = PromotionConfig()
 
 
-RoundConfig = Annotated[Union[SFTRoundConfig, WeakSFTRoundConfig], Field(discriminator="stage")]
+class SamplingConfig(_Strict):
+    samples: int = Field(10, ge=2, le=256, description="answers the student samples per question (ref: 10)")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="ref: 1.0")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="ref: 1.0")
+
+
+class PairRulesConfig(_Strict):
+    floor: float = Field(0.6, ge=0.0, le=1.0, description="skip questions whose majority share is below this (ref: 0.6)")
+    tau: float = Field(0.8, ge=0.0, le=1.0, description="weak-as-rejected needs a majority share of at least this (ref: 0.8)")
+    pairs_per_question: int = Field(1, ge=1, le=3, description="ref: 1 for GSM8K, 3 for MATH")
+
+    @model_validator(mode="after")
+    def _tau_not_below_floor(self) -> PairRulesConfig:
+        if self.tau < self.floor:
+            raise ValueError(f"tau ({self.tau}) must not be below floor ({self.floor})")
+        return self
+
+
+class PreferenceTrainingConfig(TrainingConfig):
+    """DPO / ORPO. TRL's defaults where the reference published none."""
+
+    loss: Literal["dpo", "orpo"] = "dpo"
+    beta: float = Field(0.1, gt=0.0, le=100.0, description="DPO's β / ORPO's λ (ref: 0.1)")
+    learning_rate: float = Field(1e-6, gt=0, le=1.0, description="TRL's DPO default")
+    epochs: int = Field(1, ge=1, le=100)
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class PreferenceRoundConfig(_Strict):
+    """Stage II: the student samples the pool; its confidence picks pairs against the weak model's answers."""
+
+    stage: Literal["preference"] = "preference"
+    student: str = Field(description="a promoted (or candidate) stage I checkpoint, M_plus")
+    weak: str = Field(description="the weak model whose original stage I responses form one side of each pair")
+    pool: str = Field(description="the question pool of the stage I round")
+    pool_limit: int | None = Field(None, ge=1)
+    eval: EvalConfig
+    seed: int = 0
+    sampling: SamplingConfig = SamplingConfig()
+    pairs: PairRulesConfig = PairRulesConfig()
+    generation: GenerationConfig = GenerationConfig()
+    training: PreferenceTrainingConfig = PreferenceTrainingConfig()
+    promotion: PromotionConfig = PromotionConfig()
+
+
+RoundConfig = Annotated[Union[SFTRoundConfig, WeakSFTRoundConfig, PreferenceRoundConfig], Field(discriminator="stage")]
 
 
 class _RoundConfigEnvelope(BaseModel):
     config: RoundConfig
 
 
-def parse_round_config(data: dict[str, Any], source: str = "round config") -> SFTRoundConfig | WeakSFTRoundConfig:
+AnyRoundConfig = Union[SFTRoundConfig, WeakSFTRoundConfig, PreferenceRoundConfig]
+
+
+def parse_round_config(data: dict[str, Any], source: str = "round config") -> AnyRoundConfig:
     """Validate a round config; errors name each offending field."""
     if "stage" not in data:
-        raise ConfigError(f"{source}: field 'stage' is required (sft or weak-sft)")
+        raise ConfigError(f"{source}: field 'stage' is required (sft, weak-sft or preference)")
     try:
         return _RoundConfigEnvelope(config=data).config
     except ValidationError as exc:
         raise ConfigError(f"{source}: " + _describe(exc)) from None
 
 
-def load_round_config_file(path: Path, overrides: dict[str, Any]) -> SFTRoundConfig | WeakSFTRoundConfig:
+def load_round_config_file(path: Path, overrides: dict[str, Any]) -> AnyRoundConfig:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -185,7 +233,7 @@ def _describe(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors():
         # Drop the envelope and the union tag pydantic adds to the location.
-        loc = [str(p) for p in error["loc"] if p not in ("config", "sft", "weak-sft")]
+        loc = [str(p) for p in error["loc"] if p not in ("config", "sft", "weak-sft", "preference")]
         field = ".".join(loc) or "config"
         message = error["msg"]
         if error["type"] == "extra_forbidden":

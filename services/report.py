@@ -11,10 +11,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.schema import Checkpoint, Generation, Job, Question, Round, TrainingExample
+from db.schema import Checkpoint, Generation, Job, PreferencePair, Question, Round, TrainingExample
+from models.answers import answers_match, extract_answer
 from services.selection import Vote, accuracy, stage1_vote
 
-STEP_ORDER = ("generate:weak", "generate:strong", "vote", "train", "evaluate", "promote")
+STEP_ORDER = ("generate:weak", "generate:strong", "generate:student", "vote", "pairs", "train", "evaluate", "promote")
 
 
 def job_counts(session: Session, round_id: int) -> dict[str, dict[str, int]]:
@@ -32,6 +33,8 @@ def round_report(session: Session, round_: Round, promotion: dict[str, Any] | No
     task = resolved["task"]
     if round_.stage == "sft":
         report.update(_vote_figures(session, round_, task))
+    elif round_.stage == "preference":
+        report.update(_pair_figures(session, round_, task))
     report["variants"] = _variants(session, round_)
     if promotion is None:
         promote = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == "promote"))
@@ -70,6 +73,28 @@ def _vote_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
         figures["strong_accuracy"] = accuracy(answers["strong"], gold, task)
         figures["kept_accuracy"] = accuracy(kept_weak, gold, task)
         figures["kept_by_gold_steps"] = _difficulty_mix(session, kept)
+    return figures
+
+
+def _pair_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
+    question_ids = round_.resolved["question_ids"]
+    gold = dict(session.execute(select(Question.id, Question.gold_answer).where(Question.id.in_(question_ids))).all())
+    pairs = session.scalars(select(PreferencePair).where(PreferencePair.round_id == round_.id)).all()
+    pairs_job = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == "pairs"))
+    result = (pairs_job.result or {}) if pairs_job is not None else {}
+    figures: dict[str, Any] = {
+        "sampled_questions": len(question_ids),
+        "skipped": result.get("skipped", {}),
+        "pairs": len(pairs),
+        "pairs_by_case": dict(Counter(p.case for p in pairs)),
+        "has_gold": any(gold.values()),
+    }
+    if figures["has_gold"] and pairs:
+        def correct(text: str, qid: int) -> bool:
+            return bool(gold.get(qid)) and answers_match(extract_answer(text, task), gold[qid], task)
+
+        figures["chosen_accuracy"] = sum(correct(p.chosen, p.question_id) for p in pairs) / len(pairs)
+        figures["rejected_accuracy"] = sum(correct(p.rejected, p.question_id) for p in pairs) / len(pairs)
     return figures
 
 

@@ -9,6 +9,11 @@ Stage I (`sft`)::
     evaluate:baseline ──────────────────────────────────────────────┐
     generate:weak ──► generate:strong (after weak when K > 0) ──► vote ──► train:<variant> ──► evaluate:<variant> ──► promote
 
+Stage II (`preference`)::
+
+    evaluate:baseline ────────────────────────────────────────────────────────┐
+    generate:student (n samples per question) ──► pairs ──► train:<loss> ──► evaluate:<loss> ──► promote
+
 Weak fine-tuning (`weak-sft`)::
 
     evaluate:baseline ─────────────────────┐
@@ -26,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Generation, Job, Question, Round, utcnow
 from db.session import insert_ignore
-from services.config import SFTRoundConfig, WeakSFTRoundConfig, parse_round_config
+from services.config import AnyRoundConfig, PreferenceRoundConfig, SFTRoundConfig, WeakSFTRoundConfig, parse_round_config
 from services.errors import InputError, NotFound, StateError
 from services.registry import current_student, get_checkpoint, get_dataset, lineage_root
 
@@ -44,7 +49,7 @@ class JobSpec:
 # --- start ---------------------------------------------------------------------------------------
 
 
-def start_round(session: Session, config: SFTRoundConfig | WeakSFTRoundConfig) -> tuple[Round, list[int]]:
+def start_round(session: Session, config: AnyRoundConfig) -> tuple[Round, list[int]]:
     """Validate against the database, write the round and its first jobs. Returns (round, job ids to enqueue).
 
     The caller commits before enqueueing: nothing reaches the broker that is not in the database.
@@ -62,11 +67,13 @@ def start_round(session: Session, config: SFTRoundConfig | WeakSFTRoundConfig) -
     return round_, advance(session, round_.id)
 
 
-def resolve(session: Session, config: SFTRoundConfig | WeakSFTRoundConfig) -> dict[str, Any]:
+def resolve(session: Session, config: AnyRoundConfig) -> dict[str, Any]:
     """Names → ids, with every check that needs the database. Raises before anything is written."""
     eval_set = get_dataset(session, config.eval.dataset)
     if not eval_set.labelled:
         raise InputError(f"eval.dataset {eval_set.name!r} has no gold answers (it was imported with --unlabelled)")
+    if config.stage == "preference":
+        return resolve_preference(session, config, eval_set)
     if config.stage == "weak-sft":
         weak = get_checkpoint(session, config.weak)
         train_set = get_dataset(session, config.train)
@@ -96,7 +103,35 @@ def resolve(session: Session, config: SFTRoundConfig | WeakSFTRoundConfig) -> di
             "eval_id": eval_set.id, "question_ids": list(question_ids)}
 
 
-def load_config(round_: Round) -> SFTRoundConfig | WeakSFTRoundConfig:
+def resolve_preference(session: Session, config: PreferenceRoundConfig, eval_set) -> dict[str, Any]:
+    student, weak = get_checkpoint(session, config.student), get_checkpoint(session, config.weak)
+    if student.status not in ("promoted", "candidate"):
+        raise InputError(f"student {student.name!r} is a {student.status} checkpoint: stage II starts from a "
+                         "promoted or candidate stage I checkpoint (M_plus)")
+    pool = get_dataset(session, config.pool)
+    if pool.task != eval_set.task:
+        raise InputError(f"pool is a {pool.task} dataset but eval.dataset is {eval_set.task}")
+    # The weak side of every pair is the weak model's original stage I response on the pool.
+    stage1 = [r for r in session.scalars(select(Round).where(Round.stage == "sft", Round.state == "done")
+                                         .order_by(Round.iteration, Round.id.desc()))
+              if r.resolved.get("pool_id") == pool.id and r.resolved.get("weak_id") == weak.id]
+    if not stage1:
+        raise InputError(f"pool {pool.name!r} has no stage I outputs of weak model {weak.name!r}: "
+                         "run a stage I round with that weak voter on that pool first")
+    weak_round = stage1[0]
+    answered = set(session.scalars(select(Generation.question_id).where(
+        Generation.round_id == weak_round.id, Generation.voter == "weak")))
+    question_ids = [q for q in session.scalars(select(Question.id).where(Question.dataset_id == pool.id)
+                                                .order_by(Question.index).limit(config.pool_limit)) if q in answered]
+    if not question_ids:
+        raise InputError(f"pool {pool.name!r}: none of the selected questions has a weak answer in round {weak_round.id}")
+    baseline = current_student(session, student)
+    return {"task": pool.task, "student_id": student.id, "weak_id": weak.id, "weak_round_id": weak_round.id,
+            "baseline_id": baseline.id, "lineage_root_id": lineage_root(student), "pool_id": pool.id,
+            "eval_id": eval_set.id, "question_ids": question_ids}
+
+
+def load_config(round_: Round) -> AnyRoundConfig:
     return parse_round_config(round_.config, source=f"round {round_.id} config")
 
 
@@ -123,7 +158,12 @@ def advance(session: Session, round_id: int) -> list[int]:
         return []
 
     config = load_config(round_)
-    plan = plan_weak_sft(round_, jobs) if isinstance(config, WeakSFTRoundConfig) else plan_sft(session, round_, config, jobs)
+    if isinstance(config, WeakSFTRoundConfig):
+        plan = plan_weak_sft(round_, jobs)
+    elif isinstance(config, PreferenceRoundConfig):
+        plan = plan_preference(round_, config, jobs)
+    else:
+        plan = plan_sft(session, round_, config, jobs)
     new_ids = insert_ignore(
         session,
         Job,
@@ -148,7 +188,7 @@ def _done(jobs: dict[str, Job], prefix: str) -> bool:
     return bool(matching) and all(job.state == "done" for job in matching)
 
 
-def _evaluate(checkpoint_id: int, eval_id: int, config: SFTRoundConfig | WeakSFTRoundConfig) -> dict[str, Any]:
+def _evaluate(checkpoint_id: int, eval_id: int, config: AnyRoundConfig) -> dict[str, Any]:
     return {"checkpoint_id": checkpoint_id, "dataset_id": eval_id, "limit": config.eval.limit}
 
 
@@ -175,10 +215,13 @@ def _tail(jobs: dict[str, Job], variants: list[str], resolved: dict[str, Any]) -
     return plan
 
 
+def _chunks(question_ids: list[int], size: int) -> list[list[int]]:
+    return [question_ids[i : i + size] for i in range(0, len(question_ids), size)]
+
+
 def plan_sft(session: Session, round_: Round, config: SFTRoundConfig, jobs: dict[str, Job]) -> list[JobSpec]:
     resolved = round_.resolved
-    question_ids = resolved["question_ids"]
-    chunks = [question_ids[i : i + config.generation.chunk_size] for i in range(0, len(question_ids), config.generation.chunk_size)]
+    chunks = _chunks(resolved["question_ids"], config.generation.chunk_size)
     plan = [JobSpec("evaluate:baseline", "evaluate", "strong", _evaluate(resolved["baseline_id"], resolved["eval_id"], config))]
     plan += [JobSpec(f"generate:weak:{i:04d}", "generate", "weak", {"voter": "weak", "question_ids": chunk})
              for i, chunk in enumerate(chunks)]
@@ -201,6 +244,19 @@ def plan_sft(session: Session, round_: Round, config: SFTRoundConfig, jobs: dict
     return [_with_limit(spec, config) for spec in plan]
 
 
+def plan_preference(round_: Round, config: PreferenceRoundConfig, jobs: dict[str, Job]) -> list[JobSpec]:
+    resolved = round_.resolved
+    plan = [JobSpec("evaluate:baseline", "evaluate", "strong", _evaluate(resolved["baseline_id"], resolved["eval_id"], config))]
+    plan += [JobSpec(f"generate:student:{i:04d}", "generate", "strong", {"voter": "student", "question_ids": chunk})
+             for i, chunk in enumerate(_chunks(resolved["question_ids"], config.generation.chunk_size))]
+    if _done(jobs, "generate:student"):
+        plan.append(JobSpec("pairs", "pairs", "control", {}))
+    if _done(jobs, "pairs"):
+        plan.append(JobSpec(f"train:{config.training.loss}", "train", "train", {"variant": config.training.loss}))
+        plan += _tail(jobs, [config.training.loss], resolved)
+    return [_with_limit(spec, config) for spec in plan]
+
+
 def plan_weak_sft(round_: Round, jobs: dict[str, Job]) -> list[JobSpec]:
     config = load_config(round_)
     resolved = round_.resolved
@@ -210,7 +266,7 @@ def plan_weak_sft(round_: Round, jobs: dict[str, Job]) -> list[JobSpec]:
     return [_with_limit(spec, config) for spec in plan]
 
 
-def _with_limit(spec: JobSpec, config: SFTRoundConfig | WeakSFTRoundConfig) -> JobSpec:
+def _with_limit(spec: JobSpec, config: AnyRoundConfig) -> JobSpec:
     if spec.kind == "evaluate":
         return JobSpec(spec.key, spec.kind, spec.queue, {**spec.payload, "limit": config.eval.limit})
     return spec

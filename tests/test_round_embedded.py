@@ -157,3 +157,83 @@ def test_few_shot_demonstrations_come_from_the_weak_voters_outputs(w2s_home, cli
         assert all(d.voter == "weak" and d.round_id == 1 and d.answer for d in demos)
         strategies = {g.voter: g.strategy for g in session.scalars(select(Generation).where(Generation.round_id == 1))}
         assert strategies == {"weak": "zero-shot", "strong": "few-shot"}
+
+
+def _a_student_from_round_1(session) -> str:
+    """Stage II starts from a promoted or candidate stage I checkpoint. The tiny models' stage I
+    candidate may well be rejected by the gate; the mechanics of stage II do not depend on that,
+    so the test marks it promoted, as an operator overriding the gate would."""
+    from db.schema import Checkpoint
+
+    candidate = session.scalar(select(Checkpoint).where(Checkpoint.round_id == 1))
+    candidate.status = "promoted"
+    return candidate.name
+
+
+def test_preference_round_bad_input(in_round_home, cli_runner):
+    from tests.test_bad_input import fails_with
+
+    base = ["round", "start", "--stage", "preference", "--weak", "weak", "--pool", "pool", "--eval", "test"]
+    fails_with(cli_runner, [*base, "--student", "strong"], "student 'strong' is a base checkpoint")
+    with session_scope(load_settings().database_url) as session:
+        student = _a_student_from_round_1(session)
+    fails_with(cli_runner, [*base, "--student", student, "--samples", 1], "sampling.samples")
+    fails_with(cli_runner, [*base, "--student", student, "--set", "pairs.tau=0.5"], "tau (0.5) must not be below floor")
+    fails_with(cli_runner, [*base, "--student", student, "--set", "pairs.floor=1.5"], "pairs.floor")
+    fails_with(cli_runner, ["round", "start", "--stage", "preference", "--weak", "strong", "--pool", "pool", "--eval", "test",
+                            "--student", student], "has no stage I outputs of weak model 'strong'")
+
+
+def test_preference_round_embedded(in_round_home, cli_runner, tmp_path):
+    from db.schema import Checkpoint, PreferencePair, Round
+    from services.selection import decide_pairs
+
+    url = load_settings().database_url
+    with session_scope(url) as session:
+        student = _a_student_from_round_1(session)
+        before = session.scalar(select(func.count()).select_from(Round))
+    cli_runner("round", "start", "--stage", "preference", "--student", student, "--weak", "weak", "--pool", "pool",
+               "--pool-limit", 40, "--eval", "test", "--eval-limit", 30, "--samples", 4, "--loss", "dpo",
+               "--set", "sampling.temperature=0.7", "--set", "pairs.floor=0.5", "--set", "pairs.tau=0.75",
+               "--set", "generation.max_new_tokens=48", "--set", "training.learning_rate=1e-4",
+               "--set", "training.max_seq_len=128")
+    round_id = before + 1
+    with session_scope(url) as session:
+        round_ = session.get(Round, round_id)
+        assert round_.state == "done", round_.error
+        samples = session.scalars(select(Generation).where(Generation.round_id == round_id)).all()
+        assert len(samples) == 40 * 4 and {g.sample_index for g in samples} == {0, 1, 2, 3}
+        weak = {g.question_id: g for g in session.scalars(select(Generation).where(
+            Generation.round_id == round_.resolved["weak_round_id"], Generation.voter == "weak"))}
+        pairs = session.scalars(select(PreferencePair).where(PreferencePair.round_id == round_id)).all()
+        # Recompute with the pure rule: the same questions give pairs, with the same cases.
+        by_question: dict[int, list] = {}
+        for g in sorted(samples, key=lambda g: g.sample_index):
+            by_question.setdefault(g.question_id, []).append((g.answer, g.text))
+        expected = {}
+        import random
+
+        for qid, got in by_question.items():
+            decision = decide_pairs(weak[qid].answer, weak[qid].text, got, floor=0.5, tau=0.75,
+                                    rng=random.Random(f"0:{qid}"))
+            for pair in decision.pairs:
+                expected[qid] = pair.case
+        assert {p.question_id: p.case for p in pairs} == expected
+        for p in pairs:  # the weak side is the weak model's original stage I response
+            weak_side = p.chosen if p.case == "weak_chosen" else p.rejected
+            assert weak_side == weak[p.question_id].text
+        report = round_.report
+        assert report["pairs"] == len(pairs)
+        assert sum(report["skipped"].values()) + len({p.question_id for p in pairs}) == 40
+        candidate = session.scalar(select(Checkpoint).where(Checkpoint.round_id == round_id))
+        if pairs:
+            assert candidate is not None and candidate.variant == "dpo" and candidate.parent_id == round_.resolved["student_id"]
+    status = cli_runner("round", "status", round_id).output
+    assert "accuracy of chosen / rejected" in status or not pairs
+    if pairs:
+        for fmt in ("trl", "llama-factory"):
+            out = tmp_path / f"pairs-{fmt}.jsonl"
+            cli_runner("export", "--round", round_id, "--format", fmt, "--out", out)
+            rows = [json.loads(line) for line in out.read_text().splitlines()]
+            assert len(rows) == len(pairs) and all(r["w2s"]["round"] == round_id for r in rows)
+            assert set(rows[0]) == ({"prompt", "chosen", "rejected", "w2s"} if fmt == "trl" else {"instruction", "input", "output", "w2s"})

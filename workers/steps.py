@@ -6,14 +6,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Update, select, update
 
-from db.schema import Checkpoint, Dataset, Evaluation, Generation, Job, Question, Round, TrainingExample, utcnow
+from db.schema import (Checkpoint, Dataset, Evaluation, Generation, Job, PreferencePair, Question, Round,
+                       TrainingExample, utcnow)
 from db.session import insert_ignore
 from models.answers import answers_match, extract_answer
 from models.generation import generate
@@ -23,7 +26,7 @@ from services.config import SFTRoundConfig
 from services.promotion import gate
 from services.report import round_report
 from services.rounds import load_config
-from services.selection import Vote, stage1_vote, variant_sources
+from services.selection import Vote, decide_pairs, stage1_vote, variant_sources
 from workers.runner import JobContext
 
 GREEDY = "greedy"
@@ -37,16 +40,17 @@ def _batches(items: list, size: int) -> list[list]:
 
 
 def run_generate(ctx: JobContext) -> None:
+    """Answer a chunk of questions: greedy for the stage I voters, n samples for the stage II student."""
     voter = ctx.payload["voter"]
     with ctx.session() as session:
         round_ = session.get(Round, ctx.round_id)
-        config: SFTRoundConfig = load_config(round_)
+        config = load_config(round_)
         checkpoint = session.get(Checkpoint, round_.resolved[f"{voter}_id"])
-        done = set(session.scalars(select(Generation.question_id).where(
+        existing = Counter(session.scalars(select(Generation.question_id).where(
             Generation.round_id == ctx.round_id, Generation.voter == voter,
             Generation.question_id.in_(ctx.payload["question_ids"]))))
         by_id = {q.id: q for q in session.scalars(select(Question).where(Question.id.in_(ctx.payload["question_ids"])))}
-        todo = [by_id[qid] for qid in ctx.payload["question_ids"] if qid not in done]
+        questions = [by_id[qid] for qid in ctx.payload["question_ids"]]
         demonstrations = []
         if voter == "strong" and round_.resolved.get("demonstration_ids"):
             demos = session.execute(
@@ -57,28 +61,36 @@ def run_generate(ctx: JobContext) -> None:
         task = round_.resolved["task"]
         checkpoint_id, path = checkpoint.id, checkpoint.path
 
+    sampling = getattr(config, "sampling", None) if voter == "student" else None
+    n = sampling.samples if sampling else 1
+    strategy = "sampled" if sampling else "few-shot" if demonstrations else "zero-shot"
     loaded = default_cache().get(path)
-    strategy = "few-shot" if demonstrations else "zero-shot"
-    total = len(ctx.payload["question_ids"])
-    finished = total - len(todo)
-    # Commit every few batches: a retry after a crash skips the questions already answered.
-    for group in _batches(todo, config.generation.batch_size * 4) or [[]]:
+    groups = _batches(questions, max(1, config.generation.batch_size * 4 // n))
+    generated = 0
+    # Commit group by group: a retry skips the groups already complete. Groups are fixed by the
+    # chunk, and each group's sampling seed by (round seed, group's first question), so a re-run
+    # reproduces the same samples.
+    for done_groups, group in enumerate(groups, start=1):
+        if all(existing[q.id] >= n for q in group):
+            continue
         prompts = [few_shot(q.text, demonstrations) if demonstrations else zero_shot(q.text) for q in group]
-        completions = generate(loaded, prompts, max_new_tokens=config.generation.max_new_tokens,
-                               batch_size=config.generation.batch_size) if prompts else []
+        completions = generate(
+            loaded, prompts, max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size,
+            **({"do_sample": True, "num_samples": n, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                "seed": config.seed * 1_000_003 + group[0].id} if sampling else {}))
         rows = []
         for question, samples in zip(group, completions):
-            text = clean_response(samples[0].text)
-            rows.append({"round_id": ctx.round_id, "job_id": ctx.job_id, "question_id": question.id,
-                         "checkpoint_id": checkpoint_id, "voter": voter, "sample_index": 0, "strategy": strategy,
-                         "text": text, "answer": extract_answer(text, task),
-                         "input_tokens": samples[0].input_tokens, "output_tokens": samples[0].output_tokens})
-        finished += len(group)
+            for index, sample in enumerate(samples):
+                text = clean_response(sample.text)
+                rows.append({"round_id": ctx.round_id, "job_id": ctx.job_id, "question_id": question.id,
+                             "checkpoint_id": checkpoint_id, "voter": voter, "sample_index": index,
+                             "strategy": strategy, "text": text, "answer": extract_answer(text, task),
+                             "input_tokens": sample.input_tokens, "output_tokens": sample.output_tokens})
         with ctx.session() as session:
-            insert_ignore(session, Generation, rows)
-            ctx.progress(session, finished / max(total, 1))
+            generated += len(insert_ignore(session, Generation, rows))
+            ctx.progress(session, done_groups / len(groups))
     with ctx.session() as session:
-        ctx.finish(session, {"generated": len(todo), "skipped_existing": total - len(todo)})
+        ctx.finish(session, {"generated": generated, "questions": len(questions), "samples_per_question": n})
 
 
 # --- vote ----------------------------------------------------------------------------------------
@@ -117,6 +129,46 @@ def run_vote(ctx: JobContext) -> None:
                              "examples": counts})
 
 
+# --- pairs (stage II) ----------------------------------------------------------------------------
+
+
+def run_pairs(ctx: JobContext) -> None:
+    """Apply the stage II pair rules to every question: the student's samples against the weak
+    model's original stage I response."""
+    with ctx.session() as session:
+        round_ = session.get(Round, ctx.round_id)
+        config = load_config(round_)
+        resolved = round_.resolved
+        question_ids = resolved["question_ids"]
+        texts = dict(session.execute(select(Question.id, Question.text).where(Question.id.in_(question_ids))).all())
+        weak = {g.question_id: g for g in session.scalars(select(Generation).where(
+            Generation.round_id == resolved["weak_round_id"], Generation.voter == "weak", Generation.sample_index == 0,
+            Generation.question_id.in_(question_ids)))}
+        samples: dict[int, list[Generation]] = {}
+        for g in session.scalars(select(Generation).where(Generation.round_id == ctx.round_id, Generation.voter == "student")
+                                 .order_by(Generation.question_id, Generation.sample_index)):
+            samples.setdefault(g.question_id, []).append(g)
+
+        rows, skipped, cases = [], Counter(), Counter()
+        for qid in question_ids:
+            decision = decide_pairs(
+                weak[qid].answer, weak[qid].text, [(g.answer, g.text) for g in samples[qid]], task=resolved["task"],
+                floor=config.pairs.floor, tau=config.pairs.tau, per_question=config.pairs.pairs_per_question,
+                rng=random.Random(f"{config.seed}:{qid}"))  # per question: independent of processing order
+            if decision.skipped:
+                skipped[decision.skipped] += 1
+            source = {g.text: g.id for g in reversed(samples[qid])} | {weak[qid].text: weak[qid].id}
+            for index, pair in enumerate(decision.pairs):
+                cases[pair.case] += 1
+                rows.append({"round_id": ctx.round_id, "question_id": qid, "pair_index": index, "case": pair.case,
+                             "confidence": decision.confidence, "prompt": zero_shot(texts[qid]),
+                             "chosen": pair.chosen, "rejected": pair.rejected,
+                             "chosen_generation_id": source[pair.chosen], "rejected_generation_id": source[pair.rejected]})
+        insert_ignore(session, PreferencePair, rows)
+        ctx.finish(session, {"questions": len(question_ids), "pairs": len(rows), "by_case": dict(cases),
+                             "skipped": dict(skipped)})
+
+
 # --- train ---------------------------------------------------------------------------------------
 
 
@@ -130,17 +182,21 @@ def run_train(ctx: JobContext) -> None:
         student = session.get(Checkpoint, round_.resolved["student_id"])
         if variant == "gold":  # weak-sft: the labelled set's own solutions are the targets
             _write_gold_examples(session, ctx.round_id, round_.resolved["train_id"], config.train_limit)
-        examples = session.execute(
-            select(TrainingExample.prompt, TrainingExample.response)
-            .where(TrainingExample.round_id == ctx.round_id, TrainingExample.variant == variant)
-            .order_by(TrainingExample.id)
-        ).all()
+        if round_.stage == "preference":
+            examples = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in session.scalars(
+                select(PreferencePair).where(PreferencePair.round_id == ctx.round_id).order_by(PreferencePair.id))]
+        else:
+            examples = [{"prompt": e.prompt, "response": e.response} for e in session.scalars(
+                select(TrainingExample).where(TrainingExample.round_id == ctx.round_id, TrainingExample.variant == variant)
+                .order_by(TrainingExample.id))]
         student_id, student_path, student_role = student.id, student.path, student.role
         lineage_root_id = round_.resolved["lineage_root_id"]
         stage, iteration = round_.stage, round_.iteration
     if not examples:
         with ctx.session() as session:
-            ctx.finish(session, {"checkpoint_id": None, "skipped": "no training examples: the vote kept no question"})
+            why = "no preference pairs: every question was skipped" if stage == "preference" else \
+                "no training examples: the vote kept no question"
+            ctx.finish(session, {"checkpoint_id": None, "skipped": why})
         return
 
     store = ctx.settings.checkpoint_dir
@@ -150,8 +206,8 @@ def run_train(ctx: JobContext) -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
     train_file = work_dir / "train.jsonl"
     with train_file.open("w") as f:
-        for prompt, response in examples:
-            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+        for example in examples:
+            f.write(json.dumps(example) + "\n")
     data_hash = hashlib.sha256(train_file.read_bytes()).hexdigest()
 
     if not (output_dir / "w2s.json").is_file():  # a previous attempt may have finished training already
@@ -170,7 +226,8 @@ def run_train(ctx: JobContext) -> None:
         }, indent=2))
         log_path = work_dir / "train.log"
         ctx.set_log_path(str(log_path))
-        result = launch_training("models.train.sft", job_file, num_ranks=config.training.num_ranks,
+        module = "models.train.preference" if stage == "preference" else "models.train.sft"
+        result = launch_training(module, job_file, num_ranks=config.training.num_ranks,
                                  log_path=log_path, timeout_s=config.training.timeout_s, check=False)
         if result.returncode != 0 or not (output_dir / "w2s.json").is_file():
             shutil.rmtree(output_dir, ignore_errors=True)
@@ -283,6 +340,7 @@ def update_status(checkpoint_id: int, status: str, now) -> Update:
 HANDLERS = {
     "generate": run_generate,
     "vote": run_vote,
+    "pairs": run_pairs,
     "train": run_train,
     "evaluate": run_evaluate,
     "promote": run_promote,

@@ -12,7 +12,7 @@ from workers.steps import HANDLERS
 
 # Soft limits let the handler fail cleanly (the job is retried or marked failed); hard limits
 # kill a stuck process. Training runs enforce their own timeout on the DeepSpeed launcher.
-TIME_LIMITS_S = {"generate": 6 * 3600, "vote": 3600, "train": 11 * 3600, "evaluate": 6 * 3600, "promote": 3600}
+TIME_LIMITS_S = {"generate": 6 * 3600, "vote": 3600, "pairs": 3600, "train": 11 * 3600, "evaluate": 6 * 3600, "promote": 3600}
 
 
 def _make_task(kind: str):

@@ -1,0 +1,149 @@
+"""The embedded demo's assets: synthetic tasks, tokenizer and tiny models built locally."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+
+from models import demo
+from models.prompts import training_target, zero_shot
+
+
+def _questions(path) -> list[str]:
+    return [row["question"] for row in demo.read_jsonl(path)]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny build (~40 s on 2 cores), shared by the tests below."""
+    root = tmp_path_factory.mktemp("demo")  # exists and is empty: the build may take its place
+    messages: list[str] = []
+    started = time.monotonic()
+    assets = demo.build_demo(root, scale="tiny", seed=0, progress=messages.append)
+    return assets, messages, time.monotonic() - started
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phrasing", ["target", "related"])
+def test_problems_are_deterministic_and_their_solutions_add_up(phrasing):
+    first = [demo.make_problem(random.Random(7), phrasing) for _ in range(3)]
+    assert first == [demo.make_problem(random.Random(7), phrasing) for _ in range(3)]
+    rng = random.Random(1)
+    for _ in range(300):
+        question, solution, answer = demo.make_problem(rng, phrasing)
+        lines = solution.split("\n")
+        assert lines[-1] == f"#### {answer}"
+        assert 1 <= len(lines) - 1 <= 3  # one to three operations
+        value = None
+        for line in lines[:-1]:  # "a op b = c." with the running value carried along
+            left, right = line.rstrip(".").split(" = ")
+            a, op, b = left.split(" ")
+            assert value is None or int(a) == value
+            assert 1 <= int(b) <= 9  # single-digit operands
+            assert int(right) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            value = int(right)
+        assert value == answer >= 0
+        assert question.endswith("have now?")
+
+
+def test_final_answer_reads_the_last_hash_line():
+    assert demo.final_answer("3 + 4 = 7.\n#### 7") == "7"
+    assert demo.final_answer("#### 3\n#### 12.\nQuestion: #### 5") == "12"
+    assert demo.final_answer("3 + 4 = 7.") == ""
+
+
+def test_a_directory_that_is_not_a_demo_build_is_not_replaced(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a demo build"):
+        demo.build_demo(tmp_path, scale="tiny")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_unknown_scale_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="scale"):
+        demo.build_demo(tmp_path / "x", scale="huge")
+
+
+# --- the tiny build ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_manifest_is_complete(tiny):
+    assets, messages, seconds = tiny
+    manifest = json.loads((assets.root / demo.MANIFEST).read_text())
+    assert (manifest["scale"], manifest["seed"]) == ("tiny", 0)
+    assert manifest["recipe"] == demo.recipe_fingerprint("tiny")
+    spec = demo.SCALE_SPECS["tiny"]
+    assert manifest["counts"] == {
+        "weak_train": spec.weak_train,
+        "pool": spec.pool,
+        "test": spec.test,
+        "strong_related": spec.strong_related,
+    }
+    for field, name in manifest["files"].items():
+        assert getattr(assets, field) == assets.root / name
+        assert getattr(assets, field).exists()
+    # non-trivial accuracy, so that the vote agrees on some questions
+    assert manifest["accuracy"]["weak"]["test"] >= 0.05
+    assert manifest["accuracy"]["strong"]["test"] >= 0.05
+    assert any("test accuracy" in m for m in messages)
+    assert not list(assets.root.parent.glob(f".{assets.root.name}.building-*"))  # nothing left over
+
+
+@pytest.mark.slow
+def test_checkpoints_load_and_generate(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    assets, _, _ = tiny
+    question = demo.read_jsonl(assets.test, limit=1)[0]
+    for model_dir in (assets.weak_model, assets.strong_model):
+        assert (model_dir / "model.safetensors").is_file()
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        assert isinstance(model, LlamaForCausalLM)
+        assert tokenizer.padding_side == "left"
+        gen = model.generation_config
+        assert (gen.eos_token_id, gen.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+        text = zero_shot(question["question"]) + training_target(question["answer"])
+        ids = tokenizer(text).input_ids
+        assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text  # spaces come back
+        responses = demo.generate_greedy(model, tokenizer, [question["question"], "Tom has 2 pens."])
+        assert len(responses) == 2 and all("Question" not in r for r in responses)
+    weak_layers = AutoModelForCausalLM.from_pretrained(assets.weak_model).config.num_hidden_layers
+    strong_layers = AutoModelForCausalLM.from_pretrained(assets.strong_model).config.num_hidden_layers
+    assert strong_layers > weak_layers
+    assert 0.0 <= demo.evaluate_greedy(assets.weak_model, assets.test, limit=20) <= 1.0
+
+
+@pytest.mark.slow
+def test_second_call_returns_the_cached_build(tiny):
+    assets, _, _ = tiny
+    weights = assets.strong_model / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    messages: list[str] = []
+    started = time.monotonic()
+    again = demo.build_demo(assets.root, scale="tiny", seed=0, progress=messages.append)
+    assert time.monotonic() - started < 2.0
+    assert again == assets
+    assert weights.stat().st_mtime_ns == mtime
+    assert messages and "already built" in messages[0]
+
+
+@pytest.mark.slow
+def test_held_out_questions_are_never_trained_on(tiny):
+    assets, _, _ = tiny
+    pool, test = set(_questions(assets.pool)), set(_questions(assets.test))
+    weak_train, related = set(_questions(assets.weak_train)), set(_questions(assets.strong_related))
+    assert len(pool) == demo.SCALE_SPECS["tiny"].pool and len(test) == demo.SCALE_SPECS["tiny"].test
+    assert not pool & test
+    assert not (pool | test) & weak_train
+    assert not (pool | test) & related
+    for path in (assets.weak_train, assets.pool, assets.test, assets.strong_related):
+        for row in demo.read_jsonl(path):
+            assert set(row) == {"question", "answer"} and demo.final_answer(row["answer"])
