@@ -10,7 +10,6 @@ import random
 import shutil
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Update, select, update

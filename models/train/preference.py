@@ -38,70 +38,32 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from models.train.common import DeepSpeedStrategy, linear_warmup_decay
+from models.train.common import DeepSpeedStrategy, TrainJobConfig, linear_warmup_decay
 from models.train.losses import dpo_loss, orpo_loss, sequence_logps
 from models.train.sft import IGNORE_INDEX, build_example, collate
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
-class PreferenceConfig(BaseModel):
+class PreferenceConfig(TrainJobConfig):
     """One DPO or ORPO job, as written to the job file by the train task."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # -- inputs and outputs --------------------------------------------------------------------
     base_model: Path = Field(description="Hugging Face directory of the policy to start from (M_plus)")
     train_file: Path = Field(description='JSONL, one {"prompt", "chosen", "rejected"} per line')
-    output_dir: Path = Field(description="where the checkpoint appears, complete, at the end")
-    lineage: dict[str, Any] = Field(
-        default_factory=dict, description="copied into the checkpoint's w2s.json (parent, round…)"
-    )
 
     # -- the method ----------------------------------------------------------------------------
     loss: Literal["dpo", "orpo"] = Field("dpo", description="dpo: frozen reference; orpo: none")
     # 0.1: ALGORITHMS.md stage II (DPO β); also TRL's DPOConfig and ORPOConfig default (ORPO's λ).
     beta: float = Field(0.1, gt=0, description="DPO β (KL strength) or ORPO λ (odds-ratio weight)")
 
-    # -- optimisation --------------------------------------------------------------------------
+    # -- optimisation: the defaults that differ from SFT's -------------------------------------
     # 1e-6: TRL's DPOConfig/ORPOConfig default for full fine-tuning; the ref paper publishes none.
     learning_rate: float = Field(1e-6, gt=0, description="peak AdamW learning rate")
     epochs: int = Field(1, ge=1, description="passes over the pairs (alignment-handbook DPO: 1)")
     micro_batch_size: int = Field(4, ge=1, description="pairs per rank per forward (2x rows)")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per update")
-    max_seq_len: int = Field(512, ge=2, description="prompt + response tokens; longer is cut")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="fraction of updates warming up")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices (not norms)")
-    seed: int = Field(0, description="model-independent PRNGs and the data order")
-
-    # -- system --------------------------------------------------------------------------------
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (2: shard optimiser)")
-    log_every: int = Field(10, ge=1, description="optimiser steps between JSON loss lines")
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> PreferenceConfig:
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"job file {path} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"job file {path}: not JSON ({exc})") from None
-        return cls.model_validate(raw)
-
-    def check_inputs(self) -> None:
-        """Fail before any work if an input is missing or the output would be overwritten."""
-        if not (self.base_model / "config.json").is_file():
-            raise FileNotFoundError(
-                f"base_model: {self.base_model} is not a Hugging Face model directory "
-                "(no config.json there)"
-            )
-        if not self.train_file.is_file():
-            raise FileNotFoundError(f"train_file: {self.train_file} does not exist")
-        if self.output_dir.exists():
-            raise FileExistsError(f"output_dir: {self.output_dir} already exists")
 
 
 # -- data ----------------------------------------------------------------------------------------
