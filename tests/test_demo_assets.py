@@ -45,7 +45,8 @@ def test_problems_are_deterministic_and_their_solutions_add_up(phrasing):
             a, op, b = left.split(" ")
             assert value is None or int(a) == value
             assert 1 <= int(b) <= 9  # single-digit operands
-            assert int(right) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+            results = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}
+            assert int(right) == results[op]
             value = int(right)
         assert value == answer >= 0
         assert question.endswith("have now?")
@@ -108,16 +109,18 @@ def test_checkpoints_load_and_generate(tiny):
         assert isinstance(model, LlamaForCausalLM)
         assert tokenizer.padding_side == "left"
         gen = model.generation_config
-        assert (gen.eos_token_id, gen.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+        assert gen.eos_token_id == tokenizer.eos_token_id
+        assert gen.pad_token_id == tokenizer.pad_token_id
         text = zero_shot(question["question"]) + training_target(question["answer"])
         ids = tokenizer(text).input_ids
         assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
         assert tokenizer.decode(ids, skip_special_tokens=True) == text  # spaces come back
-        responses = demo.generate_greedy(model, tokenizer, [question["question"], "Tom has 2 pens."])
+        questions = [question["question"], "Tom has 2 pens."]
+        responses = demo.generate_greedy(model, tokenizer, questions)
         assert len(responses) == 2 and all("Question" not in r for r in responses)
-    weak_layers = AutoModelForCausalLM.from_pretrained(assets.weak_model).config.num_hidden_layers
-    strong_layers = AutoModelForCausalLM.from_pretrained(assets.strong_model).config.num_hidden_layers
-    assert strong_layers > weak_layers
+    weak = AutoModelForCausalLM.from_pretrained(assets.weak_model)
+    strong = AutoModelForCausalLM.from_pretrained(assets.strong_model)
+    assert strong.num_parameters() > weak.num_parameters()
     assert 0.0 <= demo.evaluate_greedy(assets.weak_model, assets.test, limit=20) <= 1.0
 
 
