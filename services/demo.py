@@ -1,4 +1,5 @@
-"""The embedded demo: tiny models built here, then a whole stage I round on them, in-process."""
+"""The embedded demo: tiny models built here, then the whole chain on them, in-process:
+stage I iteration 1 → stage I iteration 2 → stage II (DPO), each round gated."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def demo_round_config(scale: str, seed: int) -> dict[str, Any]:
 
 
 def run_demo(workdir: Path, *, scale: str, seed: int, console: Console) -> dict[str, Any]:
-    """Returns the round report. The demo keeps its own embedded state under `workdir/home`."""
+    """Returns every round's report. The demo keeps its own embedded state under `workdir/home`."""
     from models.demo import build_demo
 
     workdir = workdir.absolute()
@@ -50,14 +51,11 @@ def run_demo(workdir: Path, *, scale: str, seed: int, console: Console) -> dict[
     os.environ.pop("W2S_BROKER_URL", None)
 
     from db.session import ensure_schema, session_scope
-    from services.config import load_settings, parse_round_config
+    from services.config import load_settings
     from services.registry import import_dataset, register_model
-    from services.report import job_counts
-    from services.rounds import start_round
-    from workers.dispatch import drain, enqueue
 
     started = time.perf_counter()
-    console.rule("[bold]w2s demo[/]: weak-to-strong stage I on models built here")
+    console.rule("[bold]w2s demo[/]: weak-to-strong reasoning on models built here")
     console.print(f"1. building a tokenizer and two small models ({scale} scale, nothing downloaded) in {workdir / 'assets'}")
     assets = build_demo(workdir / "assets", scale=scale, seed=seed, progress=lambda m: console.print(f"   {m}"))
 
@@ -71,34 +69,85 @@ def run_demo(workdir: Path, *, scale: str, seed: int, console: Console) -> dict[
         register_model(session, name="demo-weak", path=assets.weak_model, role="weak")
         register_model(session, name="demo-strong", path=assets.strong_model, role="strong")
 
-    config = parse_round_config(demo_round_config(scale, seed), "demo round")
-    console.print("3. stage I round: the weak model and the strong model answer the pool; agreed answers "
-                  "train the strong model; the candidate is evaluated and gated")
-    with session_scope(settings.database_url) as session:
+    reports = []
+    # Stage I, iteration 1: the weak model and the strong model vote.
+    console.print("3. stage I, iteration 1: the weak and the strong model answer the pool; agreed answers "
+                  "train the strong model; each candidate is evaluated and gated")
+    first = _run_round(settings.database_url, demo_round_config(scale, seed), console)
+    reports.append(first)
+    candidates = {v: e.get("checkpoint") for v, e in first["report"].get("variants", {}).items()}
+    # Stage I, iteration 2: the two fine-tuned students vote; hybrid training restarts from the base.
+    if candidates.get("weak") and candidates.get("hybrid") and first["state"] == "done":
+        console.print("4. stage I, iteration 2: the two fine-tuned students answer the pool and vote")
+        second = _run_round(settings.database_url, {
+            **demo_round_config(scale, seed), "iteration": 2, "weak": candidates["weak"],
+            "strong": candidates["hybrid"], "student": "demo-strong", "variants": ["hybrid"]}, console)
+        reports.append(second)
+        # Stage II starts from the best student so far: M_plus if the gate promoted it.
+        m_plus = _current_student(settings.database_url, "demo-strong")
+        if m_plus == "demo-strong":
+            console.print("   no stage I candidate was promoted: stage II needs a promoted student, the chain stops here")
+        else:
+            console.print(f"5. stage II: {m_plus} samples answers; confident majorities pair against the weak "
+                          "model's stage I responses; DPO")
+            reports.append(_run_round(settings.database_url, demo_preference_config(scale, seed, m_plus), console))
+
+    console.rule("the chain")
+    for entry in reports:
+        report = entry["report"]
+        name = f"round {entry['round_id']} {report.get('stage')} iteration {report.get('iteration')}"
+        console.print(f"[bold]{name}[/]: {entry['state']}" + (f" — {report.get('reason')}" if report.get("reason") else ""))
+    console.print(f"{time.perf_counter() - started:.0f}s in all; state kept in {home} — try: "
+                  f"W2S_HOME={home} w2sctl round list")
+    return {"rounds": reports}
+
+
+def _current_student(database_url: str, base: str) -> str:
+    from db.session import session_scope
+    from services.registry import current_student, get_checkpoint
+
+    with session_scope(database_url) as session:
+        return current_student(session, get_checkpoint(session, base)).name
+
+
+def demo_preference_config(scale: str, seed: int, student: str) -> dict[str, Any]:
+    return {"stage": "preference", "student": student, "weak": "demo-weak", "pool": "demo-pool",
+            "eval": {"dataset": "demo-test"}, "seed": seed,
+            "sampling": {"samples": 10},
+            "generation": {"max_new_tokens": 64, "batch_size": 320, "chunk_size": 1000 if scale == "full" else 100},
+            # TRL's DPO default (1e-6) does not move a model this small in one epoch.
+            "training": {"loss": "dpo", "beta": 0.1, "learning_rate": 5e-5, "epochs": 1, "micro_batch_size": 8,
+                         "max_seq_len": 128}}
+
+
+def _run_round(database_url: str, config_data: dict[str, Any], console: Console) -> dict[str, Any]:
+    from db.schema import Job, Round
+    from db.session import session_scope
+    from services.cli import render_report
+    from services.config import parse_round_config
+    from services.report import job_counts
+    from services.rounds import start_round
+    from workers.dispatch import drain, enqueue
+
+    config = parse_round_config(config_data, "demo round")
+    with session_scope(database_url) as session:
         round_, job_ids = start_round(session, config)
         round_id = round_.id
     enqueue(job_ids)
 
-    from db.schema import Job, Round
-
     def show(job_id: int) -> None:
-        with session_scope(settings.database_url) as session:
+        with session_scope(database_url) as session:
             job = session.get(Job, job_id)
             took = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else 0.0
             console.print(f"   {job.key:<22} {job.state:<7} {took:6.1f}s")
 
     drain(on_job_done=show)
-
-    from services.cli import render_report
-
-    with session_scope(settings.database_url) as session:
+    with session_scope(database_url) as session:
         round_ = session.get(Round, round_id)
         report, state, error = round_.report or {}, round_.state, round_.error
         counts = job_counts(session, round_id)
-    console.print(f"4. round {round_id} {state} in {time.perf_counter() - started:.0f}s total; jobs: "
-                  + ", ".join(f"{step} {sum(c.values())}" for step, c in counts.items()))
+    console.print(f"   round {round_id} {state}; jobs: " + ", ".join(f"{step} {sum(c.values())}" for step, c in counts.items()))
     if error:
         console.print(f"[red]error:[/] {error}")
     console.print(render_report(report))
-    console.print(f"state kept in {home} — try: W2S_HOME={home} w2sctl round status {round_id}")
     return {"round_id": round_id, "state": state, "report": report}
