@@ -331,7 +331,8 @@ def render_report(report: dict[str, Any]) -> Table:
             table.add_row(f"variant {variant}", f"{entry['examples']} examples — skipped: {entry['skipped']}")
         elif entry.get("checkpoint"):
             loss = entry.get("train_loss")
-            table.add_row(f"variant {variant}", f"{entry['examples']} examples → {entry['checkpoint']} "
+            unit = "pairs" if variant in ("dpo", "orpo") else "examples"
+            table.add_row(f"variant {variant}", f"{entry['examples']} {unit} → {entry['checkpoint']} "
                           f"{pct(entry.get('accuracy'))} ({entry.get('status')})"
                           + (f", final train loss {loss:.3f}" if loss is not None else ""))
         else:

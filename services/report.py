@@ -111,6 +111,9 @@ def _difficulty_mix(session: Session, kept: list[int]) -> dict[str, int]:
 def _variants(session: Session, round_: Round) -> dict[str, Any]:
     out: dict[str, Any] = {}
     examples = Counter(session.scalars(select(TrainingExample.variant).where(TrainingExample.round_id == round_.id)))
+    if round_.stage == "preference":  # one training set: the pairs, named after the loss
+        examples = Counter({round_.config["training"]["loss"]: len(session.scalars(
+            select(PreferencePair.id).where(PreferencePair.round_id == round_.id)).all())})
     for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == "train").order_by(Job.id)):
         variant = job.payload["variant"]
         entry: dict[str, Any] = {"examples": examples.get(variant, 0), "state": job.state}

@@ -223,7 +223,7 @@ def test_preference_round_embedded(in_round_home, cli_runner, tmp_path):
             weak_side = p.chosen if p.case == "weak_chosen" else p.rejected
             assert weak_side == weak[p.question_id].text
         report = round_.report
-        assert report["pairs"] == len(pairs)
+        assert report["pairs"] == len(pairs) == report["variants"]["dpo"]["examples"]
         assert sum(report["skipped"].values()) + len({p.question_id for p in pairs}) == 40
         candidate = session.scalar(select(Checkpoint).where(Checkpoint.round_id == round_id))
         if pairs:
