@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from db.schema import Job, Round
 from db.session import session_scope
@@ -53,7 +53,18 @@ def worker(service_env, tmp_path):
     log.close()
 
 
-def test_stage1_round_through_redis_and_postgres(service_env, worker, demo_assets, tmp_path):
+def wait_for_round(url: str, round_id: int, worker, tmp_path, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with session_scope(url) as session:
+            if session.get(Round, round_id).state != "running":
+                return
+        assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+        time.sleep(2)
+    raise AssertionError(f"round {round_id} still running after {timeout_s}s")
+
+
+def test_stage1_and_stage2_rounds_through_redis_and_postgres(service_env, worker, demo_assets, tmp_path):
     env = service_env
     w2sctl(env, "dataset", "import", demo_assets.pool, "--name", "pool", "--unlabelled")
     w2sctl(env, "dataset", "import", demo_assets.test, "--name", "test")
@@ -64,14 +75,7 @@ def test_stage1_round_through_redis_and_postgres(service_env, worker, demo_asset
     # Without --wait a distributed start returns at once: the worker process does the work.
 
     url = env["W2S_DATABASE_URL"]
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        with session_scope(url) as session:
-            state = session.get(Round, 1).state
-        if state != "running":
-            break
-        assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
-        time.sleep(2)
+    wait_for_round(url, 1, worker, tmp_path)
     check_stage1_round(url, 1, pool_size=POOL_LIMIT, variants=["hybrid"])
 
     with session_scope(url) as session:
@@ -80,3 +84,25 @@ def test_stage1_round_through_redis_and_postgres(service_env, worker, demo_asset
     assert owners and all(owner and not owner.endswith(f":{os.getpid()}") for owner in owners)
     status = w2sctl(env, "round", "status", "1")
     assert "done" in status.stdout and "kept by the vote" in status.stdout
+
+    # Stage II through the same worker, from the stage I candidate (marked promoted, as an operator
+    # overriding the gate would: the tiny models' candidate may have been rejected).
+    from db.schema import Checkpoint, PreferencePair
+
+    with session_scope(url) as session:
+        candidate = session.scalar(select(Checkpoint).where(Checkpoint.round_id == 1))
+        candidate.status = "promoted"
+        student = candidate.name
+    w2sctl(env, "round", "start", "--stage", "preference", "--student", student, "--weak", "weak", "--pool", "pool",
+           "--pool-limit", 30, "--eval", "test", "--eval-limit", 30, "--samples", 4, "--loss", "orpo",
+           "--set", "sampling.temperature=0.7", "--set", "pairs.floor=0.5", "--set", "pairs.tau=0.75",
+           "--set", "generation.max_new_tokens=48", "--set", "training.learning_rate=1e-4",
+           "--set", "training.max_seq_len=128")
+    wait_for_round(url, 2, worker, tmp_path)
+    with session_scope(url) as session:
+        round_ = session.get(Round, 2)
+        assert round_.state == "done", round_.error
+        samples = session.scalars(select(Job).where(Job.round_id == 2, Job.kind == "generate")).all()
+        assert samples and all(job.state == "done" for job in samples)
+        pairs = session.scalar(select(func.count()).select_from(PreferencePair).where(PreferencePair.round_id == 2))
+        assert round_.report["pairs"] == pairs
