@@ -93,10 +93,26 @@ class Checkpoint(Base):
     promoted_at: Mapped[datetime | None] = mapped_column()
 
 
-class Round(Base):
-    __tablename__ = "rounds"
+class Pipeline(Base):
+    """A chain of rounds (weak-sft → stage I iteration 1 → iteration 2 → stage II), each gated."""
+
+    __tablename__ = "pipelines"
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    config: Mapped[dict[str, Any]] = mapped_column()
+    state: Mapped[str] = mapped_column(String(20), default="running")  # running | done | stopped | failed
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("pipeline_id", "pipeline_step"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pipeline_id: Mapped[int | None] = mapped_column(ForeignKey("pipelines.id"))
+    pipeline_step: Mapped[str | None] = mapped_column(String(40))  # weak-sft | iteration1 | iteration2 | preference
     stage: Mapped[str] = mapped_column(String(20))  # weak-sft | sft | preference
     iteration: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[str] = mapped_column(String(20), default="running")  # running | done | failed | cancelled

@@ -155,7 +155,7 @@ def advance(session: Session, round_id: int) -> list[int]:
     if failed:
         round_.state, round_.finished_at = "failed", utcnow()
         round_.error = "; ".join(f"job {job.id} ({job.key}) failed: {job.error or 'no reason recorded'}" for job in failed)
-        return []
+        return _next_in_pipeline(session, round_)
 
     config = load_config(round_)
     if isinstance(config, WeakSFTRoundConfig):
@@ -174,7 +174,18 @@ def advance(session: Session, round_id: int) -> list[int]:
     if promote is not None and promote.state == "done":
         round_.state, round_.finished_at = "done", utcnow()
         round_.outcome = (promote.result or {}).get("outcome")
+        new_ids += _next_in_pipeline(session, round_)
     return new_ids
+
+
+def _next_in_pipeline(session: Session, round_: Round) -> list[int]:
+    """A round of a pipeline that ends starts the next one (or ends the pipeline)."""
+    if round_.pipeline_id is None:
+        return []
+    from services.pipeline import advance_pipeline
+
+    session.flush()
+    return advance_pipeline(session, round_.pipeline_id)
 
 
 def step_of(key: str) -> str:

@@ -1,0 +1,170 @@
+"""The progressive chain: (weak-sft) → stage I iteration 1 → iteration 2 → stage II, each round gated.
+
+`next_step` is the rule, a pure function over the outcomes so far; `advance_pipeline` applies it
+when a round of the pipeline ends (called from `rounds.advance`, so it runs wherever the last job
+of a round finished, embedded or on a worker). A rejected or failed round stops the chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field, model_validator
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.schema import Pipeline, Round, utcnow
+from services.config import ConfigError, EvalConfig, _merge, _Strict, parse_round_config
+from services.errors import NotFound
+
+STEPS = ("weak-sft", "iteration1", "iteration2", "preference")
+
+
+class PipelineConfig(_Strict):
+    """Shared fields once; each step's own fields (any round-config field) under its name."""
+
+    weak: str = Field(description="the base weak model")
+    strong: str = Field(description="the base strong model")
+    pool: str
+    eval: EvalConfig
+    seed: int = 0
+    weak_sft: dict[str, Any] | None = Field(None, description="fine-tune the weak model first; needs `train`")
+    iteration1: dict[str, Any] = Field(default_factory=dict)
+    iteration2: dict[str, Any] | None = Field(default_factory=dict, description="null: skip iteration 2")
+    preference: dict[str, Any] | None = Field(default_factory=dict, description="null: skip stage II")
+
+    @model_validator(mode="after")
+    def _iteration2_needs_two_students(self) -> PipelineConfig:
+        variants = self.iteration1.get("variants", ["weak", "icl"])
+        if self.iteration2 is not None and not {"weak", "icl"} <= set(variants):
+            raise ValueError("iteration2: the two fine-tuned students come from iteration1's weak and icl "
+                             f"variants, but iteration1.variants is {variants}")
+        return self
+
+    def steps(self) -> list[str]:
+        wanted = {"weak-sft": self.weak_sft is not None, "iteration1": True,
+                  "iteration2": self.iteration2 is not None, "preference": self.preference is not None}
+        return [step for step in STEPS if wanted[step]]
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    step: str
+    state: str  # done | failed | cancelled
+    outcome: str | None  # promoted | rejected
+    candidates: dict[str, str]  # variant → checkpoint name
+    promoted: str | None
+
+
+def next_step(config: PipelineConfig, finished: list[StepOutcome]) -> tuple[str, dict[str, Any]] | str:
+    """The next round's (step, round config), or the reason the chain ends."""
+    for outcome in finished:
+        if outcome.state != "done":
+            return f"{outcome.step} round {outcome.state}"
+        if outcome.outcome != "promoted":
+            return f"{outcome.step} round rejected: its candidate did not beat the student"
+    steps = config.steps()
+    if len(finished) == len(steps):
+        return "every step promoted a checkpoint"
+    step = steps[len(finished)]
+    by_step = {o.step: o for o in finished}
+    weak = by_step["weak-sft"].promoted if "weak-sft" in by_step else config.weak
+    shared = {"pool": config.pool, "eval": config.eval.model_dump(), "seed": config.seed}
+    if step == "weak-sft":
+        base = {"stage": "weak-sft", "weak": config.weak, "eval": config.eval.model_dump(), "seed": config.seed}
+        return step, _merge(base, config.weak_sft or {})
+    if step == "iteration1":
+        return step, _merge({"stage": "sft", "iteration": 1, "weak": weak, "strong": config.strong, **shared},
+                            config.iteration1)
+    if step == "iteration2":
+        first = by_step["iteration1"].candidates
+        # The two fine-tuned students vote zero-shot; training restarts from the base strong model.
+        return step, _merge({"stage": "sft", "iteration": 2, "weak": first["weak"], "strong": first["icl"],
+                             "student": config.strong, "demonstrations": 0, "variants": ["hybrid"], **shared},
+                            config.iteration2 or {})
+    m_plus = finished[-1].promoted  # the newest promoted stage I student
+    return step, _merge({"stage": "preference", "student": m_plus, "weak": weak, **shared}, config.preference or {})
+
+
+def parse_pipeline_config(data: dict[str, Any], source: str = "pipeline config") -> PipelineConfig:
+    from pydantic import ValidationError
+
+    from services.config import _describe
+
+    try:
+        config = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + _describe(exc)) from None
+    # The first steps' fields must make valid round configs now; iteration 2 and stage II name
+    # checkpoints that exist only once the earlier steps have run, so they are checked then.
+    finished: list[StepOutcome] = []
+    if config.weak_sft is not None:
+        parse_round_config(next_step(config, [])[1], f"{source}: weak_sft")
+        finished = [StepOutcome("weak-sft", "done", "promoted", {}, config.weak)]
+    parse_round_config(next_step(config, finished)[1], f"{source}: iteration1")
+    return config
+
+
+def start_pipeline(session: Session, config: PipelineConfig) -> tuple[Pipeline, list[int]]:
+    from services.rounds import start_round
+
+    pipeline = Pipeline(config=config.model_dump(mode="json"), state="running")
+    session.add(pipeline)
+    session.flush()
+    step, round_data = next_step(config, [])
+    round_, job_ids = start_round(session, parse_round_config(round_data, f"pipeline {pipeline.id} {step}"))
+    round_.pipeline_id, round_.pipeline_step = pipeline.id, step
+    return pipeline, job_ids
+
+
+def advance_pipeline(session: Session, pipeline_id: int) -> list[int]:
+    """After one of its rounds ended: start the next round, or close the pipeline. Idempotent:
+    the unique (pipeline, step) key lets only one caller create the next round."""
+    from db.session import insert_ignore
+    from services.rounds import advance, resolve
+
+    pipeline = session.scalar(select(Pipeline).where(Pipeline.id == pipeline_id).with_for_update())
+    if pipeline is None or pipeline.state != "running":
+        return []
+    rounds = session.scalars(select(Round).where(Round.pipeline_id == pipeline_id).order_by(Round.id)).all()
+    if any(r.state == "running" for r in rounds):
+        return []
+    config = PipelineConfig.model_validate(pipeline.config)
+    decision = next_step(config, [_outcome(session, r) for r in rounds])
+    if isinstance(decision, str):
+        all_promoted = decision == "every step promoted a checkpoint"
+        pipeline.state, pipeline.reason, pipeline.finished_at = ("done" if all_promoted else "stopped"), decision, utcnow()
+        return []
+    step, round_data = decision
+    try:
+        round_config = parse_round_config(round_data, f"pipeline {pipeline_id} {step}")
+        resolved = resolve(session, round_config)
+    except Exception as exc:  # noqa: BLE001 - a step that cannot start ends the chain with its reason
+        pipeline.state, pipeline.reason, pipeline.finished_at = "failed", f"{step}: {exc}", utcnow()
+        return []
+    new = insert_ignore(session, Round, [{
+        "stage": round_config.stage, "iteration": getattr(round_config, "iteration", 1), "state": "running",
+        "config": round_config.model_dump(mode="json"), "resolved": resolved, "pipeline_id": pipeline_id,
+        "pipeline_step": step, "created_at": utcnow()}])
+    return advance(session, new[0]) if new else []
+
+
+def _outcome(session: Session, round_: Round) -> StepOutcome:
+    from db.schema import Checkpoint
+
+    candidates = {c.variant: c.name for c in session.scalars(select(Checkpoint).where(Checkpoint.round_id == round_.id))}
+    promoted = next((c.name for c in session.scalars(select(Checkpoint).where(
+        Checkpoint.round_id == round_.id, Checkpoint.status == "promoted"))), None)
+    return StepOutcome(round_.pipeline_step, round_.state, round_.outcome, candidates, promoted)
+
+
+def get_pipeline(session: Session, pipeline_id: int) -> Pipeline:
+    pipeline = session.get(Pipeline, pipeline_id)
+    if pipeline is None:
+        raise NotFound(f"pipeline {pipeline_id} does not exist")
+    return pipeline
+
+
+def pipeline_rounds(session: Session, pipeline_id: int) -> list[Round]:
+    return list(session.scalars(select(Round).where(Round.pipeline_id == pipeline_id).order_by(Round.id)))
