@@ -321,6 +321,10 @@ def render_report(report: dict[str, Any]) -> Table:
         table.add_row("skipped", ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in skipped.items()) or "none")
         by_case = report.get("pairs_by_case") or {}
         table.add_row("pairs", f"{report['pairs']} (" + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in by_case.items()) + ")")
+        if report.get("pass_at_k"):
+            passk = report["pass_at_k"]
+            table.add_row(f"pass@{passk['k']} on the eval set", ", ".join(
+                f"{name}: {pct(value)}" for name, value in passk.items() if name != "k"))
         if report.get("chosen_accuracy") is not None:
             table.add_row("accuracy of chosen / rejected", f"{pct(report['chosen_accuracy'])} / {pct(report['rejected_accuracy'])}")
     if report.get("student_before"):

@@ -89,6 +89,10 @@ def _pair_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
         "pairs_by_case": dict(Counter(p.case for p in pairs)),
         "has_gold": any(gold.values()),
     }
+    for key, job in ((j.key, j) for j in session.scalars(select(Job).where(
+            Job.round_id == round_.id, Job.key.like("evaluate:pass-at-k:%")))):
+        if job.state == "done" and job.result:
+            figures.setdefault("pass_at_k", {"k": job.payload["pass_at"]})[key.rsplit(":", 1)[1]] = job.result["accuracy"]
     if figures["has_gold"] and pairs:
         def correct(text: str, qid: int) -> bool:
             return bool(gold.get(qid)) and answers_match(extract_answer(text, task), gold[qid], task)

@@ -221,6 +221,10 @@ def _tail(jobs: dict[str, Job], variants: list[str], resolved: dict[str, Any]) -
                             {"checkpoint_id": checkpoint_id, "dataset_id": resolved["eval_id"], "limit": None}))
     trained = all(_done(jobs, f"train:{variant}") for variant in variants)
     evaluated = all(_done(jobs, f"evaluate:{variant}") for variant in candidates) and _done(jobs, "evaluate:baseline")
+    # Extra evaluations (pass@k) finish before the round does; they are planned with the candidates.
+    evaluated = evaluated and all(job.state == "done" for key, job in jobs.items() if key.startswith("evaluate:"))
+    evaluated = evaluated and all(f"evaluate:pass-at-k:{variant}" in jobs for variant in candidates
+                                  if "evaluate:pass-at-k:student" in jobs)
     if trained and evaluated:
         plan.append(JobSpec("promote", "promote", "control", {"candidates": candidates}))
     return plan
@@ -257,7 +261,14 @@ def plan_sft(session: Session, round_: Round, config: SFTRoundConfig, jobs: dict
 
 def plan_preference(round_: Round, config: PreferenceRoundConfig, jobs: dict[str, Job]) -> list[JobSpec]:
     resolved = round_.resolved
-    plan = [JobSpec("evaluate:baseline", "evaluate", "strong", _evaluate(resolved["baseline_id"], resolved["eval_id"], config))]
+    # pass@k (k = the samples per question) of the starting student and of the candidate, for the report.
+    pass_at = {"pass_at": config.sampling.samples, "temperature": config.sampling.temperature, "top_p": config.sampling.top_p}
+    plan = [JobSpec("evaluate:baseline", "evaluate", "strong", _evaluate(resolved["baseline_id"], resolved["eval_id"], config)),
+            JobSpec("evaluate:pass-at-k:student", "evaluate", "strong",
+                    {**_evaluate(resolved["student_id"], resolved["eval_id"], config), **pass_at})]
+    for variant, checkpoint_id in _candidates(jobs).items():
+        plan.append(JobSpec(f"evaluate:pass-at-k:{variant}", "evaluate", "strong",
+                            {**_evaluate(checkpoint_id, resolved["eval_id"], config), **pass_at}))
     plan += [JobSpec(f"generate:student:{i:04d}", "generate", "strong", {"voter": "student", "question_ids": chunk})
              for i, chunk in enumerate(_chunks(resolved["question_ids"], config.generation.chunk_size))]
     if _done(jobs, "generate:student"):

@@ -185,7 +185,7 @@ def test_preference_round_bad_input(in_round_home, cli_runner):
 
 
 def test_preference_round_embedded(in_round_home, cli_runner, tmp_path):
-    from db.schema import Checkpoint, PreferencePair, Round
+    from db.schema import Checkpoint, Evaluation, PreferencePair, Round
     from services.selection import decide_pairs
 
     url = load_settings().database_url
@@ -224,6 +224,16 @@ def test_preference_round_embedded(in_round_home, cli_runner, tmp_path):
             assert weak_side == weak[p.question_id].text
         report = round_.report
         assert report["pairs"] == len(pairs) == report["variants"]["dpo"]["examples"]
+        # pass@4 of the starting student (and of the candidate, when one was trained) on the eval set
+        assert report["pass_at_k"]["k"] == 4 and 0 <= report["pass_at_k"]["student"] <= 1
+        assert ("dpo" in report["pass_at_k"]) == bool(pairs)
+        passk = session.scalar(select(Evaluation).where(Evaluation.strategy == "pass@4",
+                                                        Evaluation.checkpoint_id == round_.resolved["student_id"]))
+        greedy = session.scalar(select(Evaluation).where(Evaluation.strategy == "greedy",
+                                                         Evaluation.checkpoint_id == round_.resolved["student_id"]))
+        assert passk.n_questions == 30 and passk.accuracy == report["pass_at_k"]["student"]
+        # four samples per question, not one
+        assert passk.output_tokens / passk.n_questions > 2 * greedy.output_tokens / greedy.n_questions
         assert sum(report["skipped"].values()) + len({p.question_id for p in pairs}) == 40
         candidate = session.scalar(select(Checkpoint).where(Checkpoint.round_id == round_id))
         if pairs:

@@ -257,33 +257,40 @@ def _write_gold_examples(session, round_id: int, dataset_id: int, limit: int | N
 
 
 def run_evaluate(ctx: JobContext) -> None:
+    """Accuracy of one checkpoint on the labelled eval set: greedy, or pass@k over k samples
+    (a question passes when any of its k sampled answers is right)."""
     checkpoint_id, dataset_id, limit = ctx.payload["checkpoint_id"], ctx.payload["dataset_id"], ctx.payload.get("limit")
+    k = ctx.payload.get("pass_at")
     with ctx.session() as session:
         round_ = session.get(Round, ctx.round_id)
         config = load_config(round_)
         dataset = session.get(Dataset, dataset_id)
         questions = session.execute(
-            select(Question.text, Question.gold_answer).where(Question.dataset_id == dataset_id)
+            select(Question.id, Question.text, Question.gold_answer).where(Question.dataset_id == dataset_id)
             .order_by(Question.index).limit(limit)).all()
-        key = dict(checkpoint_id=checkpoint_id, dataset_id=dataset_id, strategy=GREEDY, n_questions=len(questions))
+        strategy = f"pass@{k}" if k else GREEDY
+        key = dict(checkpoint_id=checkpoint_id, dataset_id=dataset_id, strategy=strategy, n_questions=len(questions))
         existing = session.scalar(select(Evaluation).filter_by(**key))
         if existing is not None:  # evaluated before (by this or another round): reuse it
             ctx.finish(session, {"evaluation_id": existing.id, "accuracy": existing.accuracy, "reused": True})
             return
         path, task = session.get(Checkpoint, checkpoint_id).path, dataset.task
 
+    sampling = {"do_sample": True, "num_samples": k, "temperature": ctx.payload.get("temperature", 1.0),
+                "top_p": ctx.payload.get("top_p", 1.0)} if k else {}
     started = time.perf_counter()
     loaded = default_cache().get(path)
     correct = input_tokens = output_tokens = 0
     done = 0
-    for group in _batches(questions, config.generation.batch_size * 4):
-        completions = generate(loaded, [zero_shot(q.text) for q in group],
-                               max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size)
+    for group in _batches(questions, max(1, config.generation.batch_size * 4 // (k or 1))):
+        completions = generate(loaded, [zero_shot(q.text) for q in group], max_new_tokens=config.generation.max_new_tokens,
+                               batch_size=config.generation.batch_size,
+                               **({**sampling, "seed": config.seed * 1_000_003 + group[0].id} if k else {}))
         for question, samples in zip(group, completions):
-            answer = extract_answer(clean_response(samples[0].text), task)
-            correct += answers_match(answer, question.gold_answer or "", task)
+            answers = [extract_answer(clean_response(sample.text), task) for sample in samples]
+            correct += any(answers_match(answer, question.gold_answer or "", task) for answer in answers)
             input_tokens += samples[0].input_tokens
-            output_tokens += samples[0].output_tokens
+            output_tokens += sum(sample.output_tokens for sample in samples)
         done += len(group)
         with ctx.session() as session:
             ctx.progress(session, done / max(len(questions), 1))
