@@ -389,20 +389,11 @@ def pipeline() -> None:
 @pass_app
 def pipeline_start(app: App, config_file: Path, wait: bool | None) -> None:
     """Start the first round of a pipeline; each round that ends starts the next."""
-    import yaml
-
+    from services.config import read_config_file
     from services.pipeline import parse_pipeline_config, start_pipeline
     from workers.dispatch import enqueue
 
-    try:
-        data = yaml.safe_load(config_file.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{config_file}: no such file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{config_file}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{config_file}: expected a mapping of config fields at the top level")
-    config = parse_pipeline_config(data, str(config_file))
+    config = parse_pipeline_config(read_config_file(config_file), str(config_file))
     with app.session() as session:
         pipe, job_ids = start_pipeline(session, config)
         pipeline_id = pipe.id

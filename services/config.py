@@ -207,7 +207,8 @@ def parse_round_config(data: dict[str, Any], source: str = "round config") -> An
         raise ConfigError(f"{source}: " + _describe(exc)) from None
 
 
-def load_round_config_file(path: Path, overrides: dict[str, Any]) -> AnyRoundConfig:
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML (or JSON) mapping of config fields; errors name the file."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -216,7 +217,11 @@ def load_round_config_file(path: Path, overrides: dict[str, Any]) -> AnyRoundCon
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
-    return parse_round_config(_merge(data, overrides), source=str(path))
+    return data
+
+
+def load_round_config_file(path: Path, overrides: dict[str, Any]) -> AnyRoundConfig:
+    return parse_round_config(_merge(read_config_file(path), overrides), source=str(path))
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
