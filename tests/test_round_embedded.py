@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from db.schema import Generation, Job
 from db.session import session_scope
@@ -247,3 +247,24 @@ def test_preference_round_embedded(in_round_home, cli_runner, tmp_path):
             rows = [json.loads(line) for line in out.read_text().splitlines()]
             assert len(rows) == len(pairs) and all(r["w2s"]["round"] == round_id for r in rows)
             assert set(rows[0]) == ({"prompt", "chosen", "rejected", "w2s"} if fmt == "trl" else {"instruction", "input", "output", "w2s"})
+
+    # A re-run generation job reproduces the same samples: delete one job's samples, run it again.
+    from workers.runner import run_job
+    from workers.steps import HANDLERS
+
+    with session_scope(url) as session:
+        job = session.scalar(select(Job).where(Job.round_id == round_id, Job.key == "generate:student:0000"))
+        original = {(g.question_id, g.sample_index): g.text for g in session.scalars(
+            select(Generation).where(Generation.job_id == job.id))}
+        assert len(original) == 40 * 4
+        session.execute(delete(PreferencePair).where(PreferencePair.round_id == round_id))
+        session.execute(delete(Generation).where(Generation.job_id == job.id))
+        session.execute(update(Job).where(Job.id == job.id).values(state="queued", attempts=0))
+        session.execute(update(Round).where(Round.id == round_id).values(state="running"))
+        job_id = job.id
+    assert run_job(job_id, HANDLERS["generate"], enqueue=lambda ids, **kw: None) == "done"
+    with session_scope(url) as session:
+        again = {(g.question_id, g.sample_index): g.text for g in session.scalars(
+            select(Generation).where(Generation.round_id == round_id, Generation.question_id.in_(
+                {q for q, _ in original})))}
+        assert again == original
