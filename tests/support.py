@@ -4,8 +4,10 @@ hold on both paths."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner, Result
 
 from sqlalchemy import func, select
@@ -14,6 +16,15 @@ from db.schema import Checkpoint, Evaluation, Generation, Job, Round, TrainingEx
 from db.session import session_scope
 from services.promotion import gate
 from services.selection import Vote, stage1_vote
+
+
+def read_reference(path: Path):
+    """A JSON or JSONL file of ../shared/data; a missing file fails the test (it must not skip)."""
+    if not path.is_file():
+        pytest.fail(f"reference data missing: {path} (../shared/data beside the repo root)")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(path.read_text())
 
 
 def invoke_cli(*args, ok: bool = True) -> Result:

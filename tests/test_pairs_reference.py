@@ -8,13 +8,13 @@ looked up as sets), so the test would hold for a pair file without ids.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 from models.answers import answers_match, extract_answer, gold_answer_from_solution, grade
+from tests.support import read_reference
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 POOL_SIZE = 7000
@@ -30,14 +30,6 @@ REF_STRING_CLASSES = {4101, 4114, 4302, 4307, 4317, 4322, 4486, 4602, 4605, 4655
                       5761, 6741}
 
 
-def _read_json(path: Path):
-    if not path.is_file():
-        pytest.fail(f"reference data missing: {path} (../shared/data beside the repo root)")
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(path.read_text())
-
-
 def _prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
@@ -45,9 +37,9 @@ def _prompt(question: str) -> str:
 @pytest.fixture(scope="module")
 def pool() -> list[dict]:
     """Per pool line: prompt, weak response and gold answer, from the three files that hold them."""
-    weak = _read_json(DATA / "reference" / "weak_outputs" / "gsm8k_train_2.llama2_7b.jsonl")
-    full_weak = _read_json(DATA / "reference" / "stage1" / "gsm8k.llama2_7b.full_weak.json")
-    questions = _read_json(DATA / "gsm8k" / "train_2.jsonl")
+    weak = read_reference(DATA / "reference" / "weak_outputs" / "gsm8k_train_2.llama2_7b.jsonl")
+    full_weak = read_reference(DATA / "reference" / "stage1" / "gsm8k.llama2_7b.full_weak.json")
+    questions = read_reference(DATA / "gsm8k" / "train_2.jsonl")
     assert len(weak) == len(full_weak) == len(questions) == POOL_SIZE
     rows = []
     for line, (w, f, q) in enumerate(zip(weak, full_weak, questions)):
@@ -71,7 +63,7 @@ def by_prompt(pool) -> dict[str, dict[str, set[str]]]:
 @pytest.fixture(scope="module")
 def pairs(pool, by_prompt) -> list[dict]:
     """The reference pairs with their case (which side is the weak response) and gold answer."""
-    raw = _read_json(DATA / "reference" / "stage2" / "gsm8k.llama2_7b.iter2_hybrid_paired.json")
+    raw = read_reference(DATA / "reference" / "stage2" / "gsm8k.llama2_7b.iter2_hybrid_paired.json")
     rows = []
     for pair in raw:
         chosen, rejected = pair["output"]

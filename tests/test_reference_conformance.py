@@ -6,7 +6,6 @@ grow silently: the ref compared normalised strings, w2s compares values.
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from models.answers import (
     grade,
     normalize_gsm8k,
 )
+from tests.support import read_reference
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 POOL_SIZE = 7000
@@ -51,14 +51,6 @@ REF_PRED_QUIRKS = {
 }
 
 
-def _read_json(path: Path):
-    if not path.is_file():
-        pytest.fail(f"reference data missing: {path} (../shared/data beside the repo root)")
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return json.loads(path.read_text())
-
-
 def _misgraded_by_ref(row: dict) -> bool:
     """Pred '13.50', gold '13.5': the ref compared strings and graded the right number as wrong."""
     try:
@@ -69,7 +61,7 @@ def _misgraded_by_ref(row: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def weak_outputs() -> list[dict]:
-    rows = _read_json(DATA / "reference" / "weak_outputs" / "gsm8k_train_2.llama2_7b.jsonl")
+    rows = read_reference(DATA / "reference" / "weak_outputs" / "gsm8k_train_2.llama2_7b.jsonl")
     assert [row["id"] for row in rows] == list(range(POOL_SIZE))
     for row in rows:
         row["extracted"] = extract_answer(row["response"], "gsm8k")
@@ -79,7 +71,7 @@ def weak_outputs() -> list[dict]:
 @pytest.fixture(scope="module")
 def gold() -> list[str]:
     """Gold answers of the pool; a reference `id` is the 0-based line number in train_2.jsonl."""
-    rows = _read_json(DATA / "gsm8k" / "train_2.jsonl")
+    rows = read_reference(DATA / "gsm8k" / "train_2.jsonl")
     assert len(rows) == POOL_SIZE
     return [gold_answer_from_solution(row["answer"], "gsm8k") for row in rows]
 
@@ -90,8 +82,8 @@ def stage1() -> dict[tuple[str, str], list[tuple[dict, dict]]]:
     pairs = {}
     for task, model in STAGE1_PAIRS:
         stem = DATA / "reference" / "stage1" / f"{task}.{model}.iter1"
-        weak = _read_json(stem.with_name(stem.name + "_weak.json"))
-        icl = {r["id"]: r for r in _read_json(stem.with_name(stem.name + "_icl.json"))}
+        weak = read_reference(stem.with_name(stem.name + "_weak.json"))
+        icl = {r["id"]: r for r in read_reference(stem.with_name(stem.name + "_icl.json"))}
         assert sorted(icl) == sorted(r["id"] for r in weak)
         pairs[(task, model)] = [(r, icl[r["id"]]) for r in weak]
     return pairs
@@ -134,7 +126,7 @@ def test_weak_accuracy(weak_outputs: list[dict], gold: list[str]) -> None:
 
 
 def test_full_weak_file_is_the_weak_outputs(weak_outputs: list[dict]) -> None:
-    full = _read_json(DATA / "reference" / "stage1" / "gsm8k.llama2_7b.full_weak.json")
+    full = read_reference(DATA / "reference" / "stage1" / "gsm8k.llama2_7b.full_weak.json")
     assert [(r["id"], r["output"]) for r in full] == [
         (r["id"], r["response"]) for r in weak_outputs
     ]
@@ -179,6 +171,6 @@ def test_kept_share_and_accuracy(model: str, stage1, gold: list[str], weak_outpu
 
 
 def test_math500_gold_extraction() -> None:
-    for row in _read_json(DATA / "math" / "test.jsonl"):
+    for row in read_reference(DATA / "math" / "test.jsonl"):
         extracted = gold_answer_from_solution(row["solution"], "math")
         assert answers_match(extracted, row["answer"], "math"), row["solution"][-200:]
