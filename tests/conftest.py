@@ -70,7 +70,8 @@ def redis_url() -> str:
     """A Redis database number of its own on the real server, flushed before use."""
     import redis
 
-    url = f"{REDIS_URL}/13"
+    # W2S_TEST_REDIS_DB lets two test runs on one machine keep their queues apart.
+    url = f"{REDIS_URL}/{os.environ.get('W2S_TEST_REDIS_DB', '13')}"
     client = redis.Redis.from_url(url, socket_connect_timeout=5)
     try:
         client.flushdb()
