@@ -118,6 +118,25 @@ def suspect_step(steps: Sequence[Step]) -> int | None:
     return min(lowest) if lowest else None
 
 
+def doubted_token(token_texts: Sequence[str], token_probs: Sequence[float], start: int, end: int) -> int | None:
+    """Index of the least probable token of the line at characters [start, end) of
+    ``"".join(token_texts)``, past its "Step N:" prefix (tokens assigned to lines as in
+    ``score_steps``); None when the line has no such token. A greedy rethink that reproduces the
+    dropped step up to this token is turned away from it there (see ``RethinkRequest``)."""
+    text = "".join(token_texts)
+    prefix = _STEP_PREFIX.match(text, start, end)
+    content_start = prefix.end() if prefix else start
+    best, offset = None, 0
+    for i, piece in enumerate(token_texts):
+        piece_start, offset = offset, offset + len(piece)
+        anchor = next((j for j in range(piece_start, offset) if text[j] != "\n"), None)
+        if anchor is None or not start <= anchor < end or offset <= content_start:
+            continue
+        if best is None or token_probs[i] < token_probs[best]:
+            best = i
+    return best
+
+
 # --- the vote ----------------------------------------------------------------------------------
 
 
@@ -159,7 +178,9 @@ class RethinkRequest:
     answer text: the solution up to the suspect step, verbatim ("" for the first generation).
 
     A greedy generator that continues ``kept_text`` exactly as it first generated it writes the
-    dropped step again (the ref changed the prompt instead: kept steps, then the instruction).
+    dropped step again (the ref changed the prompt instead: kept steps, then an instruction, and
+    re-encoded it all). ``models.generation.CachedStepGenerator`` turns the rethink away from the
+    dropped step at its least confident token (``doubted_token``) and decodes greedily otherwise.
     """
 
     question_index: int
