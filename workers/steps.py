@@ -26,6 +26,7 @@ from services.promotion import gate
 from services.report import round_report
 from services.rounds import load_config
 from services.selection import Vote, decide_pairs, stage1_vote, variant_sources
+from services.store import checkpoint_path
 from workers.runner import JobContext
 
 GREEDY = "greedy"
@@ -200,8 +201,8 @@ def run_train(ctx: JobContext) -> None:
 
     store = ctx.settings.checkpoint_dir
     name = f"round{ctx.round_id}-{variant}"
-    output_dir = store / name
-    work_dir = store / "jobs" / f"job{ctx.job_id}-attempt{ctx.attempt}"
+    output_dir = checkpoint_path(store, name)  # refuses a name that leaves the store
+    work_dir = checkpoint_path(store, f"jobs/job{ctx.job_id}-attempt{ctx.attempt}")
     work_dir.mkdir(parents=True, exist_ok=True)
     train_file = work_dir / "train.jsonl"
     with train_file.open("w") as f:
