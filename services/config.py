@@ -101,6 +101,40 @@ class PromotionConfig(_Strict):
     min_improvement: float = Field(0.0, ge=0.0, le=1.0)
 
 
+STRATEGIES = ("cot", "sc", "leco")
+
+
+class StrategyConfig(_Strict):
+    """How a model answers: cot (greedy, one answer), sc (self-consistency: n samples, majority),
+    leco (greedy, then rethinks from the least confident step; ALGORITHMS.md "LECO")."""
+
+    strategy: Literal["cot", "sc", "leco"] = "cot"
+    samples: int = Field(10, ge=1, le=256, description="sc: answers sampled per question (ref: 10)")
+    temperature: float = Field(0.7, gt=0.0, le=10.0, description="sc: sampling temperature")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="sc: nucleus sampling")
+    token_prob: Literal["top5", "full"] = Field("top5", description="step scores: chosen-token probability "
+                                                "renormalised over the top-5 logits (ref) or the full softmax")
+    max_rethinks: int = Field(3, ge=0, le=16, description="leco: rethinks after the original (ref: 3)")
+    rethink: Literal["divert", "greedy"] = Field(
+        "divert", description="leco: divert = greedy, but turned away from the dropped step at its least confident "
+        "token; greedy = plain greedy (usually writes the dropped step again)")
+    reuse_cache: bool = Field(True, description="leco: serve the prompt and kept steps from the KV cache")
+
+    def label(self) -> str:
+        """The name evaluations are stored under: cot, sc@10, leco."""
+        return f"sc@{self.samples}" if self.strategy == "sc" else self.strategy
+
+
+class VoterStrategies(_Strict):
+    weak: StrategyConfig = StrategyConfig()
+    strong: StrategyConfig = StrategyConfig()
+
+
+class VoteConfig(_Strict):
+    min_step_score: float | None = Field(
+        None, description="drop an agreed question when either voter's lowest step score is below this (off: null)")
+
+
 class SFTRoundConfig(_Strict):
     """Stage I: two voters answer the pool, agreed answers train the student."""
 
@@ -118,6 +152,8 @@ class SFTRoundConfig(_Strict):
     )
     seed: int = 0
     generation: GenerationConfig = GenerationConfig()
+    strategies: VoterStrategies = Field(VoterStrategies(), description="how each voter answers: cot, sc or leco")
+    vote: VoteConfig = VoteConfig()
     training: TrainingConfig = TrainingConfig()
     promotion: PromotionConfig = PromotionConfig()
 
