@@ -39,3 +39,67 @@ def clean_response(text: str) -> str:
     if response.endswith("."):
         response = response[:-1].rstrip()
     return response
+
+
+# --- step-by-step prompts (LECO, CoT and self-consistency evaluation) ----------------------------
+#
+# Written for this project (not taken from a dataset): each answer is "Step N: ..." lines ending in
+# "The answer is \boxed{X}", the shape LECO's step scores and its rethink loop read (ALGORITHMS.md).
+
+GSM8K_STEP_DEMONSTRATIONS: tuple[tuple[str, str], ...] = (
+    ("A baker fills 6 trays with 14 rolls each. She sells 59 rolls in the morning. How many rolls are left?",
+     "Step 1: The trays hold 6 * 14 = 84 rolls.\n"
+     "Step 2: After the morning sales, 84 - 59 = 25 rolls are left.\n"
+     "The answer is \\boxed{25}"),
+    ("Tom reads 12 pages on Monday and twice as many on Tuesday. His book has 100 pages. "
+     "How many pages does he still have to read?",
+     "Step 1: On Tuesday he reads 2 * 12 = 24 pages.\n"
+     "Step 2: Over both days he reads 12 + 24 = 36 pages.\n"
+     "Step 3: He still has 100 - 36 = 64 pages to read.\n"
+     "The answer is \\boxed{64}"),
+    ("A bike costs $240. Lena has saved $90 and saves $30 more every week. "
+     "How many weeks does she need to buy the bike?",
+     "Step 1: She still needs 240 - 90 = 150 dollars.\n"
+     "Step 2: At 30 dollars a week that takes 150 / 30 = 5 weeks.\n"
+     "The answer is \\boxed{5}"),
+    ("A school orders 3 boxes of 48 pencils and shares them equally among 8 classes. "
+     "Each class gives 5 pencils to its teacher. How many pencils does each class keep?",
+     "Step 1: The boxes hold 3 * 48 = 144 pencils.\n"
+     "Step 2: Each class gets 144 / 8 = 18 pencils.\n"
+     "Step 3: After giving 5 to the teacher, each class keeps 18 - 5 = 13 pencils.\n"
+     "The answer is \\boxed{13}"),
+)
+
+MATH_STEP_DEMONSTRATIONS: tuple[tuple[str, str], ...] = (
+    ("Solve for $x$: $3x - 7 = 2x + 5$.",
+     "Step 1: Subtract $2x$ from both sides: $x - 7 = 5$.\n"
+     "Step 2: Add $7$ to both sides: $x = 12$.\n"
+     "The answer is \\boxed{12}"),
+    ("What is the sum of the roots of $x^2 - 5x + 6 = 0$?",
+     "Step 1: The quadratic factors as $(x - 2)(x - 3) = 0$.\n"
+     "Step 2: Its roots are $2$ and $3$.\n"
+     "Step 3: Their sum is $2 + 3 = 5$.\n"
+     "The answer is \\boxed{5}"),
+    ("Simplify $\\frac{2}{3} + \\frac{1}{6}$.",
+     "Step 1: Write both fractions over $6$: $\\frac{2}{3} = \\frac{4}{6}$.\n"
+     "Step 2: Add the numerators: $\\frac{4}{6} + \\frac{1}{6} = \\frac{5}{6}$.\n"
+     "The answer is \\boxed{\\frac{5}{6}}"),
+    ("How many positive divisors does $36$ have?",
+     "Step 1: Factor $36 = 2^2 \\cdot 3^2$.\n"
+     "Step 2: A divisor is $2^a 3^b$ with $a$ and $b$ each in $\\{0, 1, 2\\}$.\n"
+     "Step 3: That gives $(2 + 1)(2 + 1) = 9$ divisors.\n"
+     "The answer is \\boxed{9}"),
+)
+
+STEP_DEMONSTRATIONS = {"gsm8k": GSM8K_STEP_DEMONSTRATIONS, "math": MATH_STEP_DEMONSTRATIONS}
+
+
+def step_by_step(question: str, task: str, shots: int = 4) -> str:
+    """The few-shot step-by-step prompt: ``shots`` of the task's demonstrations, then the
+    zero-shot prompt (``shots=0`` gives the zero-shot prompt alone)."""
+    demonstrations = STEP_DEMONSTRATIONS.get(task)
+    if demonstrations is None:
+        raise ValueError(f"task: no step-by-step demonstrations for {task!r}, expected one of {', '.join(STEP_DEMONSTRATIONS)}")
+    if not 0 <= shots <= len(demonstrations):
+        raise ValueError(f"shots: must be between 0 and {len(demonstrations)}, got {shots}")
+    return few_shot(question, demonstrations[:shots])
