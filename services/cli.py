@@ -306,6 +306,8 @@ def render_report(report: dict[str, Any]) -> Table:
         table.add_row("pool questions", str(report["pool"]))
         table.add_row("answered (weak / strong)", f"{report['weak_answered']} / {report['strong_answered']}")
         table.add_row("kept by the vote", f"{report['kept']} ({pct(report['kept_share'])})")
+        if report.get("dropped_by_step_score"):
+            table.add_row("dropped by step score", str(report["dropped_by_step_score"]))
         if report.get("has_gold"):
             table.add_row("weak accuracy, all pool", pct(report.get("weak_accuracy")))
             table.add_row("strong accuracy, all pool", pct(report.get("strong_accuracy")))
@@ -540,6 +542,11 @@ def demo(workdir: Path, scale: str, seed: int) -> None:
 
     run_demo(workdir, scale=scale, seed=seed, console=console)
 
+
+from services.cli_eval import eval_group, solve_command  # noqa: E402  (LECO: solve, eval run/compare)
+
+cli.add_command(solve_command)
+cli.add_command(eval_group)
 
 if __name__ == "__main__":
     main()
