@@ -163,6 +163,23 @@ def _vote(answers: Sequence[str], task: str) -> tuple[list[int], list[tuple[list
     return winner, weighted
 
 
+def majority_index(answers: Sequence[str], task: str) -> int:
+    """Self-consistency: the first answer of the largest group of equivalent non-empty answers
+    (ties: the group seen first); 0 when no answer is non-empty."""
+    if not answers:
+        raise ValueError("answers: need at least one answer to vote on")
+    groups: list[list[int]] = []
+    for i, answer in enumerate(answers):
+        if not answer.strip():
+            continue
+        group = next((g for g in groups if answers_match(answers[g[0]], answer, task)), None)
+        if group is None:
+            groups.append([i])
+        else:
+            group.append(i)
+    return max(groups, key=len)[0] if groups else 0  # max keeps the first of equals
+
+
 def final_vote(answers: Sequence[str], task: str) -> str:
     """The weighted vote over [original, rethink 1, ...]: the original weighs 1.5, a rethink 1.0."""
     winner, _ = _vote(answers, task)

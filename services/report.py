@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Generation, Job, PreferencePair, Question, Round, TrainingExample
 from models.answers import answers_match, extract_answer
-from services.selection import Vote, accuracy, stage1_vote
+from services.selection import Vote, accuracy, dropped_by_step_score, min_step_score, stage1_vote
 
 STEP_ORDER = ("generate:weak", "generate:strong", "generate:student", "vote", "pairs", "train", "evaluate", "promote")
 
@@ -51,20 +51,24 @@ def _vote_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
     question_ids = round_.resolved["question_ids"]
     gold = dict(session.execute(select(Question.id, Question.gold_answer).where(Question.id.in_(question_ids))).all())
     answers: dict[str, dict[int, str]] = {"weak": {}, "strong": {}}
-    for voter, qid, answer in session.execute(
-        select(Generation.voter, Generation.question_id, Generation.answer)
+    lowest: dict[str, dict[int, float | None]] = {"weak": {}, "strong": {}}
+    for voter, qid, answer, step_scores in session.execute(
+        select(Generation.voter, Generation.question_id, Generation.answer, Generation.step_scores)
         .where(Generation.round_id == round_.id, Generation.sample_index == 0)
     ):
         answers[voter][qid] = answer
-    votes = [Vote(q, answers["weak"][q], answers["strong"][q]) for q in question_ids
-             if q in answers["weak"] and q in answers["strong"]]
-    kept = stage1_vote(votes, task)
+        lowest[voter][qid] = min_step_score(step_scores)
+    votes = [Vote(q, answers["weak"][q], answers["strong"][q], lowest["weak"][q], lowest["strong"][q])
+             for q in question_ids if q in answers["weak"] and q in answers["strong"]]
+    threshold = (round_.config.get("vote") or {}).get("min_step_score")
+    kept = stage1_vote(votes, task, threshold)
     kept_weak = {q: answers["weak"][q] for q in kept}
     figures = {
         "pool": len(question_ids),
         "weak_answered": sum(1 for a in answers["weak"].values() if a),
         "strong_answered": sum(1 for a in answers["strong"].values() if a),
         "kept": len(kept),
+        "dropped_by_step_score": len(dropped_by_step_score(votes, task, threshold)),
         "kept_share": len(kept) / len(question_ids) if question_ids else 0.0,
         "has_gold": any(gold.values()),
     }

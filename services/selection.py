@@ -21,6 +21,9 @@ class Vote:
     question_id: int
     first_answer: str  # the weak voter (zero-shot)
     second_answer: str  # the strong voter (in-context), or the second fine-tuned student
+    # Each answer's lowest LECO step score (None: not scored, e.g. an empty response).
+    first_min_step: float | None = None
+    second_min_step: float | None = None
 
 
 def agreed(vote: Vote, task: str) -> bool:
@@ -34,9 +37,28 @@ def agreed(vote: Vote, task: str) -> bool:
     )
 
 
-def stage1_vote(votes: list[Vote], task: str) -> list[int]:
-    """Question ids kept by the stage I vote, in the order given."""
-    return [vote.question_id for vote in votes if agreed(vote, task)]
+def low_step_score(vote: Vote, min_step_score: float | None) -> bool:
+    """Either answer has a step scored below the threshold (never, when the threshold is None)."""
+    if min_step_score is None:
+        return False
+    return any(score is not None and score < min_step_score for score in (vote.first_min_step, vote.second_min_step))
+
+
+def stage1_vote(votes: list[Vote], task: str, min_step_score: float | None = None) -> list[int]:
+    """Question ids kept by the stage I vote, in the order given: agreed, and (with a threshold)
+    no step of either answer scored below ``min_step_score``."""
+    return [vote.question_id for vote in votes if agreed(vote, task) and not low_step_score(vote, min_step_score)]
+
+
+def dropped_by_step_score(votes: list[Vote], task: str, min_step_score: float | None) -> list[int]:
+    """Question ids the voters agreed on that the step-score threshold dropped."""
+    return [vote.question_id for vote in votes if agreed(vote, task) and low_step_score(vote, min_step_score)]
+
+
+def min_step_score(step_scores: list | None) -> float | None:
+    """The lowest step score of a stored generation (``Generation.step_scores``), None if unscored."""
+    scores = [step["score"] for step in step_scores or [] if isinstance(step, dict) and "score" in step]
+    return min(scores) if scores else None
 
 
 def variant_sources(variant: str) -> tuple[str, ...]:

@@ -1,0 +1,186 @@
+"""`w2sctl solve`, `w2sctl eval run`, `w2sctl eval compare`: answer with a strategy, evaluate, compare.
+
+Thin: parse, validate, call ``services.evaluation``, print. Both run the model in this process
+(on this machine's device), like a worker would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from services.cli import App, Group, console, pass_app
+from services.config import STRATEGIES, StrategyConfig
+from services.errors import InputError
+
+
+def _strategy(strategy: str, samples: int, temperature: float, token_prob: str, max_rethinks: int, rethink: str,
+              no_cache: bool) -> StrategyConfig:
+    return StrategyConfig(strategy=strategy, samples=samples, temperature=temperature, token_prob=token_prob,
+                          max_rethinks=max_rethinks, rethink=rethink, reuse_cache=not no_cache)
+
+
+def strategy_options(f):
+    """The options every strategy command takes."""
+    options = [
+        click.option("--strategy", type=click.Choice(STRATEGIES), default="leco", show_default=True,
+                     help="cot: greedy; sc: self-consistency over --samples; leco: greedy + rethinks."),
+        click.option("--samples", type=click.IntRange(min=1, max=256), default=10, show_default=True,
+                     help="sc: answers sampled per question."),
+        click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True, max=10.0), default=0.7,
+                     show_default=True, help="sc: sampling temperature."),
+        click.option("--token-prob", type=click.Choice(["top5", "full"]), default="top5", show_default=True,
+                     help="Step scores read the chosen token's probability over the top-5 logits (ref) or all."),
+        click.option("--max-rethinks", type=click.IntRange(min=0, max=16), default=3, show_default=True,
+                     help="leco: rethinks after the original answer."),
+        click.option("--rethink", type=click.Choice(["divert", "greedy"]), default="divert", show_default=True,
+                     help="leco: turn a rethink away from the dropped step at its least confident token, or plain greedy."),
+        click.option("--no-cache", is_flag=True, help="leco: re-encode prompt and kept steps instead of reusing the KV cache."),
+        click.option("--shots", type=click.IntRange(min=0, max=4), default=4, show_default=True,
+                     help="Step-by-step demonstrations in the prompt (0: zero-shot)."),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+                     help="ref: 512 for GSM8K, 1024 for MATH."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _load(app: App, model: str):
+    """A registered model by name, or a checkpoint directory."""
+    from models.loading import default_cache
+    from services.errors import NotFound
+    from services.registry import get_checkpoint
+
+    with app.session() as session:
+        try:
+            checkpoint = get_checkpoint(session, model)
+            path = checkpoint.path
+        except NotFound:
+            if not Path(model).is_dir():
+                raise
+            path = model
+    return default_cache().get(path)
+
+
+# --- solve ---------------------------------------------------------------------------------------
+
+
+@click.command("solve", cls=click.Command)
+@click.argument("question")
+@click.option("--model", required=True, help="A registered model name, or a checkpoint directory.")
+@click.option("--task", type=click.Choice(["gsm8k", "math"]), default="gsm8k", show_default=True)
+@strategy_options
+@pass_app
+def solve_command(app: App, question: str, model: str, task: str, shots: int, max_new_tokens: int, batch_size: int,
+                  **options: Any) -> None:
+    """Answer one question and show the steps, their scores, each rethink and the vote."""
+    from models.prompts import step_by_step
+    from services.evaluation import solve
+
+    if not question.strip():
+        raise click.ClickException("question: empty")
+    strategy = _strategy(**options)
+    loaded = _load(app, model)
+    (solution,) = solve(loaded, [step_by_step(question, task, shots)], task, strategy,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if solution.leco is not None:
+        _print_leco(solution.leco)
+    else:
+        for index, sample in enumerate(solution.samples):
+            title = "answer" if strategy.strategy == "cot" else f"sample {index + 1}" + (" (majority)" if index == 0 else "")
+            console.print(_steps_table(title, sample.steps, None, 0))
+            console.print(f"  answer: {sample.answer or '(none)'}")
+    console.print(f"[bold]final answer: {solution.answer or '(none)'}[/bold]   "
+                  f"input tokens {solution.input_tokens}, output tokens {solution.output_tokens}")
+
+
+def _steps_table(title: str, steps: list[dict[str, Any]], suspect: int | None, kept: int) -> Table:
+    table = Table("#", "step", "avg", "trans", "diver", "score", "", title=title, title_justify="left")
+    for i, step in enumerate(steps):
+        mark = "<- suspected error" if i == suspect else "kept" if i < kept else ""
+        table.add_row(str(i + 1), step["text"].strip(), f"{step['avg']:.3f}", f"{step['trans']:.3f}",
+                      f"{step['diver']:.3f}", f"{step['score']:.3f}", mark)
+    return table
+
+
+def _print_leco(result) -> None:
+    from services.evaluation import step_dicts
+
+    for index, attempt in enumerate(result.attempts):
+        title = "original" if index == 0 else f"rethink {index} (continues {attempt.kept_steps} kept step(s))"
+        console.print(_steps_table(title, step_dicts(attempt.steps), attempt.suspect, attempt.kept_steps))
+        console.print(f"  answer: {attempt.answer or '(none)'}   input tokens {attempt.input_tokens}, "
+                      f"output tokens {attempt.output_tokens}")
+    console.print(f"stopped: {result.stop_reason}")
+    console.print("vote (original 1.5, each rethink 1.0): "
+                  + ", ".join(f"{answer or '(none)'}: {weight:g}" for answer, weight in result.votes))
+
+
+# --- eval ----------------------------------------------------------------------------------------
+
+
+@click.group("eval", cls=Group)
+def eval_group() -> None:
+    """Evaluate a checkpoint on a labelled dataset with CoT, self-consistency or LECO."""
+
+
+@eval_group.command("run")
+@click.option("--model", required=True, help="A registered model (base or trained checkpoint).")
+@click.option("--dataset", required=True, help="An imported labelled dataset.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="The first N questions only.")
+@click.option("--seed", type=int, default=0, show_default=True, help="sc: sampling seed.")
+@strategy_options
+@pass_app
+def eval_run(app: App, model: str, dataset: str, limit: int | None, seed: int, shots: int, max_new_tokens: int,
+             batch_size: int, **options: Any) -> None:
+    """Accuracy, tokens in/out and wall time of one strategy; stored as an evaluation."""
+    from models.loading import default_cache
+    from services.evaluation import eval_label, gold_questions, run_evaluation
+    from services.registry import get_checkpoint, get_dataset
+
+    strategy = _strategy(**options)
+    with app.session() as session:  # every check before the model loads
+        checkpoint, ds = get_checkpoint(session, model), get_dataset(session, dataset)
+        total = len(gold_questions(session, ds, limit))
+        if total == 0:
+            raise InputError(f"dataset {ds.name!r} has no questions")
+        path = checkpoint.path
+    loaded = default_cache().get(path)
+    with app.session() as session:
+        checkpoint, ds = get_checkpoint(session, model), get_dataset(session, dataset)
+        with console.status(f"{eval_label(strategy, shots)} on {total} questions") as status:
+            evaluation = run_evaluation(
+                session, loaded, checkpoint=checkpoint, dataset=ds, strategy=strategy, shots=shots, limit=limit,
+                max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                progress=lambda done: status.update(f"{eval_label(strategy, shots)}: {done}/{total} questions"))
+        console.print(_compare_table(model, dataset, [evaluation]))
+
+
+@eval_group.command("compare")
+@click.option("--model", required=True)
+@click.option("--dataset", required=True)
+@pass_app
+def eval_compare(app: App, model: str, dataset: str) -> None:
+    """Every stored evaluation of a model on a dataset, side by side."""
+    from services.evaluation import compare
+
+    with app.session() as session:
+        evaluations = compare(session, model, dataset)
+        if not evaluations:
+            raise InputError(f"no evaluations of {model!r} on {dataset!r}: run `w2sctl eval run` first")
+        console.print(_compare_table(model, dataset, evaluations))
+
+
+def _compare_table(model: str, dataset: str, evaluations) -> Table:
+    table = Table("strategy", "questions", "accuracy", "input tokens", "output tokens", "in/question",
+                  "out/question", "wall s", title=f"{model} on {dataset}", title_justify="left")
+    for e in evaluations:
+        table.add_row(e.strategy, str(e.n_questions), f"{e.accuracy:.1%} ({e.correct})", f"{e.input_tokens:,}",
+                      f"{e.output_tokens:,}", f"{e.input_tokens / e.n_questions:,.1f}",
+                      f"{e.output_tokens / e.n_questions:,.1f}", f"{e.wall_s:.1f}")
+    return table

@@ -1,0 +1,255 @@
+"""Answering with a strategy (CoT, self-consistency, LECO) and evaluating a checkpoint with it.
+
+``solve`` is the one place a strategy turns prompts into answers, for the round workers, for
+``w2sctl solve`` and for evaluations: every solution comes with its step scores and the tokens
+it cost. ``evaluate_questions`` grades solutions against gold; ``run_evaluation`` does that for
+a registered checkpoint on an imported labelled dataset and stores the result as an
+``Evaluation`` row (one per checkpoint, dataset, strategy label and question count: a new run
+replaces the old figures).
+
+Token accounting: ``input_tokens`` are the tokens the model actually encoded (self-consistency
+encodes the prompt once per sample: ``generate`` expands it to n rows; a LECO rethink encodes only
+what its cache does not hold), ``output_tokens`` the generated tokens kept in the text (eos, padding
+and stop strings not counted; see ``models.generation``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.schema import Checkpoint, Dataset, Evaluation, Question, utcnow
+from db.session import insert_ignore
+from models.answers import answers_match, extract_answer
+from models.generation import CachedStepGenerator, CallStats, generate
+from models.leco import LecoResult, Step, leco_solve, majority_index, score_steps
+from models.loading import LoadedModel
+from models.prompts import clean_response, step_by_step
+from services.config import StrategyConfig
+from services.errors import InputError
+from services.registry import get_checkpoint, get_dataset
+
+
+@dataclass
+class Sample:
+    """One generated answer: its cleaned text, extracted answer and step scores."""
+
+    text: str
+    answer: str
+    steps: list[dict[str, Any]]
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass
+class Solution:
+    """A strategy's answer to one question. ``samples[0]`` is the answer given (sc: a sample with
+    the majority answer; leco: the vote's winning solution); tokens are summed over every call."""
+
+    answer: str
+    samples: list[Sample]
+    input_tokens: int
+    output_tokens: int
+    leco: LecoResult | None = None  # the whole rethink trail, for ``w2sctl solve``
+
+    @property
+    def text(self) -> str:
+        return self.samples[0].text
+
+
+@dataclass
+class SolveStats:
+    """Per batched model call: what ``solve`` encoded and generated (LECO: also what re-encoding would)."""
+
+    calls: list[CallStats] = field(default_factory=list)
+
+
+def step_dicts(steps: Sequence[Step]) -> list[dict[str, Any]]:
+    """Step scores as stored on a generation (``Generation.step_scores``)."""
+    return [{"text": s.text, "avg": s.avg, "trans": s.trans, "diver": s.diver, "score": s.score, "tokens": s.n_tokens}
+            for s in steps]
+
+
+def solve(
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    task: str,
+    strategy: StrategyConfig,
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    seed: int = 0,
+    stats: SolveStats | None = None,
+) -> list[Solution]:
+    """One solution per prompt, in order."""
+    if not prompts:
+        return []
+    if strategy.strategy == "leco":
+        return _solve_leco(loaded, prompts, task, strategy, max_new_tokens, batch_size, stats)
+    sampling: dict[str, Any] = {}
+    if strategy.strategy == "sc":
+        sampling = {"do_sample": True, "num_samples": strategy.samples, "temperature": strategy.temperature,
+                    "top_p": strategy.top_p, "seed": seed}
+    completions = generate(loaded, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           return_token_probs=strategy.token_prob, **sampling)
+    solutions = []
+    for samples in completions:
+        scored = [_sample(c.text, c.token_texts or [], c.token_probs or [], task, c.input_tokens, c.output_tokens)
+                  for c in samples]
+        first = majority_index([s.answer for s in scored], task)
+        scored.insert(0, scored.pop(first))  # the answer given comes first
+        solutions.append(Solution(answer=scored[0].answer, samples=scored,
+                                  input_tokens=sum(s.input_tokens for s in scored),
+                                  output_tokens=sum(s.output_tokens for s in scored)))
+    if stats is not None:
+        stats.calls.append(CallStats(len(prompts), sum(s.input_tokens for s in solutions),
+                                     sum(s.input_tokens for s in solutions), sum(s.output_tokens for s in solutions)))
+    return solutions
+
+
+def _sample(text: str, pieces: list[str], probs: list[float], task: str, input_tokens: int, output_tokens: int) -> Sample:
+    cleaned = clean_response(text)
+    return Sample(cleaned, extract_answer(cleaned, task), step_dicts(score_steps(pieces, probs)),
+                  input_tokens, output_tokens)
+
+
+def _solve_leco(loaded, prompts, task, strategy, max_new_tokens, batch_size, stats) -> list[Solution]:
+    """One batch of questions at a time: their KV caches live only while their loop runs."""
+    solutions = []
+    for start in range(0, len(prompts), batch_size):
+        group = list(prompts[start : start + batch_size])
+        generator = CachedStepGenerator(loaded, group, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                        token_probs=strategy.token_prob, reuse_cache=strategy.reuse_cache,
+                                        divert=strategy.rethink == "divert")
+        for result in leco_solve(group, generator, task=task, max_rethinks=strategy.max_rethinks):
+            winner = next(a for a in reversed(result.attempts) if a.text == result.text)
+            cleaned = clean_response(result.text)
+            sample = Sample(cleaned, result.answer, step_dicts(winner.steps), result.input_tokens, result.output_tokens)
+            solutions.append(Solution(answer=result.answer, samples=[sample], input_tokens=result.input_tokens,
+                                      output_tokens=result.output_tokens, leco=result))
+        if stats is not None:
+            stats.calls.extend(generator.calls)
+    return solutions
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GoldQuestion:
+    id: int
+    text: str
+    gold: str
+
+
+@dataclass
+class EvalOutcome:
+    strategy: str  # the label: cot, sc@10, leco
+    n_questions: int
+    correct: int
+    input_tokens: int
+    output_tokens: int
+    wall_s: float
+    solutions: list[Solution]
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n_questions if self.n_questions else 0.0
+
+
+def evaluate_questions(
+    loaded: LoadedModel,
+    questions: Sequence[GoldQuestion],
+    task: str,
+    strategy: StrategyConfig,
+    *,
+    shots: int = 4,
+    max_new_tokens: int = 512,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+    stats: SolveStats | None = None,
+) -> EvalOutcome:
+    """Accuracy of one strategy on labelled questions (step-by-step prompts with ``shots``
+    demonstrations), with the tokens it took and its wall time."""
+    started = time.perf_counter()
+    solutions: list[Solution] = []
+    group_size = max(1, batch_size * 4 // (strategy.samples if strategy.strategy == "sc" else 1))
+    for start in range(0, len(questions), group_size):
+        group = questions[start : start + group_size]
+        prompts = [step_by_step(q.text, task, shots) for q in group]
+        solutions += solve(loaded, prompts, task, strategy, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           seed=seed + start, stats=stats)
+        if progress:
+            progress(len(solutions))
+    correct = sum(answers_match(s.answer, q.gold, task) for s, q in zip(solutions, questions))
+    return EvalOutcome(strategy.label(), len(questions), correct, sum(s.input_tokens for s in solutions),
+                       sum(s.output_tokens for s in solutions), time.perf_counter() - started, solutions)
+
+
+def eval_label(strategy: StrategyConfig, shots: int) -> str:
+    """The strategy name an evaluation is stored under: ``cot/4-shot``, ``sc@10/0-shot``."""
+    return f"{strategy.label()}/{shots}-shot"
+
+
+def gold_questions(session: Session, dataset: Dataset, limit: int | None = None) -> list[GoldQuestion]:
+    """The dataset's questions in file order; an unlabelled dataset (or a question without gold) is an error."""
+    if not dataset.labelled:
+        raise InputError(f"dataset {dataset.name!r} has no gold answers (it was imported with --unlabelled): "
+                         "evaluation needs a labelled dataset")
+    rows = session.execute(select(Question.id, Question.index, Question.text, Question.gold_answer)
+                           .where(Question.dataset_id == dataset.id).order_by(Question.index).limit(limit)).all()
+    missing = [row.index for row in rows if not row.gold_answer]
+    if missing:
+        raise InputError(f"dataset {dataset.name!r}: question(s) at line {', '.join(map(str, missing[:5]))} "
+                         "have no gold answer: evaluation needs one for every question")
+    return [GoldQuestion(row.id, row.text, row.gold_answer) for row in rows]
+
+
+def run_evaluation(
+    session: Session,
+    loaded: LoadedModel,
+    *,
+    checkpoint: Checkpoint,
+    dataset: Dataset,
+    strategy: StrategyConfig,
+    shots: int,
+    limit: int | None = None,
+    max_new_tokens: int = 512,
+    batch_size: int = 16,
+    seed: int = 0,
+    round_id: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    stats: SolveStats | None = None,
+) -> Evaluation:
+    """Evaluate and store (replacing an earlier evaluation under the same key). The caller commits."""
+    questions = gold_questions(session, dataset, limit)
+    if not questions:
+        raise InputError(f"dataset {dataset.name!r} has no questions")
+    outcome = evaluate_questions(loaded, questions, dataset.task, strategy, shots=shots, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, seed=seed, progress=progress, stats=stats)
+    key = dict(checkpoint_id=checkpoint.id, dataset_id=dataset.id, strategy=eval_label(strategy, shots),
+               n_questions=outcome.n_questions)
+    figures = dict(correct=outcome.correct, accuracy=outcome.accuracy, input_tokens=outcome.input_tokens,
+                   output_tokens=outcome.output_tokens, wall_s=outcome.wall_s, round_id=round_id, created_at=utcnow())
+    existing = session.scalar(select(Evaluation).filter_by(**key))
+    if existing is not None:
+        for name, value in figures.items():
+            setattr(existing, name, value)
+    else:
+        insert_ignore(session, Evaluation, [{**key, **figures}])
+    session.flush()
+    return session.scalar(select(Evaluation).filter_by(**key))
+
+
+def compare(session: Session, model: str, dataset: str) -> list[Evaluation]:
+    """Every stored evaluation of the model on the dataset, newest first per strategy."""
+    checkpoint, ds = get_checkpoint(session, model), get_dataset(session, dataset)
+    return list(session.scalars(select(Evaluation).where(Evaluation.checkpoint_id == checkpoint.id,
+                                                         Evaluation.dataset_id == ds.id)
+                                .order_by(Evaluation.strategy, Evaluation.n_questions.desc())))
