@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m services.cli`: run the importable module, where every command module
+    from services.cli import main as _main  # registered at the end has been added (no second, partial copy)
+
+    _main()
+    raise SystemExit(0)
+
 import json
 import time
 from collections.abc import Iterator
@@ -265,10 +271,19 @@ def _brief(result: dict[str, Any] | None) -> str:
 
 @round_.command("status")
 @click.argument("round_id", type=int)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (with --watch: one JSON line per refresh).")
+@click.option("--watch", is_flag=True, help="Live view, one progress bar per step, until the round ends.")
+@click.option("--interval", type=click.FloatRange(0.2, 3600), default=2.0, show_default=True,
+              help="Seconds between refreshes of --watch.")
 @pass_app
-def round_status(app: App, round_id: int, as_json: bool) -> None:
-    """Per-step job counts and, when the round is done, its report."""
+def round_status(app: App, round_id: int, as_json: bool, watch: bool, interval: float) -> None:
+    """Per-step job counts and progress and, when the round is done, its report."""
+    if watch:
+        from services.cli_ops import watch_round
+
+        watch_round(app, round_id, as_json, interval)
+        if as_json:
+            return
     _print_status(app, round_id, as_json)
 
 
@@ -283,6 +298,10 @@ def _print_status(app: App, round_id: int, as_json: bool = False) -> None:
         status = {"round": round_id, "stage": round_obj.stage, "iteration": round_obj.iteration,
                   "state": round_obj.state, "outcome": round_obj.outcome, "error": round_obj.error,
                   "jobs": counts, "report": report}
+        from services.monitor import overall_progress, round_progress
+
+        steps = round_progress(session, round_obj)
+        status.update(progress=overall_progress(round_obj.state, steps), steps=[s.as_dict() for s in steps])
     if as_json:
         click.echo(json.dumps(status, indent=2, default=str))
         return
@@ -294,6 +313,10 @@ def _print_status(app: App, round_id: int, as_json: bool = False) -> None:
     for step, by_state in counts.items():
         table.add_row(step, *(str(by_state.get(s, 0)) for s in ("queued", "running", "done", "failed", "cancelled")))
     console.print(table)
+    if status["state"] == "running":
+        from services.cli_ops import progress_table
+
+        console.print(progress_table(status["steps"]))
     console.print(render_report(report))
 
 
@@ -453,13 +476,30 @@ def _print_pipeline(app: App, pipeline_id: int, as_json: bool = False) -> None:
 # --- jobs ----------------------------------------------------------------------------------------
 
 
-@cli.command("jobs")
+@cli.group("jobs", cls=Group, invoke_without_command=True)
 @click.option("--round", "round_id", type=int, help="Only this round's jobs.")
 @click.option("--state", type=click.Choice(["queued", "running", "done", "failed", "cancelled"]))
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--watch", is_flag=True, help="Refresh the table until none of the listed jobs is queued or running.")
+@click.option("--interval", type=click.FloatRange(0.2, 3600), default=2.0, show_default=True)
 @pass_app
-def jobs(app: App, round_id: int | None, state: str | None, as_json: bool) -> None:
-    """The job table."""
+def jobs(app: App, round_id: int | None, state: str | None, as_json: bool, watch: bool, interval: float) -> None:
+    """The job table; `jobs show ID` and `jobs retry ID` for one job."""
+    if click.get_current_context().invoked_subcommand:
+        return
+    if watch and not as_json:
+        from services.cli_ops import watch_jobs
+
+        watch_jobs(lambda: _job_rows(app, round_id, state), _jobs_table, interval)
+        return
+    rows = _job_rows(app, round_id, state)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    console.print(_jobs_table(rows))
+
+
+def _job_rows(app: App, round_id: int | None, state: str | None) -> list[dict[str, Any]]:
     from services.rounds import get_round
 
     with app.session() as session:
@@ -469,17 +509,17 @@ def jobs(app: App, round_id: int | None, state: str | None, as_json: bool) -> No
             query = query.where(Job.round_id == round_id)
         if state:
             query = query.where(Job.state == state)
-        rows = [{"id": j.id, "round": j.round_id, "key": j.key, "queue": j.queue, "state": j.state,
+        return [{"id": j.id, "round": j.round_id, "key": j.key, "queue": j.queue, "state": j.state,
                  "attempts": j.attempts, "progress": j.progress, "owner": j.owner, "error": j.error}
                 for j in session.scalars(query)]
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
+
+
+def _jobs_table(rows: list[dict[str, Any]]) -> Table:
     table = Table("id", "round", "key", "queue", "state", "attempts", "progress", "owner", "error")
     for r in rows:
         table.add_row(str(r["id"]), str(r["round"]), r["key"], r["queue"], r["state"], str(r["attempts"]),
                       f"{r['progress']:.0%}", r["owner"] or "", (r["error"] or "")[:80])
-    console.print(table)
+    return table
 
 
 # --- export --------------------------------------------------------------------------------------
@@ -547,6 +587,7 @@ from services.cli_eval import eval_group, solve_command  # noqa: E402  (LECO: so
 
 cli.add_command(solve_command)
 cli.add_command(eval_group)
+import services.cli_ops  # noqa: E402,F401  (monitoring: queues, jobs show/retry, round report, metrics)
 
 if __name__ == "__main__":
     main()

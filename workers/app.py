@@ -6,6 +6,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 from kombu import Queue
 
+import workers.telemetry  # noqa: F401  (logs with job ids, Prometheus metrics, worker info: Celery signals)
 from services.config import QUEUES, load_settings
 
 # Longer than the longest job a message can stand for, so Redis does not redeliver a job that is

@@ -114,6 +114,9 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, enqueue: Call
         ctx = JobContext(settings, job.id, job.round_id, job.attempts, dict(job.payload or {}))
         retry_left = job.attempts < job.max_attempts
 
+    from services.logs import bind_job  # every log line of this job carries its ids
+
+    bind_job(round_id=ctx.round_id, job_id=job_id, attempt=ctx.attempt)
     log.info("job %s attempt %s started", job_id, ctx.attempt, extra={"round_id": ctx.round_id, "job_id": job_id})
     try:
         handler(ctx)

@@ -1,0 +1,540 @@
+"""What an operator looks at, read from the database and the broker; nothing here writes.
+
+- `queue_status`: per queue the depth in the broker, the workers consuming it (Celery's inspect
+  API) and the age of the oldest waiting job (the database's queued jobs);
+- `round_progress`: one entry per step of a round (questions generated, samples, training steps,
+  questions evaluated) with throughput and an ETA;
+- `job_detail`, `job_throughput`: one job, for `jobs show` and the worker metrics;
+- `full_report`, `report_figure`: a round's report with the lineage of checkpoints it belongs to,
+  and the matplotlib figure `round report --plot` saves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.schema import Checkpoint, Evaluation, Generation, Job, Question, Round, utcnow
+from services.config import QUEUES
+from services.errors import InputError, NotFound
+
+LOG_TAIL_BYTES = 64 * 1024
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return max(0.0, (_aware(end) - _aware(start)).total_seconds())
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    from datetime import timezone
+
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+# --- queues --------------------------------------------------------------------------------------
+
+
+def waiting_since(job: Job) -> datetime:
+    """When a queued job started waiting: its creation, or the end of its last failed attempt."""
+    return max(_aware(t) for t in (job.created_at, job.finished_at) if t is not None)
+
+
+def oldest_waiting(session: Session, now: datetime | None = None) -> dict[str, dict[str, Any]]:
+    """queue → queued jobs in the database and the age in seconds of the one waiting longest."""
+    now = now or utcnow()
+    out: dict[str, dict[str, Any]] = {q: {"queued_jobs": 0, "oldest_waiting_s": None, "oldest_job": None} for q in QUEUES}
+    for job in session.scalars(select(Job).where(Job.state == "queued")):
+        entry = out.setdefault(job.queue, {"queued_jobs": 0, "oldest_waiting_s": None, "oldest_job": None})
+        entry["queued_jobs"] += 1
+        age = _seconds(waiting_since(job), now)
+        if entry["oldest_waiting_s"] is None or age > entry["oldest_waiting_s"]:
+            entry["oldest_waiting_s"], entry["oldest_job"] = age, job.id
+    return out
+
+
+def broker_depths(broker_url: str, queues: tuple[str, ...] = QUEUES) -> dict[str, int]:
+    """Messages waiting in each queue, as the broker counts them (Redis: the list lengths, every
+    priority level included). A queue Redis has never seen, or emptied, holds 0."""
+    from kombu import Connection
+    from kombu.exceptions import ChannelError
+
+    depths = {}
+    with Connection(broker_url, connect_timeout=5) as connection:
+        channel = connection.default_channel
+        for name in queues:
+            try:
+                depths[name] = channel.queue_declare(queue=name, passive=True).message_count
+            except ChannelError:  # an empty Redis list does not exist
+                depths[name] = 0
+    return depths
+
+
+def _job_ids(tasks: list[dict[str, Any]]) -> list[tuple[int, str | None, float | None]]:
+    """(job id, queue, start time) of the w2s tasks in an inspect reply."""
+    out = []
+    for task in tasks:
+        task = task.get("request", task)  # `scheduled` wraps the request
+        if not str(task.get("name", "")).startswith("w2s."):
+            continue
+        args = task.get("args") or []
+        if isinstance(args, (list, tuple)) and args and isinstance(args[0], int):
+            out.append((args[0], (task.get("delivery_info") or {}).get("routing_key"), task.get("time_start")))
+    return out
+
+
+def inspect_workers(app: Any, timeout: float = 1.0) -> list[dict[str, Any]]:
+    """Every worker answering on the broker: its queues, GPUs, active, reserved and scheduled jobs."""
+    queues_by_worker = app.control.inspect(timeout=timeout).active_queues() or {}
+    if not queues_by_worker:
+        return []
+    # Now that the workers are known, each question returns as soon as all of them answered.
+    inspect = app.control.inspect(timeout=timeout, limit=len(queues_by_worker))
+    active, reserved, scheduled = inspect.active() or {}, inspect.reserved() or {}, inspect.scheduled() or {}
+    info: dict[str, Any] = {}
+    for reply in app.control.broadcast("w2s_info", reply=True, timeout=timeout, limit=len(queues_by_worker)) or []:
+        info.update(reply)
+    workers = []
+    for name in sorted(queues_by_worker):
+        extra = info.get(name) if isinstance(info.get(name), dict) and "error" not in info.get(name, {}) else {}
+        workers.append({
+            "worker": name,
+            "host": name.split("@", 1)[-1],
+            "queues": sorted(q["name"] for q in queues_by_worker[name]),
+            "gpus": extra.get("gpus"),
+            "metrics_port": extra.get("metrics_port"),
+            "active": [{"job": j, "queue": q, "time_start": t} for j, q, t in _job_ids(active.get(name) or [])],
+            "reserved": [{"job": j, "queue": q} for j, q, _ in _job_ids(reserved.get(name) or [])],
+            "scheduled": [{"job": j, "queue": q} for j, q, _ in _job_ids(scheduled.get(name) or [])],
+        })
+    return workers
+
+
+def queue_status(session: Session, broker_url: str | None, *, timeout: float = 1.0) -> dict[str, Any]:
+    """The view `w2sctl queues` prints. Without a broker (embedded mode) only the database part."""
+    from services.config import _redact
+
+    waiting = oldest_waiting(session)
+    status: dict[str, Any] = {"broker": _redact(broker_url) if broker_url else None, "queues": [], "workers": []}
+    depths: dict[str, int] = {}
+    if broker_url:
+        from workers.app import make_app
+
+        depths = broker_depths(broker_url)
+        app = make_app()
+        try:
+            status["workers"] = inspect_workers(app, timeout)
+        finally:
+            app.close()
+        keys = dict(session.execute(select(Job.id, Job.key).where(
+            Job.id.in_({a["job"] for w in status["workers"] for kind in ("active", "reserved", "scheduled")
+                        for a in w[kind]}))).all())
+        for worker in status["workers"]:
+            for kind in ("active", "reserved", "scheduled"):
+                for entry in worker[kind]:
+                    entry["key"] = keys.get(entry["job"])
+    for name in QUEUES:
+        status["queues"].append({
+            "queue": name,
+            "depth": depths.get(name) if broker_url else None,
+            **waiting[name],
+            "consumers": [w["worker"] for w in status["workers"] if name in w["queues"]],
+        })
+    return status
+
+
+# --- jobs ----------------------------------------------------------------------------------------
+
+
+def get_job(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} does not exist")
+    return job
+
+
+def log_tail(path: str | None, lines: int = 40) -> list[str] | None:
+    """The last lines of a job's log file; None if it has none or the file is not on this machine."""
+    if not path or not Path(path).is_file():
+        return None
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
+        text = f.read().decode("utf-8", errors="replace")
+    return text.splitlines()[-lines:]
+
+
+def job_detail(session: Session, job_id: int, tail_lines: int = 40) -> dict[str, Any]:
+    job = get_job(session, job_id)
+    now = utcnow()
+    owner = job.owner or ""
+    return {
+        "id": job.id, "round": job.round_id, "key": job.key, "step": job.step, "kind": job.kind, "queue": job.queue,
+        "state": job.state, "attempts": job.attempts, "max_attempts": job.max_attempts, "progress": job.progress,
+        "owner": job.owner, "host": owner.rsplit(":", 1)[0] if owner else None,
+        "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
+        "heartbeat_at": job.heartbeat_at,
+        "waited_s": _seconds(job.created_at, job.started_at),
+        "ran_s": _seconds(job.started_at, job.finished_at or (now if job.state == "running" else None)),
+        "heartbeat_age_s": _seconds(job.heartbeat_at, now) if job.state == "running" else None,
+        "error": job.error, "payload": _brief_payload(job.payload or {}), "result": job.result,
+        "log_path": job.log_path, "log_tail": log_tail(job.log_path, tail_lines),
+    }
+
+
+def _brief_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """Question id lists can hold thousands of ids: show how many."""
+    return {k: (f"{len(v)} ids" if isinstance(v, list) and len(v) > 8 else v) for k, v in payload.items()}
+
+
+def job_throughput(session: Session, job_id: int) -> dict[str, Any]:
+    """Tokens a finished job's last attempt generated, and its tokens/s (generation or training)."""
+    job = get_job(session, job_id)
+    out: dict[str, Any] = {"queue": job.queue, "kind": job.kind}
+    seconds = _seconds(job.started_at, job.finished_at)
+    result = job.result or {}
+    if job.kind == "generate" and job.state == "done":
+        tokens = session.scalar(select(func.coalesce(func.sum(Generation.output_tokens), 0)).where(
+            Generation.job_id == job.id, Generation.created_at >= job.started_at)) or 0
+        out["generated_tokens"] = int(tokens)
+        out["generation_tokens_per_s"] = tokens / seconds if seconds else None
+    elif job.kind == "evaluate" and job.state == "done" and result.get("evaluation_id") and not result.get("reused"):
+        evaluation = session.get(Evaluation, result["evaluation_id"])
+        out["generated_tokens"] = evaluation.output_tokens
+        out["generation_tokens_per_s"] = evaluation.output_tokens / evaluation.wall_s if evaluation.wall_s else None
+    elif job.kind == "train" and job.state == "done":
+        out["training_tokens_per_s"] = (result.get("train") or {}).get("tokens_per_s")
+    return out
+
+
+# --- round progress ------------------------------------------------------------------------------
+
+
+@dataclass
+class StepProgress:
+    step: str
+    unit: str  # questions | samples | steps | jobs
+    completed: float
+    total: float | None  # None: not known yet (training steps before the launch logged them)
+    state: str  # waiting (not planned yet) | queued | running | done | failed | cancelled | skipped
+    jobs: int = 0
+    elapsed_s: float | None = None
+    rate: float | None = None  # units per second since the step's first job started
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+
+    @property
+    def fraction(self) -> float:
+        if self.state in ("done", "skipped"):
+            return 1.0
+        if not self.total:
+            return 0.0
+        return max(0.0, min(1.0, self.completed / self.total))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "fraction": self.fraction}
+
+
+def expected_steps(stage: str, config: dict[str, Any]) -> list[str]:
+    """The steps a round of this stage goes through, in display order."""
+    if stage == "preference":
+        loss = config["training"]["loss"]
+        return ["evaluate:baseline", "evaluate:pass-at-k:student", "generate:student", "pairs", f"train:{loss}",
+                f"evaluate:{loss}", f"evaluate:pass-at-k:{loss}", "promote"]
+    if stage == "weak-sft":
+        return ["evaluate:baseline", "train:gold", "evaluate:gold", "promote"]
+    variants = config.get("variants") or []
+    return (["evaluate:baseline", "generate:weak", "generate:strong", "vote"] + [f"train:{v}" for v in variants]
+            + [f"evaluate:{v}" for v in variants] + ["promote"])
+
+
+def step_state(states: list[str]) -> str:
+    """One state for a step from its jobs' states: failed wins, then running, then queued."""
+    if not states:
+        return "waiting"
+    for state in ("failed", "running", "cancelled", "queued"):
+        if state in states:
+            return "running" if state == "queued" and "done" in states else state
+    return "done"
+
+
+def estimate(completed: float, total: float | None, elapsed_s: float | None) -> tuple[float | None, float | None]:
+    """(rate, ETA in seconds) from the work done in the time elapsed, assuming the pace holds."""
+    if not elapsed_s or completed <= 0:
+        return None, None
+    rate = completed / elapsed_s
+    eta = max(0.0, (total - completed) / rate) if total is not None else None
+    return rate, eta
+
+
+def _step_of(job: Job) -> str:
+    return job.step if job.kind == "generate" else job.key
+
+
+def last_training_step(log_path: str | None) -> dict[str, Any] | None:
+    """The newest `{"step", "loss", "total_steps", ...}` line the training ranks printed."""
+    from workers.launch import parse_progress
+
+    for line in reversed(log_tail(log_path, lines=400) or []):
+        record = parse_progress(line)
+        if record is not None:
+            return record
+    return None
+
+
+def round_progress(session: Session, round_: Round, now: datetime | None = None) -> list[StepProgress]:
+    now = now or utcnow()
+    jobs: dict[str, list[Job]] = defaultdict(list)
+    for job in session.scalars(select(Job).where(Job.round_id == round_.id).order_by(Job.id)):
+        jobs[_step_of(job)].append(job)
+    steps = expected_steps(round_.stage, round_.config)
+    steps += [s for s in jobs if s not in steps]
+    generated = {voter: (count, tokens) for voter, count, tokens in session.execute(
+        select(Generation.voter, func.count(), func.coalesce(func.sum(Generation.output_tokens), 0))
+        .where(Generation.round_id == round_.id).group_by(Generation.voter))}
+    skipped_variants = {job.key.split(":", 1)[1] for job in jobs_of(jobs, "train:")
+                        if job.state == "done" and (job.result or {}).get("skipped")}
+    out = []
+    for step in steps:
+        step_jobs = jobs.get(step, [])
+        states = [j.state for j in step_jobs]
+        state = step_state(states)
+        starts = [j.started_at for j in step_jobs if j.started_at]
+        ends = [j.finished_at for j in step_jobs if j.finished_at]
+        first = min(map(_aware, starts)) if starts else None
+        last = max(map(_aware, ends)) if ends and state == "done" else now
+        elapsed = _seconds(first, last)
+        progress = StepProgress(step, "jobs", sum(s == "done" for s in states), len(step_jobs) or None, state,
+                                len(step_jobs), elapsed)
+        kind, _, name = step.partition(":")
+        if kind == "generate":
+            samples = int(round_.config.get("sampling", {}).get("samples", 1)) if name == "student" else 1
+            count, tokens = generated.get(name, (0, 0))
+            progress.unit = "samples" if name == "student" else "questions"
+            progress.total = len(round_.resolved.get("question_ids", [])) * samples
+            progress.completed = count
+            progress.tokens_per_s = tokens / elapsed if elapsed and tokens else None
+        elif kind == "train" and step_jobs:
+            _train_progress(progress, step_jobs[-1], now)
+        elif kind == "train" and round_.state == "done":
+            progress.state = "skipped"  # planned for a variant the round never trained
+        elif kind == "evaluate":
+            if name in skipped_variants or (not step_jobs and round_.state == "done"):
+                progress.state = "skipped"  # no candidate to evaluate
+            elif step_jobs:
+                _evaluate_progress(session, progress, step_jobs[-1])
+        if progress.state == "running" and progress.rate is None:
+            progress.rate, progress.eta_s = estimate(progress.completed, progress.total, elapsed)
+        elif progress.state == "done" and elapsed:
+            progress.rate = progress.completed / elapsed if progress.completed else None
+        out.append(progress)
+    return out
+
+
+def jobs_of(jobs: dict[str, list[Job]], prefix: str) -> list[Job]:
+    return [job for step, group in jobs.items() if step.startswith(prefix) for job in group]
+
+
+def _train_progress(progress: StepProgress, job: Job, now: datetime) -> None:
+    progress.unit = "steps"
+    result = job.result or {}
+    if job.state == "done":
+        if result.get("skipped"):
+            progress.state, progress.completed, progress.total = "skipped", 0, 0
+            return
+        train = result.get("train") or {}
+        progress.completed = progress.total = train.get("steps") or 0
+        progress.tokens_per_s = train.get("tokens_per_s")
+        return
+    record = last_training_step(job.log_path) if job.state == "running" else None
+    progress.completed, progress.total = (record["step"], record.get("total_steps")) if record else (0, None)
+    if record and job.started_at:  # the pace since the launch (model loading included)
+        progress.rate, progress.eta_s = estimate(record["step"], record.get("total_steps"), _seconds(job.started_at, now))
+
+
+def _evaluate_progress(session: Session, progress: StepProgress, job: Job) -> None:
+    payload = job.payload or {}
+    size = session.scalar(select(func.count()).select_from(Question).where(Question.dataset_id == payload.get("dataset_id"))) or 0
+    total = min(size, payload["limit"]) if payload.get("limit") else size
+    progress.unit, progress.total = "questions", total
+    progress.completed = total if job.state == "done" else round(job.progress * total)
+    result = job.result or {}
+    if job.state == "done" and result.get("evaluation_id") and not result.get("reused"):
+        evaluation = session.get(Evaluation, result["evaluation_id"])
+        if evaluation is not None and evaluation.wall_s:
+            progress.tokens_per_s = evaluation.output_tokens / evaluation.wall_s
+
+
+def overall_progress(round_state: str, steps: list[StepProgress]) -> float:
+    """Mean over the round's steps of the share of each done; a round that ended is complete."""
+    if round_state == "done":
+        return 1.0
+    return sum(s.fraction for s in steps) / len(steps) if steps else 0.0
+
+
+def known_metrics(session: Session, round_: Round) -> dict[str, Any]:
+    """The report as far as it goes: the vote's figures once the vote ran, each accuracy once evaluated."""
+    from services.report import round_report
+
+    report = round_.report or round_report(session, round_)
+    evaluations = {job.key.split(":", 1)[1]: (job.result or {}).get("accuracy") for job in session.scalars(
+        select(Job).where(Job.round_id == round_.id, Job.kind == "evaluate", Job.state == "done"))}
+    return {"report": report, "eval_accuracy": evaluations}
+
+
+# --- reports, lineage, plot ----------------------------------------------------------------------
+
+
+def _eval_accuracy(session: Session, checkpoint_id: int, dataset_id: int | None,
+                   evaluation_ids: dict[int, int]) -> float | None:
+    """The round's own evaluation of a checkpoint; else its newest greedy one on the same dataset."""
+    if checkpoint_id in evaluation_ids:
+        evaluation = session.get(Evaluation, evaluation_ids[checkpoint_id])
+        if evaluation is not None:
+            return evaluation.accuracy
+    return session.scalar(select(Evaluation.accuracy).where(
+        Evaluation.checkpoint_id == checkpoint_id, Evaluation.dataset_id == dataset_id, Evaluation.strategy == "greedy")
+        .order_by(Evaluation.id.desc()).limit(1))
+
+
+def round_summary(session: Session, round_: Round) -> dict[str, Any]:
+    """One round's line of the pipeline table: its vote or pair figures, baseline and candidates."""
+    from services.report import round_report
+
+    report = round_.report or round_report(session, round_)
+    evaluation_ids = {}
+    for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == "evaluate", Job.state == "done")):
+        if not (job.payload or {}).get("pass_at") and (job.result or {}).get("evaluation_id"):
+            evaluation_ids[job.payload["checkpoint_id"]] = job.result["evaluation_id"]
+    eval_id = round_.resolved.get("eval_id")
+    baseline = session.get(Checkpoint, round_.resolved.get("baseline_id"))
+    candidates = [{"checkpoint": c.name, "variant": c.variant, "status": c.status,
+                   "accuracy": _eval_accuracy(session, c.id, eval_id, evaluation_ids)}
+                  for c in session.scalars(select(Checkpoint).where(Checkpoint.round_id == round_.id).order_by(Checkpoint.id))]
+    return {
+        "round": round_.id, "step": round_.pipeline_step, "stage": round_.stage, "iteration": round_.iteration,
+        "state": round_.state, "outcome": round_.outcome,
+        "kept_share": report.get("kept_share"), "kept_accuracy": report.get("kept_accuracy"),
+        "pairs": report.get("pairs"), "chosen_accuracy": report.get("chosen_accuracy"),
+        "baseline": None if baseline is None else {
+            "checkpoint": baseline.name, "status": baseline.status,
+            "accuracy": _eval_accuracy(session, baseline.id, eval_id, evaluation_ids)},
+        "candidates": candidates,
+        "report": report,
+    }
+
+
+def lineage(session: Session, summaries: list[dict[str, Any]], first_round: Round) -> list[dict[str, Any]]:
+    """The checkpoints along the rounds, in order: the first round's baseline with the registered
+    models it descends from, then each round's candidates, each with its eval accuracy."""
+    chain: list[dict[str, Any]] = []
+    baseline = session.get(Checkpoint, first_round.resolved.get("baseline_id"))
+    ancestors = []
+    seen = set()
+    parent = session.get(Checkpoint, baseline.parent_id) if baseline is not None and baseline.parent_id else None
+    while parent is not None and parent.id not in seen:  # a cycle cannot happen, but a bad row must not hang us
+        seen.add(parent.id)
+        ancestors.append(parent)
+        parent = session.get(Checkpoint, parent.parent_id) if parent.parent_id else None
+    eval_id = first_round.resolved.get("eval_id")
+    for ancestor in reversed(ancestors):
+        chain.append({"checkpoint": ancestor.name, "round": ancestor.round_id, "status": ancestor.status,
+                      "accuracy": _eval_accuracy(session, ancestor.id, eval_id, {})})
+    if summaries and summaries[0]["baseline"]:
+        chain.append({**summaries[0]["baseline"], "round": baseline.round_id})
+    for summary in summaries:
+        for candidate in summary["candidates"]:
+            chain.append({"checkpoint": candidate["checkpoint"], "round": summary["round"],
+                          "status": candidate["status"], "accuracy": candidate["accuracy"]})
+    return chain
+
+
+def full_report(session: Session, round_id: int) -> dict[str, Any]:
+    """`round report`: the round's report, and for a pipeline every round of it with the lineage."""
+    from services.rounds import get_round
+
+    round_ = get_round(session, round_id)
+    if round_.pipeline_id is not None:
+        rounds = list(session.scalars(select(Round).where(Round.pipeline_id == round_.pipeline_id).order_by(Round.id)))
+    else:
+        rounds = [round_]
+    summaries = [round_summary(session, r) for r in rounds]
+    this = next(s for s in summaries if s["round"] == round_id)
+    return {
+        "round": round_id, "stage": round_.stage, "iteration": round_.iteration, "state": round_.state,
+        "outcome": round_.outcome, "error": round_.error, "pipeline": round_.pipeline_id,
+        "report": this["report"],
+        "rounds": [{k: v for k, v in s.items() if k != "report"} for s in summaries],
+        "lineage": lineage(session, summaries, rounds[0]),
+    }
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def report_figure(report: dict[str, Any]):
+    """The figure `round report --plot` saves: eval accuracy of each checkpoint along the lineage
+    (top), kept share and pseudo-label accuracy of each stage I round (bottom). Built on a bare
+    Figure (Agg canvas): no pyplot, no display, safe in a server."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 7), layout="constrained")
+    top, bottom = figure.subplots(2, 1)
+    chain = report["lineage"]
+    xs = list(range(len(chain)))
+    top.plot(xs, [_nan(c["accuracy"]) for c in chain], marker="o", color="tab:blue", label="eval accuracy")
+    promoted = [i for i, c in enumerate(chain) if c["status"] == "promoted"]
+    rejected = [i for i, c in enumerate(chain) if c["status"] == "rejected"]
+    top.scatter(promoted, [_nan(chain[i]["accuracy"]) for i in promoted], s=120, facecolors="none",
+                edgecolors="tab:green", label="promoted", zorder=3)
+    top.scatter(rejected, [_nan(chain[i]["accuracy"]) for i in rejected], s=80, marker="x", color="tab:red",
+                label="rejected", zorder=3)
+    top.set_xticks(xs, [c["checkpoint"] for c in chain], rotation=20, ha="right", fontsize=8)
+    top.set_ylabel("eval accuracy")
+    top.set_title(f"round {report['round']}" + (f", pipeline {report['pipeline']}" if report.get("pipeline") else "")
+                  + ": checkpoints along the lineage")
+    top.legend(loc="best", fontsize=8)
+
+    voted = [r for r in report["rounds"] if r.get("kept_share") is not None]
+    labels = [f"round {r['round']}" + (f"\n{r['step']}" if r.get("step") else "") for r in voted]
+    rx = list(range(len(voted)))
+    bottom.plot(rx, [_nan(r["kept_share"]) for r in voted], marker="s", color="tab:orange", label="kept share")
+    bottom.plot(rx, [_nan(r["kept_accuracy"]) for r in voted], marker="o", color="tab:purple",
+                label="pseudo-label accuracy (kept set)")
+    bottom.set_xticks(rx, labels, fontsize=8)
+    bottom.set_ylim(0, 1.05)
+    bottom.set_ylabel("share")
+    bottom.set_title("stage I votes per round" if voted else "no stage I vote in these rounds")
+    bottom.legend(loc="best", fontsize=8)
+    return figure
+
+
+def save_report_plot(report: dict[str, Any], path: Path) -> Path:
+    """Write the figure as PNG; a partial file never takes the target's name."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise InputError(f"--plot {path}: the plot is written as PNG; give a file name ending in .png")
+    if not path.parent.is_dir():
+        raise InputError(f"--plot {path}: directory {path.parent} does not exist")
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        report_figure(report).savefig(temporary, format="png", dpi=100)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def jobs_by_state_and_queue(session: Session) -> Counter:
+    return Counter({(state, queue): n for state, queue, n in session.execute(
+        select(Job.state, Job.queue, func.count()).group_by(Job.state, Job.queue))})
