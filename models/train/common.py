@@ -15,16 +15,23 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.train.options import LoraOptions, Offload
 
 # Name of the file with w2s metadata (lineage, resolved config) inside every checkpoint directory.
 W2S_METADATA_FILE = "w2s.json"
+# The shipped ZeRO-2 and ZeRO-3 templates; "auto" values are filled from the job's config.
+DS_CONFIG_DIR = Path(__file__).with_name("ds_configs")
+# Where each rank writes its exit record (``rank<N>.json``) when the job names a status_dir.
+RANK_RECORD = "rank{rank}.json"
 
 
 class TrainJobConfig(BaseModel):
@@ -50,9 +57,30 @@ class TrainJobConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices (not norms)")
     seed: int = Field(0, description="model-independent PRNGs and the data order")
 
+    # -- model ---------------------------------------------------------------------------------
+    lora: LoraOptions | None = Field(None, description="train LoRA adapters only (PEFT); None: full")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
+
     # -- system --------------------------------------------------------------------------------
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage (2: shard optimiser)")
+    offload_optimizer: Offload = Field("none", description="ZeRO optimiser state on cpu (ZeRO-Offload)")
+    offload_params: Offload = Field("none", description="ZeRO-3 only: parameters on cpu")
     log_every: int = Field(10, ge=1, description="optimiser steps between JSON loss lines")
+
+    # -- resume and supervision ----------------------------------------------------------------
+    state_dir: Path | None = Field(
+        None, description="DeepSpeed state saved here every save_every_steps; resumed from if present"
+    )
+    save_every_steps: int = Field(0, ge=0, description="optimiser steps between saved states; 0: never")
+    status_dir: Path | None = Field(None, description="each rank writes rank<N>.json here as it exits")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise ValueError(f"offload_params: needs zero_stage 3, got zero_stage {self.zero_stage}")
+        if self.save_every_steps and self.state_dir is None:
+            raise ValueError("save_every_steps: set, but no state_dir to save the state in")
+        return self
 
     @classmethod
     def from_json_file(cls, path: str | Path):
@@ -92,6 +120,28 @@ def linear_warmup_decay(step: int, *, warmup_steps: int, total_steps: int) -> fl
     return max(0.0, remaining / span)
 
 
+def resume_batches(
+    loader: Any, set_epoch: Callable[[int], None], *, epochs: int, skip: int
+) -> Any:
+    """Yield ``(epoch, index, batch)`` from micro-batch number ``skip`` on (0: from the start).
+
+    ``skip`` counts micro-batches a saved state already trained (optimiser steps × accumulation
+    steps). The epoch is ``skip // len(loader)``, so a state saved exactly at the end of an epoch
+    resumes at the first batch of the next one, and the remaining epochs still train (a resume
+    must not exit 0 having trained nothing). ``set_epoch`` reshuffles as the first run did.
+    """
+    per_epoch = len(loader)
+    if per_epoch == 0:
+        return
+    first_epoch = skip // per_epoch
+    for epoch in range(first_epoch, epochs):
+        set_epoch(epoch)
+        first = skip - epoch * per_epoch if epoch == first_epoch else 0
+        for index, batch in enumerate(loader):
+            if index >= first:
+                yield epoch, index, batch
+
+
 def temporary_dir_for(out_dir: Path) -> Path:
     """Where a checkpoint is written before the rename that publishes it."""
     return out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
@@ -113,6 +163,8 @@ class DeepSpeedStrategy:
         gradient_accumulation_steps: int = 1,
         max_grad_norm: float = 1.0,  # clipping as in most SFT recipes (TRL, OpenRLHF)
         seed: int = 0,
+        offload_optimizer: str = "none",  # "cpu": ZeRO-Offload of the optimiser state
+        offload_params: str = "none",  # "cpu": ZeRO-3 parameter offload
     ) -> None:
         if zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage: must be 0, 1, 2 or 3, got {zero_stage}")
@@ -122,11 +174,19 @@ class DeepSpeedStrategy:
             raise ValueError(
                 f"gradient_accumulation_steps: must be >= 1, got {gradient_accumulation_steps}"
             )
+        for name, value in (("offload_optimizer", offload_optimizer), ("offload_params", offload_params)):
+            if value not in ("none", "cpu"):
+                raise ValueError(f"{name}: must be 'none' or 'cpu', got {value!r}")
+        if offload_params != "none" and zero_stage != 3:
+            raise ValueError(f"offload_params: needs zero_stage 3, got {zero_stage}")
         self.zero_stage = zero_stage
         self.micro_batch_size = micro_batch_size
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.seed = seed
+        self.offload_optimizer = offload_optimizer
+        self.offload_params = offload_params
+        self.lora = False  # set by prepare_model: the checkpoint is then an adapter
         self.engine: Any = None  # deepspeed.DeepSpeedEngine after setup()
 
     # -- process group -------------------------------------------------------------------------
@@ -202,22 +262,59 @@ class DeepSpeedStrategy:
     # -- engine --------------------------------------------------------------------------------
 
     def ds_config(self) -> dict[str, Any]:
-        """The DeepSpeed config, built from ours (no JSON file to keep in sync)."""
-        bf16 = self.use_cuda() and torch.cuda.is_bf16_supported()  # CPU: fp32 (gloo, no bf16 kernels)
-        zero: dict[str, Any] = {"stage": self.zero_stage}
-        if self.zero_stage == 3:
-            # save_hf needs the full weights on rank 0.
-            zero["stage3_gather_16bit_weights_on_model_save"] = True
-        return {
-            "train_micro_batch_size_per_gpu": self.micro_batch_size,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "gradient_clipping": self.max_grad_norm,
-            "zero_optimization": zero,
-            "bf16": {"enabled": bf16},
-            "fp16": {"enabled": False},
-            "steps_per_print": 10**9,  # we log ourselves, as JSON lines
-            "wall_clock_breakdown": False,
-        }
+        """The DeepSpeed config: the shipped template of this ZeRO stage, "auto" values filled."""
+        return render_ds_config(
+            self.zero_stage,
+            micro_batch_size=self.micro_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            max_grad_norm=self.max_grad_norm,
+            # bf16 on GPUs that have it; CPU: fp32 (gloo has no bf16 reductions worth using)
+            bf16=self.use_cuda() and torch.cuda.is_bf16_supported(),
+            offload_optimizer=self.offload_optimizer,
+            offload_params=self.offload_params,
+            pin_memory=self.use_cuda(),
+        )
+
+    @classmethod
+    def for_job(cls, cfg: TrainJobConfig) -> DeepSpeedStrategy:
+        return cls(
+            zero_stage=cfg.zero_stage,
+            micro_batch_size=cfg.micro_batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            seed=cfg.seed,
+            offload_optimizer=cfg.offload_optimizer,
+            offload_params=cfg.offload_params,
+        )
+
+    def prepare_model(
+        self, model: Any, *, lora: LoraOptions | None = None, gradient_checkpointing: bool = False
+    ) -> Any:
+        """Gradient checkpointing and LoRA adapters (PEFT), before the engine wraps the model."""
+        if gradient_checkpointing:
+            # non-reentrant: works with frozen inputs (LoRA) and with ZeRO-3's partitioned weights
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora is None:
+            return model
+        from peft import LoraConfig, get_peft_model
+
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as exc:  # e.g. no module matches target_modules
+            raise ValueError(f"lora.target_modules: {exc}") from None
+        self.lora = True
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        self.print0(f"lora: {trainable} of {total} parameters train (r {lora.r}, {lora.target_modules})")
+        return model
 
     def setup(
         self,
@@ -239,9 +336,10 @@ class DeepSpeedStrategy:
 
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+        groups = [  # empty groups left out: ZeRO drops them, and the schedule counts groups
+            group
+            for group in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if group["params"]
         ]
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas)
         scheduler = (
@@ -266,6 +364,35 @@ class DeepSpeedStrategy:
 
     def current_lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    # -- resumable state -----------------------------------------------------------------------
+
+    def save_state(self, state_dir: Path, step: int, client_state: Mapping[str, Any], keep: int = 2) -> None:
+        """Save the engine's full state (weights, optimiser, schedule) as ``step<N>``; collective.
+
+        DeepSpeed writes ``latest`` last, so a state is only ever resumed from once complete.
+        The oldest states beyond ``keep`` are removed by rank 0.
+        """
+        state_dir = Path(state_dir)
+        self.engine.save_checkpoint(str(state_dir), tag=f"step{step}", client_state={"step": step, **client_state})
+        self.barrier()
+        if self.is_rank0():
+            tags = sorted(
+                (p for p in state_dir.glob("step*") if p.is_dir() and p.name[4:].isdigit()),
+                key=lambda p: int(p.name[4:]),
+            )
+            for old in tags[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+
+    def load_state(self, state_dir: Path | None) -> dict[str, Any] | None:
+        """Load the latest saved state into the engine; its client state, or None if there is none."""
+        if state_dir is None or not (Path(state_dir) / "latest").is_file():
+            return None
+        path, client_state = self.engine.load_checkpoint(str(state_dir))
+        if path is None:
+            raise RuntimeError(f"state_dir: {state_dir} names a state that could not be loaded")
+        return dict(client_state or {})
 
     # -- saving --------------------------------------------------------------------------------
 
@@ -308,8 +435,12 @@ class DeepSpeedStrategy:
                 if tmp.exists():
                     shutil.rmtree(tmp)
                 tmp.mkdir(parents=True)
-                # safetensors is the default (and, from transformers 5, the only) format.
+                # safetensors is the default (and, from transformers 5, the only) format. A PEFT
+                # model saves only its adapter from the full state dict; config.json beside it
+                # names the base architecture (models.loading loads the base, then the adapter).
                 module.save_pretrained(tmp, state_dict=state_dict)
+                if self.lora:
+                    module.get_base_model().config.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
                 metadata = {
                     "format": 1,
@@ -318,6 +449,7 @@ class DeepSpeedStrategy:
                     "config": dict(config or {}),
                     "world_size": self.world_size,
                     "zero_stage": self.zero_stage,
+                    "lora": self.lora,
                 }
                 _write_json(tmp / W2S_METADATA_FILE, metadata)
                 for name, payload in (extra_files or {}).items():
@@ -340,3 +472,78 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def render_ds_config(
+    zero_stage: int,
+    *,
+    micro_batch_size: int,
+    gradient_accumulation_steps: int,
+    max_grad_norm: float,
+    bf16: bool,
+    offload_optimizer: str = "none",
+    offload_params: str = "none",
+    pin_memory: bool = False,
+) -> dict[str, Any]:
+    """The shipped template for ``zero_stage`` (ZeRO-3: ``zero3.json``, others: ``zero2.json``
+    with the stage set), with every "auto" filled and unused offload sections removed."""
+    template = DS_CONFIG_DIR / ("zero3.json" if zero_stage == 3 else "zero2.json")
+    config = json.loads(template.read_text(encoding="utf-8"))
+    config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    config["gradient_accumulation_steps"] = gradient_accumulation_steps
+    config["gradient_clipping"] = max_grad_norm
+    config["bf16"]["enabled"] = bf16
+    zero = config["zero_optimization"]
+    zero["stage"] = zero_stage
+    for key, device in (("offload_optimizer", offload_optimizer), ("offload_param", offload_params)):
+        if key not in zero:
+            continue
+        if device == "none" or zero_stage == 0:
+            del zero[key]
+        else:
+            zero[key] = {**zero[key], "device": device, "pin_memory": pin_memory and zero[key].get("pin_memory", False)}
+    return config
+
+
+def rank_identity() -> dict[str, Any]:
+    """Who this rank is, from the launcher's environment (CROSS_RANK: the node's index)."""
+    import socket
+
+    env = os.environ
+    return {
+        "rank": int(env.get("RANK", "0")),
+        "local_rank": int(env.get("LOCAL_RANK", "0")),
+        "node_rank": int(env.get("CROSS_RANK", "0")),
+        "world_size": int(env.get("WORLD_SIZE", "1")),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()
+
+
+def run_rank(train: Callable[[Any], Any], cfg: TrainJobConfig) -> None:
+    """Run ``train(cfg)`` on this rank and leave an exit record in ``cfg.status_dir``.
+
+    The supervisor checks every rank's record, not only the launcher's exit status: a multi-node
+    launcher can exit 0 when a remote rank died. A rank killed by a signal leaves no record.
+    """
+    record = rank_identity()
+    started = time.time()
+    try:
+        train(cfg)
+    except BaseException as exc:
+        record.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000], out_of_memory=is_out_of_memory(exc))
+        raise
+    else:
+        record.update(status="ok")
+    finally:
+        if cfg.status_dir is not None and "status" in record:
+            record["seconds"] = round(time.time() - started, 3)
+            cfg.status_dir.mkdir(parents=True, exist_ok=True)
+            path = cfg.status_dir / RANK_RECORD.format(rank=record["rank"])
+            tmp = path.with_suffix(".tmp")
+            _write_json(tmp, record)
+            os.replace(tmp, path)

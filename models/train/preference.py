@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from models.train.common import DeepSpeedStrategy, TrainJobConfig, linear_warmup_decay
+from models.train.common import DeepSpeedStrategy, TrainJobConfig, linear_warmup_decay, resume_batches, run_rank
 from models.train.losses import dpo_loss, orpo_loss, sequence_logps
 from models.train.sft import IGNORE_INDEX, build_example, collate
 
@@ -170,12 +170,7 @@ def train(cfg: PreferenceConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg.check_inputs()
-    strategy = DeepSpeedStrategy(
-        zero_stage=cfg.zero_stage,
-        micro_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        seed=cfg.seed,
-    )
+    strategy = DeepSpeedStrategy.for_job(cfg)
     strategy.setup_distributed()
 
     # data: tokenize every pair up front; a pair is dropped if either response has no token left
@@ -209,6 +204,7 @@ def train(cfg: PreferenceConfig) -> dict[str, Any]:
         cfg.base_model, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
     )
     model.config.use_cache = False
+    model = strategy.prepare_model(model, lora=cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
 
     # optimiser: AdamW, linear warm-up then linear decay to 0 over all updates
     total_steps = max(1, len(loader) * cfg.epochs // cfg.gradient_accumulation_steps)
@@ -219,72 +215,80 @@ def train(cfg: PreferenceConfig) -> dict[str, Any]:
         weight_decay=cfg.weight_decay,
         lr_lambda=partial(linear_warmup_decay, warmup_steps=warmup_steps, total_steps=total_steps),
     )
+    # resume: the latest saved state, with the reference log-probs of the starting policy
+    resumed = strategy.load_state(cfg.state_dir) or {}
+    step = int(resumed.get("step", 0))  # optimiser updates taken
+    logged: list[dict[str, Any]] = list(resumed.get("logged", []))
     strategy.print0(
         f"preference ({cfg.loss}, beta {cfg.beta}): {len(pairs)} pairs ({dropped} dropped: a "
         f"response has no token that fits), world size {strategy.world_size}, {total_steps} updates, "
-        f"zero stage {cfg.zero_stage}"
+        f"zero stage {cfg.zero_stage}" + (f"; resumed at update {step}" if resumed else "")
     )
 
     # reference: the policy before any update, scored once (DPO's π_ref; both: the initial margin)
     t0 = time.perf_counter()
-    ref_logps = score_pairs(engine, score_loader, len(pairs), strategy)
+    if "ref_logps" in resumed:
+        ref_logps = torch.as_tensor(resumed["ref_logps"], dtype=torch.float32)
+    else:
+        ref_logps = score_pairs(engine, score_loader, len(pairs), strategy)
     initial = margin_stats(ref_logps)
-    ref_logps = ref_logps.to(strategy.device)
     strategy.print0(
         f"reference log-probs of {len(pairs)} pairs in {time.perf_counter() - t0:.1f} s; "
         f"initial margin {initial['margin']:.4f}"
     )
+    saved_ref = ref_logps.clone()
+    ref_logps = ref_logps.to(strategy.device)
 
     # the loop
-    step = 0  # optimiser updates taken
     window: dict[str, list[float]] = {}  # micro-batch values since the last log line
-    logged: list[dict[str, Any]] = []
     tokens = 0  # non-pad tokens seen by this rank
     t0 = time.perf_counter()
     engine.train()
-    for epoch in range(cfg.epochs):
-        sampler.set_epoch(epoch)
-        for i, batch in enumerate(loader):
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            chosen, rejected, chosen_mean, rejected_mean, chosen_n = forward_logps(engine, batch)
-            if cfg.loss == "dpo":
-                ref = ref_logps[batch["index"]]
-                loss, chosen_rewards, rejected_rewards = dpo_loss(
-                    chosen, rejected, ref[:, 0], ref[:, 1], beta=cfg.beta
-                )
-            else:
-                # SFT term: token-mean NLL of the chosen responses, as the causal-LM cross-entropy
-                chosen_nll = -chosen.sum() / chosen_n.sum().clamp(min=1)
-                loss, _ = orpo_loss(chosen_nll, chosen_mean, rejected_mean, beta=cfg.beta)
-                chosen_rewards = cfg.beta * chosen_mean.detach()  # as TRL's ORPOTrainer logs them
-                rejected_rewards = cfg.beta * rejected_mean.detach()
-            strategy.backward(loss)
-            for key, value in (
-                ("loss", loss.item()),
-                ("reward_margin", (chosen_rewards - rejected_rewards).mean().item()),
-                ("reward_accuracy", (chosen_rewards > rejected_rewards).float().mean().item()),
-                ("chosen_reward", chosen_rewards.mean().item()),
-                ("rejected_reward", rejected_rewards.mean().item()),
-            ):
-                window.setdefault(key, []).append(value)
-            tokens += int(batch["attention_mask"].sum())
-            lr = strategy.current_lr()  # the rate this update uses (the schedule moves in step())
-            if not strategy.step():
-                continue
-            step += 1
-            if step % cfg.log_every == 0 or step == total_steps:
-                means = {k: strategy.all_reduce_mean(sum(v) / len(v)) for k, v in window.items()}
-                record = {
-                    "step": step,
-                    "loss": means.pop("loss"),
-                    "epoch": round(epoch + (i + 1) / len(loader), 4),
-                    "lr": lr,
-                    "total_steps": total_steps,
-                    **means,
-                }
-                strategy.log_json(**record)
-                logged.append(record)
-                window = {}
+    skip = step * cfg.gradient_accumulation_steps
+    for epoch, i, batch in resume_batches(loader, sampler.set_epoch, epochs=cfg.epochs, skip=skip):
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        chosen, rejected, chosen_mean, rejected_mean, chosen_n = forward_logps(engine, batch)
+        if cfg.loss == "dpo":
+            ref = ref_logps[batch["index"]]
+            loss, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen, rejected, ref[:, 0], ref[:, 1], beta=cfg.beta
+            )
+        else:
+            # SFT term: token-mean NLL of the chosen responses, as the causal-LM cross-entropy
+            chosen_nll = -chosen.sum() / chosen_n.sum().clamp(min=1)
+            loss, _ = orpo_loss(chosen_nll, chosen_mean, rejected_mean, beta=cfg.beta)
+            chosen_rewards = cfg.beta * chosen_mean.detach()  # as TRL's ORPOTrainer logs them
+            rejected_rewards = cfg.beta * rejected_mean.detach()
+        strategy.backward(loss)
+        for key, value in (
+            ("loss", loss.item()),
+            ("reward_margin", (chosen_rewards - rejected_rewards).mean().item()),
+            ("reward_accuracy", (chosen_rewards > rejected_rewards).float().mean().item()),
+            ("chosen_reward", chosen_rewards.mean().item()),
+            ("rejected_reward", rejected_rewards.mean().item()),
+        ):
+            window.setdefault(key, []).append(value)
+        tokens += int(batch["attention_mask"].sum())
+        lr = strategy.current_lr()  # the rate this update uses (the schedule moves in step())
+        if not strategy.step():
+            continue
+        step += 1
+        if step % cfg.log_every == 0 or step == total_steps:
+            means = {k: strategy.all_reduce_mean(sum(v) / len(v)) for k, v in window.items()}
+            record = {
+                "step": step,
+                "loss": means.pop("loss"),
+                "epoch": round(epoch + (i + 1) / len(loader), 4),
+                "lr": lr,
+                "total_steps": total_steps,
+                **means,
+            }
+            strategy.log_json(**record)
+            logged.append(record)
+            window = {}
+        if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps:
+            strategy.save_state(cfg.state_dir, step, {"logged": logged, "ref_logps": saved_ref})
+            strategy.log_json(event="state_saved", step=step, epoch=round(epoch + (i + 1) / len(loader), 4))
     seconds = time.perf_counter() - t0
     all_tokens = strategy.all_reduce_sum(tokens)
     final = margin_stats(score_pairs(engine, score_loader, len(pairs), strategy))
@@ -302,6 +306,8 @@ def train(cfg: PreferenceConfig) -> dict[str, Any]:
         "final_reward_margin": logged[-1]["reward_margin"] if logged else None,
         "final_reward_accuracy": logged[-1]["reward_accuracy"] if logged else None,
         "steps": step,
+        "resumed_from_step": int(resumed.get("step", 0)),
+        "steps_this_run": step - int(resumed.get("step", 0)),
         "epochs": cfg.epochs,
         "pairs": len(pairs),
         "pairs_dropped": dropped,
@@ -328,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # DeepSpeed's launcher appends --local_rank unless told --no_local_rank; LOCAL_RANK is in env.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    train(PreferenceConfig.from_json_file(args.config))
+    run_rank(train, PreferenceConfig.from_json_file(args.config))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from models.train.common import DeepSpeedStrategy, TrainJobConfig, linear_warmup_decay
+from models.train.common import DeepSpeedStrategy, TrainJobConfig, linear_warmup_decay, resume_batches, run_rank
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's ignore_index)
 
@@ -104,12 +104,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg.check_inputs()
-    strategy = DeepSpeedStrategy(
-        zero_stage=cfg.zero_stage,
-        micro_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        seed=cfg.seed,
-    )
+    strategy = DeepSpeedStrategy.for_job(cfg)
     strategy.setup_distributed()
 
     # data: tokenize everything up front (SFT sets are thousands of rows, not millions)
@@ -136,6 +131,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         cfg.base_model, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
     )
     model.config.use_cache = False
+    model = strategy.prepare_model(model, lora=cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
 
     # optimiser: AdamW, linear warm-up then linear decay to 0 over all updates
     total_steps = max(1, len(loader) * cfg.epochs // cfg.gradient_accumulation_steps)
@@ -146,41 +142,46 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         weight_decay=cfg.weight_decay,
         lr_lambda=partial(linear_warmup_decay, warmup_steps=warmup_steps, total_steps=total_steps),
     )
+    # resume: the latest saved state (weights, optimiser, schedule, losses logged so far)
+    resumed = strategy.load_state(cfg.state_dir) or {}
+    step = int(resumed.get("step", 0))  # optimiser updates taken
+    logged: list[dict[str, Any]] = list(resumed.get("logged", []))
     strategy.print0(
         f"sft: {len(examples)} examples ({dropped} dropped: no response token fits), "
         f"world size {strategy.world_size}, {total_steps} updates, zero stage {cfg.zero_stage}"
+        + (f"; resumed at update {step}" if resumed else "")
     )
 
     # the loop
-    step = 0  # optimiser updates taken
     window: list[float] = []  # micro-batch losses since the last log line
-    logged: list[dict[str, Any]] = []
     tokens = 0  # non-pad tokens seen by this rank
     t0 = time.perf_counter()
     engine.train()
-    for epoch in range(cfg.epochs):
-        sampler.set_epoch(epoch)
-        for i, batch in enumerate(loader):
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
-            loss = engine(**batch).loss  # mean over this micro-batch's response tokens
-            strategy.backward(loss)
-            window.append(loss.item())
-            tokens += int(batch["attention_mask"].sum())
-            lr = strategy.current_lr()  # the rate this update uses (the schedule moves in step())
-            if not strategy.step():
-                continue
-            step += 1
-            if step % cfg.log_every == 0 or step == total_steps:
-                record = {
-                    "step": step,
-                    "loss": strategy.all_reduce_mean(sum(window) / len(window)),
-                    "epoch": round(epoch + (i + 1) / len(loader), 4),
-                    "lr": lr,
-                    "total_steps": total_steps,
-                }
-                strategy.log_json(**record)
-                logged.append(record)
-                window = []
+    skip = step * cfg.gradient_accumulation_steps
+    for epoch, i, batch in resume_batches(loader, sampler.set_epoch, epochs=cfg.epochs, skip=skip):
+        batch = {k: v.to(engine.device) for k, v in batch.items()}
+        loss = engine(**batch).loss  # mean over this micro-batch's response tokens
+        strategy.backward(loss)
+        window.append(loss.item())
+        tokens += int(batch["attention_mask"].sum())
+        lr = strategy.current_lr()  # the rate this update uses (the schedule moves in step())
+        if not strategy.step():
+            continue
+        step += 1
+        if step % cfg.log_every == 0 or step == total_steps:
+            record = {
+                "step": step,
+                "loss": strategy.all_reduce_mean(sum(window) / len(window)),
+                "epoch": round(epoch + (i + 1) / len(loader), 4),
+                "lr": lr,
+                "total_steps": total_steps,
+            }
+            strategy.log_json(**record)
+            logged.append(record)
+            window = []
+        if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps:
+            strategy.save_state(cfg.state_dir, step, {"logged": logged})
+            strategy.log_json(event="state_saved", step=step, epoch=round(epoch + (i + 1) / len(loader), 4))
     seconds = time.perf_counter() - t0
     all_tokens = strategy.all_reduce_sum(tokens)
 
@@ -189,6 +190,8 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         "initial_loss": logged[0]["loss"] if logged else None,
         "final_loss": logged[-1]["loss"] if logged else None,
         "steps": step,
+        "resumed_from_step": int(resumed.get("step", 0)),
+        "steps_this_run": step - int(resumed.get("step", 0)),
         "epochs": cfg.epochs,
         "examples": len(examples),
         "examples_dropped": dropped,
@@ -215,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # DeepSpeed's launcher appends --local_rank unless told --no_local_rank; LOCAL_RANK is in env.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    train(SFTConfig.from_json_file(args.config))
+    run_rank(train, SFTConfig.from_json_file(args.config))
 
 
 if __name__ == "__main__":
