@@ -140,6 +140,7 @@ def eval_run(app: App, model: str, dataset: str, limit: int | None, seed: int, s
              batch_size: int, **options: Any) -> None:
     """Accuracy, tokens in/out and wall time of one strategy; stored as an evaluation."""
     from models.loading import default_cache
+    from db.schema import Evaluation
     from services.evaluation import eval_label, gold_questions, run_evaluation
     from services.registry import get_checkpoint, get_dataset
 
@@ -149,16 +150,16 @@ def eval_run(app: App, model: str, dataset: str, limit: int | None, seed: int, s
         total = len(gold_questions(session, ds, limit))
         if total == 0:
             raise InputError(f"dataset {ds.name!r} has no questions")
-        path = checkpoint.path
+        checkpoint_id, dataset_id, path = checkpoint.id, ds.id, checkpoint.path
     loaded = default_cache().get(path)
+    label = eval_label(strategy, shots)
+    with console.status(f"{label} on {total} questions") as status:
+        evaluation_id, _ = run_evaluation(
+            app.session, loaded, checkpoint_id=checkpoint_id, dataset_id=dataset_id, strategy=strategy, shots=shots,
+            limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+            progress=lambda done: status.update(f"{label}: {done}/{total} questions"))
     with app.session() as session:
-        checkpoint, ds = get_checkpoint(session, model), get_dataset(session, dataset)
-        with console.status(f"{eval_label(strategy, shots)} on {total} questions") as status:
-            evaluation = run_evaluation(
-                session, loaded, checkpoint=checkpoint, dataset=ds, strategy=strategy, shots=shots, limit=limit,
-                max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                progress=lambda done: status.update(f"{eval_label(strategy, shots)}: {done}/{total} questions"))
-        console.print(_compare_table(model, dataset, [evaluation]))
+        console.print(_compare_table(model, dataset, [session.get(Evaluation, evaluation_id)]))
 
 
 @eval_group.command("compare")

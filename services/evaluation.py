@@ -211,30 +211,10 @@ def gold_questions(session: Session, dataset: Dataset, limit: int | None = None)
     return [GoldQuestion(row.id, row.text, row.gold_answer) for row in rows]
 
 
-def run_evaluation(
-    session: Session,
-    loaded: LoadedModel,
-    *,
-    checkpoint: Checkpoint,
-    dataset: Dataset,
-    strategy: StrategyConfig,
-    shots: int,
-    limit: int | None = None,
-    max_new_tokens: int = 512,
-    batch_size: int = 16,
-    seed: int = 0,
-    round_id: int | None = None,
-    progress: Callable[[int], None] | None = None,
-    stats: SolveStats | None = None,
-) -> Evaluation:
-    """Evaluate and store (replacing an earlier evaluation under the same key). The caller commits."""
-    questions = gold_questions(session, dataset, limit)
-    if not questions:
-        raise InputError(f"dataset {dataset.name!r} has no questions")
-    outcome = evaluate_questions(loaded, questions, dataset.task, strategy, shots=shots, max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, seed=seed, progress=progress, stats=stats)
-    key = dict(checkpoint_id=checkpoint.id, dataset_id=dataset.id, strategy=eval_label(strategy, shots),
-               n_questions=outcome.n_questions)
+def store_evaluation(session: Session, *, checkpoint_id: int, dataset_id: int, label: str, outcome: EvalOutcome,
+                     round_id: int | None = None) -> Evaluation:
+    """Write the figures (replacing an earlier evaluation under the same key). The caller commits."""
+    key = dict(checkpoint_id=checkpoint_id, dataset_id=dataset_id, strategy=label, n_questions=outcome.n_questions)
     figures = dict(correct=outcome.correct, accuracy=outcome.accuracy, input_tokens=outcome.input_tokens,
                    output_tokens=outcome.output_tokens, wall_s=outcome.wall_s, round_id=round_id, created_at=utcnow())
     existing = session.scalar(select(Evaluation).filter_by(**key))
@@ -245,6 +225,37 @@ def run_evaluation(
         insert_ignore(session, Evaluation, [{**key, **figures}])
     session.flush()
     return session.scalar(select(Evaluation).filter_by(**key))
+
+
+def run_evaluation(
+    session_scope: Callable[[], Any],
+    loaded: LoadedModel,
+    *,
+    checkpoint_id: int,
+    dataset_id: int,
+    strategy: StrategyConfig,
+    shots: int,
+    limit: int | None = None,
+    max_new_tokens: int = 512,
+    batch_size: int = 16,
+    seed: int = 0,
+    round_id: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    stats: SolveStats | None = None,
+) -> tuple[int, EvalOutcome]:
+    """Read the questions, evaluate outside any transaction, store: returns (evaluation id, outcome).
+    ``session_scope()`` opens a session that commits on exit."""
+    with session_scope() as session:
+        dataset = session.get(Dataset, dataset_id)
+        questions, task = gold_questions(session, dataset, limit), dataset.task
+    if not questions:
+        raise InputError(f"dataset {dataset.name!r} has no questions")
+    outcome = evaluate_questions(loaded, questions, task, strategy, shots=shots, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, seed=seed, progress=progress, stats=stats)
+    with session_scope() as session:
+        evaluation = store_evaluation(session, checkpoint_id=checkpoint_id, dataset_id=dataset_id,
+                                      label=eval_label(strategy, shots), outcome=outcome, round_id=round_id)
+        return evaluation.id, outcome
 
 
 def compare(session: Session, model: str, dataset: str) -> list[Evaluation]:

@@ -318,3 +318,35 @@ def test_final_vote(answers, winner):
 def test_final_vote_needs_answers():
     with pytest.raises(ValueError, match="answers"):
         final_vote([], "gsm8k")
+
+
+# --- where a rethink turns away, self-consistency's majority -----------------------------------
+
+
+def test_doubted_token_is_the_least_probable_token_of_the_line_past_its_prefix():
+    from models.leco import doubted_token
+
+    pieces = ["Step", " 1", ":", " a", "\n", "Step", " 2", ":", " 4", " +", " 5", " =", " 9", "\n", "x"]
+    probs = [0.9, 0.9, 0.9, 0.5, 0.1, 0.01, 0.02, 0.03, 0.8, 0.6, 0.7, 0.9, 0.4, 0.05, 0.2]
+    line_2 = "".join(pieces).index("Step 2")
+    assert doubted_token(pieces, probs, line_2, line_2 + len("Step 2: 4 + 5 = 9")) == 12  # " 9"; the prefix's 0.01 never
+    assert doubted_token(pieces, probs, 0, len("Step 1: a")) == 3
+    assert doubted_token(["Step", " 3", ":"], [0.2, 0.1, 0.3], 0, 7) is None  # nothing past the prefix
+    assert doubted_token(pieces, probs, 100, 110) is None
+
+
+@pytest.mark.parametrize(
+    ("answers", "index"),
+    [
+        (["5"], 0),
+        (["5", "6", "6"], 1),
+        (["5", "6", "5", "6"], 0),  # a tie goes to the group seen first
+        (["", "", "7"], 2),  # no answer never wins over an answer
+        (["", ""], 0),
+        (["1,000", "7", "1000.0"], 0),  # grouped by equivalence
+    ],
+)
+def test_majority_index(answers, index):
+    from models.leco import majority_index
+
+    assert majority_index(answers, "gsm8k") == index

@@ -21,11 +21,14 @@ from models.answers import answers_match, extract_answer
 from models.generation import generate
 from models.loading import default_cache
 from models.prompts import clean_response, few_shot, zero_shot
-from services.config import SFTRoundConfig
+from models.leco import score_steps
+from services.config import SFTRoundConfig, StrategyConfig
+from services.evaluation import Sample, eval_label, run_evaluation, solve, step_dicts
 from services.promotion import gate
 from services.report import round_report
 from services.rounds import load_config
-from services.selection import Vote, decide_pairs, stage1_vote, variant_sources
+from services.selection import (Vote, decide_pairs, dropped_by_step_score, min_step_score, stage1_vote,
+                                variant_sources)
 from services.store import checkpoint_path
 from workers.runner import JobContext
 
@@ -62,8 +65,12 @@ def run_generate(ctx: JobContext) -> None:
         checkpoint_id, path = checkpoint.id, checkpoint.path
 
     sampling = getattr(config, "sampling", None) if voter == "student" else None
-    n = sampling.samples if sampling else 1
+    # Stage I voters answer with their configured strategy (cot: greedy, as the reference).
+    answering: StrategyConfig | None = None if sampling else getattr(config.strategies, voter)
+    n = sampling.samples if sampling else answering.samples if answering.strategy == "sc" else 1
     strategy = "sampled" if sampling else "few-shot" if demonstrations else "zero-shot"
+    if answering is not None and answering.strategy != "cot":
+        strategy += f"/{answering.label()}"
     loaded = default_cache().get(path)
     groups = _batches(questions, max(1, config.generation.batch_size * 4 // n))
     generated = 0
@@ -74,23 +81,36 @@ def run_generate(ctx: JobContext) -> None:
         if all(existing[q.id] >= n for q in group):
             continue
         prompts = [few_shot(q.text, demonstrations) if demonstrations else zero_shot(q.text) for q in group]
-        completions = generate(
-            loaded, prompts, max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size,
-            **({"do_sample": True, "num_samples": n, "temperature": sampling.temperature, "top_p": sampling.top_p,
-                "seed": config.seed * 1_000_003 + group[0].id} if sampling else {}))
+        seed = config.seed * 1_000_003 + group[0].id
+        if sampling:
+            completions = generate(
+                loaded, prompts, max_new_tokens=config.generation.max_new_tokens,
+                batch_size=config.generation.batch_size, do_sample=True, num_samples=n,
+                temperature=sampling.temperature, top_p=sampling.top_p, seed=seed, return_token_probs="top5")
+            answers = [[_scored_sample(c, task) for c in samples] for samples in completions]
+        else:
+            solutions = solve(loaded, prompts, task, answering, max_new_tokens=config.generation.max_new_tokens,
+                              batch_size=config.generation.batch_size, seed=seed)
+            answers = [solution.samples for solution in solutions]
         rows = []
-        for question, samples in zip(group, completions):
-            for index, sample in enumerate(samples):
-                text = clean_response(sample.text)
+        for question, samples in zip(group, answers):
+            for index, sample in enumerate(samples):  # sc: a majority sample first; leco: the vote's winner
                 rows.append({"round_id": ctx.round_id, "job_id": ctx.job_id, "question_id": question.id,
                              "checkpoint_id": checkpoint_id, "voter": voter, "sample_index": index,
-                             "strategy": strategy, "text": text, "answer": extract_answer(text, task),
-                             "input_tokens": sample.input_tokens, "output_tokens": sample.output_tokens})
+                             "strategy": strategy, "text": sample.text, "answer": sample.answer,
+                             "step_scores": sample.steps, "input_tokens": sample.input_tokens,
+                             "output_tokens": sample.output_tokens})
         with ctx.session() as session:
             generated += len(insert_ignore(session, Generation, rows))
             ctx.progress(session, done_groups / len(groups))
     with ctx.session() as session:
         ctx.finish(session, {"generated": generated, "questions": len(questions), "samples_per_question": n})
+
+
+def _scored_sample(completion, task: str) -> Sample:
+    text = clean_response(completion.text)
+    steps = score_steps(completion.token_texts or [], completion.token_probs or [])
+    return Sample(text, extract_answer(text, task), step_dicts(steps), completion.input_tokens, completion.output_tokens)
 
 
 # --- vote ----------------------------------------------------------------------------------------
@@ -102,7 +122,8 @@ def run_vote(ctx: JobContext) -> None:
         config: SFTRoundConfig = load_config(round_)
         task = round_.resolved["task"]
         rows = session.execute(
-            select(Generation.id, Generation.voter, Generation.question_id, Generation.text, Generation.answer)
+            select(Generation.id, Generation.voter, Generation.question_id, Generation.text, Generation.answer,
+                   Generation.step_scores)
             .where(Generation.round_id == ctx.round_id, Generation.sample_index == 0)
         ).all()
         texts = dict(session.execute(select(Question.id, Question.text).where(
@@ -110,9 +131,11 @@ def run_vote(ctx: JobContext) -> None:
 
         first = {r.question_id: r for r in rows if r.voter == "weak"}
         second = {r.question_id: r for r in rows if r.voter == "strong"}
-        votes = [Vote(qid, first[qid].answer, second[qid].answer)
+        votes = [Vote(qid, first[qid].answer, second[qid].answer, min_step_score(first[qid].step_scores),
+                      min_step_score(second[qid].step_scores))
                  for qid in round_.resolved["question_ids"] if qid in first and qid in second]
-        kept = stage1_vote(votes, task)
+        kept = stage1_vote(votes, task, config.vote.min_step_score)
+        dropped = dropped_by_step_score(votes, task, config.vote.min_step_score)
 
         examples, counts = [], {}
         for variant in config.variants:
@@ -126,7 +149,7 @@ def run_vote(ctx: JobContext) -> None:
             counts[variant] = len(kept) * len(sources)
         insert_ignore(session, TrainingExample, examples)
         ctx.finish(session, {"pool": len(round_.resolved["question_ids"]), "voted": len(votes), "kept": len(kept),
-                             "examples": counts})
+                             "dropped_by_step_score": len(dropped), "examples": counts})
 
 
 # --- pairs (stage II) ----------------------------------------------------------------------------
@@ -261,6 +284,8 @@ def run_evaluate(ctx: JobContext) -> None:
     """Accuracy of one checkpoint on the labelled eval set: greedy, or pass@k over k samples
     (a question passes when any of its k sampled answers is right)."""
     checkpoint_id, dataset_id, limit = ctx.payload["checkpoint_id"], ctx.payload["dataset_id"], ctx.payload.get("limit")
+    if ctx.payload.get("strategy"):
+        return _evaluate_with_strategy(ctx, checkpoint_id, dataset_id, limit)
     k = ctx.payload.get("pass_at")
     with ctx.session() as session:
         round_ = session.get(Round, ctx.round_id)
@@ -302,6 +327,34 @@ def run_evaluate(ctx: JobContext) -> None:
                                              "wall_s": time.perf_counter() - started, "created_at": utcnow()}])
         evaluation = session.scalar(select(Evaluation).filter_by(**key))
         ctx.finish(session, {"evaluation_id": evaluation.id, "accuracy": evaluation.accuracy, "reused": False})
+
+
+def _evaluate_with_strategy(ctx: JobContext, checkpoint_id: int, dataset_id: int, limit: int | None) -> None:
+    """An evaluation job with ``strategy`` (a StrategyConfig) and ``shots`` in its payload: CoT,
+    self-consistency or LECO with step-by-step prompts (services.evaluation)."""
+    strategy = StrategyConfig.model_validate(ctx.payload["strategy"])
+    shots = ctx.payload.get("shots", 0)
+    with ctx.session() as session:
+        config = load_config(session.get(Round, ctx.round_id))
+        key = dict(checkpoint_id=checkpoint_id, dataset_id=dataset_id, strategy=eval_label(strategy, shots))
+        existing = session.scalar(select(Evaluation).filter_by(**key).order_by(Evaluation.id.desc()))
+        if existing is not None and existing.round_id == ctx.round_id:  # a retry after the evaluation was stored
+            ctx.finish(session, {"evaluation_id": existing.id, "accuracy": existing.accuracy, "reused": True})
+            return
+        path = session.get(Checkpoint, checkpoint_id).path
+    loaded = default_cache().get(path)
+
+    def progress(done: int) -> None:
+        with ctx.session() as session:
+            ctx.progress(session, done / max(limit or done, 1))
+
+    evaluation_id, outcome = run_evaluation(
+        ctx.session, loaded, checkpoint_id=checkpoint_id, dataset_id=dataset_id, strategy=strategy, shots=shots,
+        limit=limit, max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size,
+        seed=config.seed, round_id=ctx.round_id, progress=progress)
+    with ctx.session() as session:
+        ctx.finish(session, {"evaluation_id": evaluation_id, "accuracy": outcome.accuracy, "reused": False,
+                             "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens})
 
 
 # --- promote -------------------------------------------------------------------------------------
