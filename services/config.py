@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from models.train.options import LoraOptions
 from services.errors import InputError
 
 QUEUES = ("weak", "strong", "train", "control")
@@ -85,9 +86,22 @@ class TrainingConfig(_Strict):
     max_seq_len: int = Field(1024, ge=16, le=131072)
     warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
-    zero_stage: Literal[2, 3] = 2
-    num_ranks: int = Field(1, ge=1, le=4096, description="DeepSpeed ranks on this node")
+    zero_stage: Literal[2, 3] = Field(2, description="2: optimiser state and gradients sharded; 3: weights too")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="ZeRO-Offload: optimiser state in CPU memory")
+    offload_params: Literal["none", "cpu"] = Field("none", description="ZeRO-3 only: weights in CPU memory")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    lora: LoraOptions | None = Field(None, description="train LoRA adapters (PEFT) instead of every weight")
+    # None: the train worker's --gpus, else every GPU it sees, else 1 (CPU). A hostfile in the
+    # worker's settings (W2S_TRAIN_HOSTFILE) overrides it with its slots.
+    num_ranks: int | None = Field(None, ge=1, le=4096, description="DeepSpeed ranks on this node")
+    save_every_steps: int = Field(100, ge=0, le=10**7, description="optimiser steps between resumable states; 0: never")
     timeout_s: float = Field(24 * 3600, gt=0, description="the launch is killed after this")
+
+    @model_validator(mode="after")
+    def _offload_params_needs_zero3(self) -> TrainingConfig:
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise ValueError(f"offload_params: needs zero_stage 3, got {self.zero_stage}")
+        return self
 
 
 class EvalConfig(_Strict):

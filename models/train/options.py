@@ -21,7 +21,7 @@ class LoraOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     r: int = Field(16, ge=1, le=4096, description="adapter rank")
-    alpha: float = Field(32, gt=0, description="scaling numerator: updates are scaled by alpha / r")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator: updates are scaled by alpha / r")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter's input")
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_LORA_TARGETS),
