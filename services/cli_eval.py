@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
+from rich.table import Column, Table
 
 from services.cli import App, Group, console, pass_app
 from services.config import STRATEGIES, StrategyConfig
@@ -178,10 +178,10 @@ def eval_compare(app: App, model: str, dataset: str) -> None:
 
 
 def _compare_table(model: str, dataset: str, evaluations) -> Table:
-    table = Table("strategy", "questions", "accuracy", "input tokens", "output tokens", "in/question",
-                  "out/question", "wall s", title=f"{model} on {dataset}", title_justify="left")
+    table = Table(Column("strategy", no_wrap=True), "n", "accuracy", "tokens in", "tokens out", "in/q", "out/q",
+                  "wall s", title=f"{model} on {dataset}", title_justify="left")
     for e in evaluations:
-        table.add_row(e.strategy, str(e.n_questions), f"{e.accuracy:.1%} ({e.correct})", f"{e.input_tokens:,}",
+        table.add_row(e.strategy, str(e.n_questions), f"{e.accuracy:.1%}", f"{e.input_tokens:,}",
                       f"{e.output_tokens:,}", f"{e.input_tokens / e.n_questions:,.1f}",
                       f"{e.output_tokens / e.n_questions:,.1f}", f"{e.wall_s:.1f}")
     return table

@@ -1,0 +1,96 @@
+"""`w2sctl eval run / eval compare / solve` on the tiny demo models, embedded; and their bad input."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+
+from db.schema import Evaluation
+from db.session import session_scope
+from services.config import load_settings
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--limit", 4, "--shots", 0, "--max-new-tokens", 30, "--batch-size", 4]
+
+
+@pytest.fixture
+def registered(w2s_home, cli_runner, demo_assets):
+    cli_runner("dataset", "import", demo_assets.test, "--name", "test")
+    cli_runner("dataset", "import", demo_assets.pool, "--name", "pool", "--unlabelled")
+    cli_runner("model", "register", "strong", "--path", demo_assets.strong_model, "--role", "strong")
+    return load_settings().database_url
+
+
+def _evaluations(url: str) -> dict[str, Evaluation]:
+    with session_scope(url) as session:
+        rows = session.scalars(select(Evaluation)).all()
+        session.expunge_all()
+    return {row.strategy: row for row in rows}
+
+
+def test_eval_run_each_strategy_then_compare(registered, cli_runner):
+    for strategy in ("cot", "leco"):
+        cli_runner("eval", "run", "--model", "strong", "--dataset", "test", "--strategy", strategy, *FAST)
+    cli_runner("eval", "run", "--model", "strong", "--dataset", "test", "--strategy", "sc", "--samples", 3, *FAST)
+
+    stored = _evaluations(registered)
+    assert set(stored) == {"cot/0-shot", "sc@3/0-shot", "leco/0-shot"}
+    for e in stored.values():
+        assert e.n_questions == 4 and e.accuracy == e.correct / 4 and e.wall_s > 0 and e.round_id is None
+        assert e.output_tokens > 0
+    cot, sc, leco = stored["cot/0-shot"], stored["sc@3/0-shot"], stored["leco/0-shot"]
+    assert sc.input_tokens == 3 * cot.input_tokens  # the same prompts, encoded once per sample
+    assert cot.input_tokens <= leco.input_tokens <= cot.input_tokens + 4 * 3  # + one token per rethink, 3 at most
+    assert leco.output_tokens >= cot.output_tokens  # the original answer is CoT's, then the rethinks
+
+    result = cli_runner("eval", "compare", "--model", "strong", "--dataset", "test")
+    for label in stored:
+        assert label in result.output
+    assert f"{sc.input_tokens:,}" in result.output
+
+    # a new run of the same strategy replaces its figures instead of adding a row
+    cli_runner("eval", "run", "--model", "strong", "--dataset", "test", "--strategy", "cot", *FAST)
+    assert len(_evaluations(registered)) == 3
+
+
+def test_solve_shows_steps_scores_rethinks_and_the_vote(registered, cli_runner, demo_assets):
+    question = demo_assets.test.read_text().splitlines()[2].split('"question": "')[1].split('"')[0]
+    result = cli_runner("solve", "--model", "strong", "--shots", 0, "--max-new-tokens", 40, question)
+    out = result.output
+    for needle in ("original", "avg", "trans", "diver", "score", "<- suspected error", "stopped:", "vote (original 1.5",
+                   "final answer:", "input tokens"):
+        assert needle in out, out
+    result = cli_runner("solve", "--model", demo_assets.strong_model, "--strategy", "sc", "--samples", 2, "--shots", 0,
+                        "--max-new-tokens", 20, question)
+    assert "sample 2" in result.output and "(majority)" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--strategy", "tot"], 2, "Invalid value for '--strategy': 'tot' is not one of 'cot', 'sc', 'leco'"),
+        (["--strategy", "sc", "--samples", 0], 2, "Invalid value for '--samples': 0 is not in the range 1<=x<=256"),
+        (["--dataset", "pool"], 1, "dataset 'pool' has no gold answers"),
+        (["--dataset", "nope"], 1, "nope"),
+        (["--model", "nobody"], 1, "nobody"),
+    ],
+)
+def test_eval_bad_input_is_a_clear_error_and_writes_nothing(registered, cli_runner, args, code, message):
+    base = {"--model": "strong", "--dataset": "test"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = [item for pair in base.items() for item in pair]
+    result = cli_runner("eval", "run", *argv, *FAST, ok=False)
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    with session_scope(registered) as session:
+        assert session.scalar(select(func.count()).select_from(Evaluation)) == 0
+
+
+def test_solve_and_compare_bad_input(registered, cli_runner):
+    result = cli_runner("solve", "--model", "strong", "--strategy", "sc", "--samples", 0, "q", ok=False)
+    assert result.exit_code == 2 and "--samples" in result.output
+    result = cli_runner("eval", "compare", "--model", "strong", "--dataset", "test", ok=False)
+    assert result.exit_code == 1 and "no evaluations of 'strong' on 'test'" in result.output
