@@ -4,12 +4,24 @@ The train task writes a job file and calls :func:`launch_training`; the launcher
 process per rank, each running ``python -m <module> --config <job file>``. Everything the ranks
 print goes to ``log_path`` as it comes, and the JSON progress lines (``{"step": .., "loss": ..}``)
 can be followed with ``on_progress``. A timeout kills the whole process group (launcher and ranks).
+
+One node: ``num_ranks`` ranks on this host (the worker's ``--gpus``, or ``CUDA_VISIBLE_DEVICES``).
+Several nodes: a DeepSpeed hostfile (``host slots=N`` per line) in the worker's settings
+(:class:`ClusterSpec`, from ``W2S_TRAIN_*``), launched through DeepSpeed's multi-node backend
+(pdsh over ssh by default; openmpi, slurm, ... by name) with a configurable master address and port.
+
+The launcher's exit status is not enough: a multi-node launcher can exit 0 when a remote rank
+died (and DeepSpeed's runner itself exits 0 when its child is killed by a signal). Every rank
+writes an exit record to a ``status_dir`` on the shared store (``models.train.common.run_rank``);
+:func:`check_ranks` reads one per rank, and a missing or failed record fails the launch.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +38,200 @@ REPO_ROOT = Path(__file__).resolve().parents[1]  # holds models/, workers/, …:
 KILL_GRACE_S = 10.0  # SIGTERM first (the launcher forwards it to its ranks), SIGKILL after this
 
 
+# Environment variables recorded with a launch (the rest of the worker's environment is not
+# the launch's business); values of names that look secret are redacted.
+RECORDED_ENV_PREFIXES = (
+    "W2S_", "MASTER_", "NCCL_", "GLOO_", "CUDA_", "OMP_", "DS_", "TORCH", "HF_", "PDSH_", "PYTHON",
+    "TOKENIZERS_", "WORLD_SIZE", "LOCAL_", "SLURM_", "PATH",
+)  # fmt: skip
+SECRET_NAME_PARTS = {"SECRET", "TOKEN", "PASSWORD", "PASSWD", "KEY", "CREDENTIALS", "AUTH", "PRIVATE"}
+LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi")
+
+
+class ClusterSpec:
+    """Where the ranks run: this host, or the hosts of a DeepSpeed hostfile. From the worker's
+    settings (``W2S_TRAIN_*`` environment variables, see :meth:`from_env`)."""
+
+    def __init__(
+        self,
+        *,
+        hostfile: str | Path | None = None,  # "host slots=N" per line; None: this host only
+        master_addr: str | None = None,  # rank 0's address; default 127.0.0.1, or the first host
+        master_port: int | None = None,  # default: a port free on this host
+        launcher: str = "pdsh",  # DeepSpeed's multi-node backend
+        launcher_args: str = "",  # passed to that backend (e.g. pdsh -R ssh options, srun flags)
+        ssh_check: bool = True,  # DeepSpeed's passwordless-ssh check before a pdsh launch
+        gpus: str | None = None,  # this worker's devices, e.g. "0,1" (one node only)
+    ) -> None:
+        if launcher not in LAUNCHERS:
+            raise ValueError(f"launcher: {launcher!r} is not one of {', '.join(LAUNCHERS)}")
+        if master_port is not None and not 1 <= int(master_port) <= 65535:
+            raise ValueError(f"master_port: {master_port} is not a TCP port (1-65535)")
+        self.hostfile = Path(hostfile).absolute() if hostfile else None
+        self.hosts = parse_hostfile(self.hostfile) if self.hostfile else {}
+        self.master_addr = master_addr
+        self.master_port = int(master_port) if master_port is not None else None
+        self.launcher = launcher
+        self.launcher_args = launcher_args
+        self.ssh_check = ssh_check
+        self.gpus = gpus
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ClusterSpec:
+        """``W2S_TRAIN_HOSTFILE``, ``W2S_TRAIN_MASTER_ADDR``, ``W2S_TRAIN_MASTER_PORT``,
+        ``W2S_TRAIN_LAUNCHER``, ``W2S_TRAIN_LAUNCHER_ARGS``, ``W2S_TRAIN_SSH_CHECK`` (0/1) and
+        ``W2S_TRAIN_GPUS`` (set by ``w2sctl worker --gpus``)."""
+        env = os.environ if env is None else env
+        port = env.get("W2S_TRAIN_MASTER_PORT") or None
+        if port is not None and not port.isdigit():
+            raise ValueError(f"W2S_TRAIN_MASTER_PORT: {port!r} is not a port number")
+        return cls(
+            hostfile=env.get("W2S_TRAIN_HOSTFILE") or None,
+            master_addr=env.get("W2S_TRAIN_MASTER_ADDR") or None,
+            master_port=int(port) if port else None,
+            launcher=env.get("W2S_TRAIN_LAUNCHER") or "pdsh",
+            launcher_args=env.get("W2S_TRAIN_LAUNCHER_ARGS", ""),
+            ssh_check=env.get("W2S_TRAIN_SSH_CHECK", "1") not in ("0", "false", "no"),
+            gpus=env.get("W2S_TRAIN_GPUS") or None,
+        )
+
+    @property
+    def multi_node(self) -> bool:
+        return bool(self.hosts)
+
+    def world_size(self, num_ranks: int) -> int:
+        """Ranks in the launch: every slot of the hostfile, else ``num_ranks`` on this host."""
+        return sum(self.hosts.values()) if self.hosts else num_ranks
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "hostfile": str(self.hostfile) if self.hostfile else None,
+            "hosts": dict(self.hosts),
+            "master_addr": self.master_addr,
+            "master_port": self.master_port,
+            "launcher": self.launcher if self.multi_node else "local",
+            "gpus": self.gpus,
+        }
+
+
+def parse_hostfile(path: Path) -> dict[str, int]:
+    """``{host: slots}`` from a DeepSpeed hostfile; errors name the file and line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"hostfile: {path} does not exist") from None
+    hosts: dict[str, int] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"(\S+)\s+slots=(\d+)", line)
+        if not match:
+            raise ValueError(f"hostfile {path}:{lineno}: expected 'HOST slots=N', got {raw.strip()!r}")
+        host, slots = match.group(1), int(match.group(2))
+        if host in hosts:
+            raise ValueError(f"hostfile {path}:{lineno}: host {host!r} listed twice")
+        if slots < 1:
+            raise ValueError(f"hostfile {path}:{lineno}: slots must be >= 1")
+        hosts[host] = slots
+    if not hosts:
+        raise ValueError(f"hostfile {path}: names no host")
+    return hosts
+
+
+def redact_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The launch-relevant variables of ``env``; secret-looking values and URL passwords hidden."""
+    out = {}
+    for name in sorted(env):
+        if not name.startswith(RECORDED_ENV_PREFIXES):
+            continue
+        value = env[name]
+        if SECRET_NAME_PARTS & set(name.upper().split("_")):
+            value = "***"
+        else:
+            value = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", value)  # scheme://user:pass@host
+        out[name] = value
+    return out
+
+
+@dataclass(frozen=True)
+class RankStatus:
+    """How one rank ended, from its exit record (or the absence of one)."""
+
+    rank: int
+    status: str  # ok | error | missing
+    host: str | None = None
+    node_rank: int | None = None
+    error: str | None = None
+    out_of_memory: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, False)}
+
+
+def check_ranks(status_dir: Path, world_size: int) -> list[RankStatus]:
+    """One status per rank 0..world_size-1 from ``status_dir/rank<N>.json``: missing = no record."""
+    statuses = []
+    for rank in range(world_size):
+        path = Path(status_dir) / f"rank{rank}.json"
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            statuses.append(RankStatus(rank, "missing"))
+            continue
+        statuses.append(RankStatus(
+            rank, "ok" if record.get("status") == "ok" else "error", host=record.get("host"),
+            node_rank=record.get("node_rank"), error=record.get("error"),
+            out_of_memory=bool(record.get("out_of_memory")),
+        ))  # fmt: skip
+    return statuses
+
+
+_RANK_EXIT = re.compile(r"exits with return code = (-?\d+)")
+_OOM_TEXT = re.compile(r"out of memory|OutOfMemoryError|MemoryError|oom-kill", re.IGNORECASE)
+
+
+def failure_reason(
+    *, returncode: int, timed_out: bool, timeout_s: float | None, ranks: list[RankStatus], log_tail: str
+) -> str | None:
+    """Why a launch failed, in one line a person can act on; None if it did not.
+
+    Causes first (a hang, a killed rank, out of memory), consequences after (the other ranks
+    then fail on a broken collective): every failed rank is named.
+    """
+    parts = []
+    if timed_out:
+        parts.append(f"hang: still running after the time limit of {timeout_s:g} s; process group killed")
+    codes = [int(c) for c in _RANK_EXIT.findall(log_tail)]
+    killed = [c for c in codes if c < 0]
+    missing = [r.rank for r in ranks if r.status == "missing"]
+    if missing and not timed_out:
+        how = f"killed by {_signal_name(-killed[0])}" if killed else "killed by a signal, or never started"
+        if killed and -killed[0] == signal.SIGKILL:
+            how += " (the kernel's OOM killer sends it too)"
+        parts.append(f"rank {', '.join(map(str, missing))} left no exit record: {how}")
+    oom = [r for r in ranks if r.out_of_memory]
+    if oom or (not ranks and _OOM_TEXT.search(log_tail)):
+        where = f" on rank {', '.join(str(r.rank) for r in oom)}" if oom else ""
+        parts.append(f"out of memory{where}")
+    for r in ranks:
+        if r.status == "error" and not r.out_of_memory:
+            host = f" (host {r.host}, node {r.node_rank})" if r.host else ""
+            parts.append(f"rank {r.rank}{host} failed: {r.error}")
+    if returncode != 0 and not timed_out:
+        parts.append(f"launcher exited with status {returncode}")
+    elif parts and returncode == 0:
+        parts.append("the launcher itself exited 0")
+    return "; ".join(parts) or None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 @dataclass(frozen=True)
 class LaunchResult:
     returncode: int
@@ -34,10 +240,31 @@ class LaunchResult:
     duration_s: float
     timed_out: bool = False
     progress: list[dict[str, Any]] = field(default_factory=list, repr=False)  # parsed loss lines
+    world_size: int = 1
+    ranks: list[RankStatus] = field(default_factory=list)  # empty when no status_dir was given
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # recorded, secrets redacted
+    cluster: dict[str, Any] = field(default_factory=dict)
+    log_path: str | None = None
+    failure: str | None = None  # failure_reason(): None when the launch succeeded
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out
+        return self.failure is None and self.returncode == 0 and not self.timed_out
+
+    def record(self) -> dict[str, Any]:
+        """What a job keeps of its launch (``w2sctl jobs show`` prints it)."""
+        return {
+            "command": self.command,
+            "env": self.env,
+            "cluster": self.cluster,
+            "world_size": self.world_size,
+            "returncode": self.returncode,
+            "timed_out": self.timed_out,
+            "ranks": [r.as_dict() for r in self.ranks],
+            "duration_s": round(self.duration_s, 3),
+            "log_path": self.log_path,
+            "failure": self.failure,
+        }
 
 
 class LaunchError(RuntimeError):
@@ -64,6 +291,39 @@ def parse_progress(line: str) -> dict[str, Any] | None:
     return None
 
 
+def default_num_ranks(env: Mapping[str, str] | None = None) -> int:
+    """Ranks on this node when the round does not say: the devices the worker was given
+    (``--gpus`` sets ``CUDA_VISIBLE_DEVICES``), else every GPU it sees, else 1 (CPU)."""
+    env = os.environ if env is None else env
+    named = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if named:
+        return len(named)
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def prepare_state_dir(state_dir: Path, fingerprint: Mapping[str, Any]) -> int:
+    """Keep ``state_dir`` (a job's resumable DeepSpeed state) only if it was saved by a run of
+    the same job: same data, base model and training config (``fingerprint``). Otherwise remove
+    it, so the launch starts clean. Returns the optimiser step the launch will resume from."""
+    state_dir = Path(state_dir)
+    stamp_file = state_dir / "w2s-fingerprint.json"
+    stamp = json.dumps(fingerprint, sort_keys=True, default=str)
+    if state_dir.exists():
+        try:
+            same = stamp_file.read_text(encoding="utf-8") == stamp
+        except FileNotFoundError:
+            same = False
+        if not same:
+            shutil.rmtree(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    stamp_file.write_text(stamp, encoding="utf-8")
+    latest = state_dir / "latest"
+    tag = latest.read_text(encoding="utf-8").strip() if latest.is_file() else ""
+    return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else 0
+
+
 def free_port() -> int:
     """A TCP port free on this host right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -78,22 +338,33 @@ def build_command(
     num_ranks: int,
     master_port: int,
     visible_devices: str | None = None,
+    cluster: ClusterSpec | None = None,
 ) -> list[str]:
-    """The DeepSpeed launcher command line for one job on this host.
+    """The DeepSpeed launcher command line for one job.
 
-    With ``CUDA_VISIBLE_DEVICES`` set, the launcher's ``--num_gpus`` would ignore it and use
-    devices 0..N-1, so the visible devices are named with ``--include localhost:<ids>`` instead.
+    One node: with devices named (``cluster.gpus`` or ``CUDA_VISIBLE_DEVICES``) the launcher's
+    ``--num_gpus`` would ignore them and use devices 0..N-1, so they are named with
+    ``--include localhost:<ids>`` instead. Several nodes: ``--hostfile`` with every slot, the
+    backend (``--launcher``) and the master address.
     """
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
-    devices = [d for d in (visible_devices or "").split(",") if d.strip()]
-    if devices:
-        if num_ranks > len(devices):
-            raise ValueError(
-                f"num_ranks: {num_ranks} ranks but only {len(devices)} visible devices ({visible_devices})"
-            )
-        cmd += ["--include", "localhost:" + ",".join(devices[:num_ranks])]
+    if cluster is not None and cluster.multi_node:
+        first_host = next(iter(cluster.hosts))
+        cmd += ["--hostfile", str(cluster.hostfile), "--launcher", cluster.launcher]
+        cmd += ["--master_addr", cluster.master_addr or first_host]
+        if cluster.launcher_args:
+            cmd += ["--launcher_args", cluster.launcher_args]
+        if not cluster.ssh_check:
+            cmd += ["--no_ssh_check"]
     else:
-        cmd += ["--num_gpus", str(num_ranks)]
+        named = cluster.gpus if cluster is not None and cluster.gpus else visible_devices
+        devices = [d.strip() for d in (named or "").split(",") if d.strip()]
+        if devices:
+            if num_ranks > len(devices):
+                raise ValueError(f"num_ranks: {num_ranks} ranks but only {len(devices)} visible devices ({named})")
+            cmd += ["--include", "localhost:" + ",".join(devices[:num_ranks])]
+        else:
+            cmd += ["--num_gpus", str(num_ranks)]
     cmd += ["--master_port", str(master_port), "--module", "--no_local_rank", module]
     cmd += ["--config", str(job_file)]
     return cmd
@@ -111,15 +382,24 @@ def launch_training(
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     env: Mapping[str, str] | None = None,
     tail_lines: int = 80,
+    cluster: ClusterSpec | None = None,
+    status_dir: Path | None = None,
 ) -> LaunchResult:
-    """Run ``module`` (e.g. ``"models.train.sft"``) on ``num_ranks`` local ranks with ``job_file``.
+    """Run ``module`` (e.g. ``"models.train.sft"``) with ``job_file`` on ``num_ranks`` local ranks,
+    or on every slot of ``cluster``'s hostfile.
 
     Blocks until the launcher exits or ``timeout_s`` passes (then the process group is killed).
-    Output is appended to ``log_path``. With ``check`` (the default) a non-zero exit or a timeout
-    raises :class:`LaunchError`; otherwise the result says what happened.
+    Output is appended to ``log_path``. With ``status_dir`` (where the job file tells the ranks to
+    write their exit records) every rank's record is checked too. With ``check`` (the default) a
+    failure raises :class:`LaunchError`; otherwise ``result.failure`` says what happened.
     """
     if num_ranks < 1:
         raise ValueError(f"num_ranks: must be >= 1, got {num_ranks}")
+    cluster = cluster or ClusterSpec()
+    world_size = cluster.world_size(num_ranks)
+    if status_dir is not None:
+        status_dir = Path(status_dir)
+        shutil.rmtree(status_dir, ignore_errors=True)  # records of an earlier launch are not this one's
     job_file = Path(job_file).resolve()
     if not job_file.is_file():
         raise FileNotFoundError(f"job_file: {job_file} does not exist")
@@ -138,8 +418,9 @@ def launch_training(
         module,
         job_file,
         num_ranks=num_ranks,
-        master_port=master_port or free_port(),
+        master_port=master_port or cluster.master_port or free_port(),
         visible_devices=run_env.get("CUDA_VISIBLE_DEVICES"),
+        cluster=cluster,
     )
 
     tail: deque[str] = deque(maxlen=tail_lines)
@@ -193,18 +474,33 @@ def launch_training(
             log.write(f"[launch] timed out after {timeout_s} s; process group killed\n")
             tail.append(f"[launch] timed out after {timeout_s} s; process group killed")
 
+    log_tail = "\n".join(tail)
+    ranks = check_ranks(status_dir, world_size) if status_dir is not None else []
+    failure = failure_reason(
+        returncode=proc.returncode, timed_out=timed_out, timeout_s=timeout_s, ranks=ranks, log_tail=log_tail
+    )
+    if failure is None and (proc.returncode != 0 or timed_out):  # defensive: never report a failed run ok
+        failure = f"launcher exited with status {proc.returncode}"
     result = LaunchResult(
         returncode=proc.returncode,
         command=command,
-        log_tail="\n".join(tail),
+        log_tail=log_tail,
         duration_s=duration,
         timed_out=timed_out,
         progress=progress,
+        world_size=world_size,
+        ranks=ranks,
+        env=redact_env(run_env),
+        cluster=cluster.describe(),
+        log_path=str(log_path),
+        failure=failure,
     )
     if check and timed_out:
         raise LaunchError(f"{module} timed out after {timeout_s} s", result)
     if check and result.returncode != 0:
         raise LaunchError(f"{module} exited with code {result.returncode}", result)
+    if check and failure is not None:
+        raise LaunchError(f"{module} failed: {failure}", result)
     return result
 
 
