@@ -196,7 +196,18 @@ def run_pairs(ctx: JobContext) -> None:
 
 
 def run_train(ctx: JobContext) -> None:
-    from workers.launch import launch_training
+    """Fine-tune the round's student under DeepSpeed; register the output as a candidate only
+    when it is complete and its tensors match the model.
+
+    Every attempt of a job shares `jobs/job<ID>/` in the checkpoint store: the training file, the
+    job file, one log per attempt, the ranks' exit records, and the DeepSpeed state saved every
+    `save_every_steps` updates. A retry resumes from that state when it was saved by a run with
+    the same data and config, and starts clean otherwise. A failed launch records on the job what
+    happened (command, redacted environment, each rank's exit, the reason) and removes whatever
+    output it left; the student is never touched.
+    """
+    from models.train.checkpoint import CheckpointMismatch, verify_checkpoint
+    from workers.launch import ClusterSpec, default_num_ranks, launch_training, prepare_state_dir
 
     variant = ctx.payload["variant"]
     with ctx.session() as session:
@@ -225,47 +236,85 @@ def run_train(ctx: JobContext) -> None:
     store = ctx.settings.checkpoint_dir
     name = f"round{ctx.round_id}-{variant}"
     output_dir = checkpoint_path(store, name)  # refuses a name that leaves the store
-    work_dir = checkpoint_path(store, f"jobs/job{ctx.job_id}-attempt{ctx.attempt}")
-    work_dir.mkdir(parents=True, exist_ok=True)
-    train_file = work_dir / "train.jsonl"
-    with train_file.open("w") as f:
-        for example in examples:
-            f.write(json.dumps(example) + "\n")
+    job_dir = checkpoint_path(store, f"jobs/job{ctx.job_id}")  # shared by the job's attempts
+    job_dir.mkdir(parents=True, exist_ok=True)
+    train_file = job_dir / "train.jsonl"
+    train_file.write_text("".join(json.dumps(example) + "\n" for example in examples))
     data_hash = hashlib.sha256(train_file.read_bytes()).hexdigest()
+    state_dir = job_dir / "state"
 
+    launch: dict[str, Any] | None = None
     if not (output_dir / "w2s.json").is_file():  # a previous attempt may have finished training already
-        for partial in [output_dir, *store.glob(f"{name}.tmp-*")]:  # what an interrupted attempt left
-            shutil.rmtree(partial, ignore_errors=True)
-        job_file = work_dir / "job.json"
+        _remove_partial_outputs(store, name)
+        training = config.training.model_dump(mode="json", exclude={"num_ranks", "timeout_s"})
+        resumed_from = prepare_state_dir(state_dir, {"data_sha256": data_hash, "base_model": student_path,
+                                                     "training": training, "seed": config.seed, "stage": stage})
+        status_dir = job_dir / f"ranks-attempt{ctx.attempt}"
+        job_file = job_dir / "job.json"
         job_file.write_text(json.dumps({
             "base_model": student_path,
             "train_file": str(train_file),
             "output_dir": str(output_dir),
             "lineage": {"parent": student_id, "parent_path": student_path, "round": ctx.round_id, "stage": stage,
                         "iteration": iteration, "variant": variant, "examples": len(examples),
-                        "data_sha256": data_hash, "config": config.model_dump(mode="json")},
-            **config.training.model_dump(exclude={"num_ranks", "timeout_s"}),
+                        "data_sha256": data_hash, "job": ctx.job_id, "attempt": ctx.attempt,
+                        "config": config.model_dump(mode="json")},
+            **training,
             "seed": config.seed,
+            "state_dir": str(state_dir),
+            "status_dir": str(status_dir),
         }, indent=2))
-        log_path = work_dir / "train.log"
+        log_path = job_dir / f"attempt{ctx.attempt}.log"
         ctx.set_log_path(str(log_path))
         module = "models.train.preference" if stage == "preference" else "models.train.sft"
-        result = launch_training(module, job_file, num_ranks=config.training.num_ranks,
-                                 log_path=log_path, timeout_s=config.training.timeout_s, check=False)
-        if result.returncode != 0 or not (output_dir / "w2s.json").is_file():
-            shutil.rmtree(output_dir, ignore_errors=True)
-            why = "timed out" if result.timed_out else f"exited with status {result.returncode}"
-            raise RuntimeError(f"training {why}; log {log_path}:\n{result.log_tail[-1500:]}")
+        result = launch_training(module, job_file, num_ranks=config.training.num_ranks or default_num_ranks(),
+                                 log_path=log_path, timeout_s=config.training.timeout_s, check=False,
+                                 cluster=ClusterSpec.from_env(), status_dir=status_dir)
+        launch = {**result.record(), "attempt": ctx.attempt, "resumed_from_step": resumed_from}
+        failure = result.failure or (None if (output_dir / "w2s.json").is_file() else
+                                     f"the launch ended without writing {output_dir}")
+        if failure is not None:
+            _remove_partial_outputs(store, name)
+            _record_launch(ctx, {**launch, "failure": failure})
+            raise TrainingFailed(f"training failed: {failure}\nlog: {log_path}\n"
+                                 f"--- last lines ---\n{result.log_tail[-1200:]}")
 
+    try:
+        saved = verify_checkpoint(output_dir)
+    except CheckpointMismatch as exc:
+        _remove_partial_outputs(store, name)
+        if launch is not None:
+            _record_launch(ctx, {**launch, "failure": str(exc)})
+        raise TrainingFailed(f"training wrote a checkpoint that does not match its model: {exc}") from None
     metrics_file = output_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     with ctx.session() as session:
         insert_ignore(session, Checkpoint, [{
             "name": name, "path": str(output_dir), "role": student_role, "status": "candidate",
             "parent_id": student_id, "lineage_root_id": lineage_root_id, "round_id": ctx.round_id,
-            "variant": variant, "metrics": {"train": metrics}, "created_at": utcnow()}])
+            "variant": variant, "metrics": {"train": metrics, "saved": saved}, "created_at": utcnow()}])
         checkpoint_id = session.scalar(select(Checkpoint.id).where(Checkpoint.name == name))
-        ctx.finish(session, {"checkpoint_id": checkpoint_id, "examples": len(examples), "train": metrics})
+        ctx.finish(session, {"checkpoint_id": checkpoint_id, "examples": len(examples), "train": metrics,
+                             "saved": saved, **({"launch": launch} if launch else {})})
+    shutil.rmtree(state_dir, ignore_errors=True)  # registered: nothing left to resume
+
+
+class TrainingFailed(RuntimeError):
+    """A training launch that failed; the message has the reason, the log path and its tail."""
+
+
+def _remove_partial_outputs(store, name: str) -> None:
+    """What an interrupted or failed attempt left of the output: the directory and temporary ones."""
+    for partial in [store / name, *store.glob(f"{name}.tmp-*")]:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _record_launch(ctx: JobContext, launch: dict[str, Any]) -> None:
+    """Keep a failed attempt's launch record on the job (`jobs show` prints it), fenced like every
+    job write: only while this attempt still owns the job."""
+    with ctx.session() as session:
+        session.execute(update(Job).where(Job.id == ctx.job_id, Job.attempts == ctx.attempt, Job.state == "running")
+                        .values(result={"launch": launch}))
 
 
 def _write_gold_examples(session, round_id: int, dataset_id: int, limit: int | None) -> None:
