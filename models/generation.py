@@ -90,6 +90,8 @@ def generate(
 
     if not prompts:
         return []
+    if getattr(loaded.model, "replays", False):  # models/replay.py: recorded responses, no model
+        return loaded.model.generate(prompts, num_samples=num_samples)
     sampling = dict(do_sample=False)
     if do_sample:
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)

@@ -20,6 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from models.replay import is_replay_dir, load_replay
+
 # Workers log their own progress; a per-load progress bar only clutters job logs.
 hf_logging.disable_progress_bar()
 
@@ -43,6 +45,8 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
         raise CheckpointError(path, "no such directory")
     if not path.is_dir():
         raise CheckpointError(path, "not a directory")
+    if is_replay_dir(path):  # a model-free replay checkpoint (models/replay.py)
+        return path
     if not (path / "config.json").is_file():
         raise CheckpointError(path, "config.json is missing")
     if not _weight_files(path):
@@ -57,6 +61,22 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(path, f"no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
     return path
+
+
+# Models whose own Python code may run at load time, by name (a directory's name) or full path,
+# comma-separated. Set by an operator who has read that code; empty by default.
+REMOTE_CODE_ENV = "W2S_TRUST_REMOTE_CODE"
+
+
+def check_remote_code(path: Path, trust_remote_code: bool) -> None:
+    """trust_remote_code runs Python shipped with the checkpoint: only for models an operator allowed."""
+    if not trust_remote_code:
+        return
+    allowed = {item.strip() for item in os.environ.get(REMOTE_CODE_ENV, "").split(",") if item.strip()}
+    resolved = Path(path).resolve()
+    if resolved.name not in allowed and str(resolved) not in allowed:
+        raise CheckpointError(path, f"trust_remote_code was asked for, but this model is not allowed to run its "
+                                    f"own code: add its name ({resolved.name}) to {REMOTE_CODE_ENV}")
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -106,6 +126,9 @@ def load_model(
 ) -> LoadedModel:
     """Load a local checkpoint for generation: eval mode, on ``device``, left-padding tokenizer."""
     path = check_checkpoint_dir(path).resolve()
+    if is_replay_dir(path):
+        return load_replay(path)
+    check_remote_code(path, trust_remote_code)
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     stamp = fingerprint(path)  # before loading: a rewrite during the load shows up next time

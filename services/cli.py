@@ -393,11 +393,30 @@ def round_resume(app: App, round_id: int, wait: bool | None) -> None:
 
     with app.session() as session:
         job_ids = resume_round(session, round_id)
+        state = session.get(Round, round_id).state
     enqueue(job_ids)
+    if state != "running":
+        console.print(f"round {round_id} is {state}: nothing to resume")
+        return
     console.print(f"round {round_id}: {len(job_ids)} queued jobs sent")
     if wait if wait is not None else app.settings.embedded:
         _wait_for_round(app, round_id)
         _print_status(app, round_id)
+
+
+@round_.command("cancel")
+@click.argument("round_id", type=int)
+@pass_app
+def round_cancel(app: App, round_id: int) -> None:
+    """Cancel a running round: queued jobs are revoked, running ones stopped. Returns once they have."""
+    from workers.cancel import cancel
+
+    stopped = cancel(app.settings, round_id)
+    console.print(f"round {round_id} cancelled: {stopped.queued} queued job(s) revoked, "
+                  f"{stopped.running} running job(s) stopped")
+    if stopped.unconfirmed:
+        console.print(f"not confirmed stopped (their workers are unreachable; their writes are refused): "
+                      f"jobs {', '.join(map(str, stopped.unconfirmed))}")
 
 
 # --- pipelines -----------------------------------------------------------------------------------
@@ -544,28 +563,35 @@ def export(app: App, round_id: int, fmt: str, variant: str | None, out: Path) ->
 
 
 @cli.command("worker")
-@click.option("--queues", default=",".join(QUEUES), show_default=True, help="Comma-separated queues to consume.")
-@click.option("--concurrency", type=int, default=1, show_default=True, help="Processes (1 per GPU for model queues).")
+@click.option("--role", "roles", default=None, help="weak, strong, train or control (comma-separated for several).")
+@click.option("--queues", default=None, help=f"Queues to consume, instead of --role (default: {','.join(QUEUES)}).")
+@click.option("--gpus", default=None, help="GPU indices, e.g. 0,1: model roles run one process per GPU.")
+@click.option("--concurrency", type=int, default=None, help="Processes (default: 1 per GPU for model roles, else 1).")
 @click.option("--loglevel", default="info", show_default=True)
-@click.option("--hostname", default=None, help="Celery node name (default: w2s@<host>).")
+@click.option("--hostname", default=None, help="Celery node name (default: celery@<host>).")
 @pass_app
-def worker(app: App, queues: str, concurrency: int, loglevel: str, hostname: str | None) -> None:
+def worker(app: App, roles: str | None, queues: str | None, gpus: str | None, concurrency: int | None,
+           loglevel: str, hostname: str | None) -> None:
     """Consume jobs from the broker (W2S_BROKER_URL)."""
+    import os
+
+    from celery.utils.nodenames import default_nodename, host_format
+
+    from workers.delivery import load_delivery
+    from workers.roles import apply_gpus, celery_argv, plan_worker, start_watchdog
+
     if app.settings.embedded:
         raise click.ClickException("W2S_BROKER_URL is not set: embedded mode runs jobs in-process, no worker needed")
-    names = [q.strip() for q in queues.split(",") if q.strip()]
-    unknown = [q for q in names if q not in QUEUES]
-    if unknown:
-        raise click.BadParameter(f"unknown queue(s) {', '.join(unknown)}; expected some of {', '.join(QUEUES)}",
-                                 param_hint="--queues")
+    plan = plan_worker(roles=roles, queues=queues, gpus=gpus, concurrency=concurrency)
+    delivery = load_delivery()
     ensure_schema(app.settings.database_url)
+    apply_gpus(plan)
+    os.environ["W2S_WORKER_NAME"] = host_format(default_nodename(hostname))  # job owners name the node
     from workers.app import app as celery_app
 
-    argv = ["worker", f"--queues={','.join(names)}", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
-            "--prefetch-multiplier=1", "--without-gossip", "--without-mingle"]
-    if hostname:
-        argv.append(f"--hostname={hostname}")
-    celery_app.worker_main(argv)
+    if plan.watchdog:
+        start_watchdog(delivery.watchdog_s)
+    celery_app.worker_main(celery_argv(plan, loglevel=loglevel, hostname=hostname))
 
 
 # --- demo ----------------------------------------------------------------------------------------

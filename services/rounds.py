@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Generation, Job, Question, Round, utcnow
@@ -34,6 +35,7 @@ from db.session import insert_ignore
 from services.config import AnyRoundConfig, PreferenceRoundConfig, SFTRoundConfig, WeakSFTRoundConfig, parse_round_config
 from services.errors import InputError, NotFound, StateError
 from services.registry import current_student, get_checkpoint, get_dataset, lineage_root
+from workers.delivery import load_delivery
 
 TERMINAL_ROUND_STATES = ("done", "failed", "cancelled")
 
@@ -149,6 +151,7 @@ def advance(session: Session, round_id: int) -> list[int]:
         raise NotFound(f"round {round_id} does not exist")
     if round_.state in TERMINAL_ROUND_STATES:
         return []
+    requeued = expire_leases(session, round_id)
     jobs = {job.key: job for job in session.scalars(select(Job).where(Job.round_id == round_id))}
 
     failed = [job for job in jobs.values() if job.state == "failed"]
@@ -164,11 +167,13 @@ def advance(session: Session, round_id: int) -> list[int]:
         plan = plan_preference(round_, config, jobs)
     else:
         plan = plan_sft(session, round_, config, jobs)
-    new_ids = insert_ignore(
+    max_attempts = load_delivery().max_attempts
+    new_ids = requeued + insert_ignore(
         session,
         Job,
         [{"round_id": round_id, "key": spec.key, "step": step_of(spec.key), "kind": spec.kind, "queue": spec.queue,
-          "state": "queued", "payload": spec.payload} for spec in plan if spec.key not in jobs],
+          "state": "queued", "payload": spec.payload, "max_attempts": max_attempts}
+         for spec in plan if spec.key not in jobs],
     )
     promote = jobs.get("promote")
     if promote is not None and promote.state == "done":
@@ -176,6 +181,36 @@ def advance(session: Session, round_id: int) -> list[int]:
         round_.outcome = (promote.result or {}).get("outcome")
         new_ids += _next_in_pipeline(session, round_)
     return new_ids
+
+
+def expire_leases(session: Session, round_id: int) -> list[int]:
+    """Running jobs whose owner stopped heart-beating: back to the queue (ids returned, to be sent
+    again), or failed once they have used every attempt (a job that kills its worker every time).
+
+    Each change is a compare-and-set on the expired heartbeat: a heartbeat that lands first wins,
+    and a zombie owner that wakes up later finds its attempt superseded and writes nothing.
+    """
+    delivery = load_delivery()
+    now = utcnow()
+    requeued = []
+    for kind in sorted(set(session.scalars(select(Job.kind).where(Job.round_id == round_id, Job.state == "running")))):
+        cutoff = now - timedelta(seconds=delivery.lease(kind))
+        stale = session.execute(select(Job.id, Job.attempts, Job.max_attempts, Job.owner, Job.heartbeat_at).where(
+            Job.round_id == round_id, Job.kind == kind, Job.state == "running", Job.heartbeat_at < cutoff)).all()
+        for job_id, attempts, max_attempts, owner, heartbeat_at in stale:
+            lost = f"attempt {attempts} lost: its worker {owner} stopped heart-beating at {heartbeat_at:%Y-%m-%d %H:%M:%S}"
+            if attempts >= max_attempts:
+                values = {"state": "failed", "finished_at": now,
+                          "error": f"{lost}; gave up after {attempts} attempts (does the job kill its worker, "
+                                   "e.g. by running out of memory?)"}
+            else:
+                values = {"state": "queued", "error": lost}
+            changed = session.execute(update(Job).where(
+                Job.id == job_id, Job.state == "running", Job.attempts == attempts, Job.heartbeat_at < cutoff,
+            ).values(**values).execution_options(synchronize_session=False)).rowcount
+            if changed and values["state"] == "queued":
+                requeued.append(job_id)
+    return requeued
 
 
 def _next_in_pipeline(session: Session, round_: Round) -> list[int]:
@@ -321,13 +356,42 @@ def get_round(session: Session, round_id: int) -> Round:
 
 
 def resume_round(session: Session, round_id: int) -> list[int]:
-    """Re-plan what is missing and return every queued job id (to be re-sent); safe to repeat."""
-    round_ = get_round(session, round_id)
-    if round_.state in TERMINAL_ROUND_STATES:
-        raise StateError(f"round {round_id} is {round_.state}: nothing to resume")
+    """Re-plan what is missing (new steps, jobs whose lease expired) and return every queued job id,
+    to be re-sent. Safe to repeat: a second message for a job is dropped by the claim; a finished
+    round gives no ids."""
+    get_round(session, round_id)
     advance(session, round_id)
     session.flush()
     return list(session.scalars(select(Job.id).where(Job.round_id == round_id, Job.state == "queued").order_by(Job.id)))
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    queued: list[int]  # jobs that never started: their messages are revoked
+    running: list[int]  # jobs that were running: their workers stop them (see workers.runner)
+
+
+def cancel_round(session: Session, round_id: int, reason: str = "cancelled by the operator") -> Cancelled:
+    """Mark the round and its unfinished jobs cancelled, in one transaction under the round's lock.
+
+    From the commit on, nothing of the round can start (a claim needs a queued job) nor keep
+    anything (every write of a running attempt is fenced on the job being running), and `advance`
+    plans nothing more. Stopping the running attempts' processes is the caller's part.
+    """
+    round_ = session.scalar(select(Round).where(Round.id == round_id).with_for_update())
+    if round_ is None:
+        raise NotFound(f"round {round_id} does not exist")
+    if round_.state in TERMINAL_ROUND_STATES:
+        raise StateError(f"round {round_id} is already {round_.state}")
+    open_jobs = session.execute(select(Job.id, Job.state).where(
+        Job.round_id == round_id, Job.state.in_(("queued", "running"))).with_for_update()).all()
+    now = utcnow()
+    session.execute(update(Job).where(Job.id.in_([job_id for job_id, _ in open_jobs]))
+                    .values(state="cancelled", finished_at=now, error=reason)
+                    .execution_options(synchronize_session=False))
+    round_.state, round_.finished_at, round_.error = "cancelled", now, reason
+    return Cancelled(queued=[j for j, state in open_jobs if state == "queued"],
+                     running=[j for j, state in open_jobs if state == "running"])
 
 
 def checkpoint_for(session: Session, round_: Round, voter: str) -> Checkpoint:

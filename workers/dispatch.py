@@ -30,7 +30,34 @@ def enqueue(job_ids: Iterable[int], *, countdown: float | None = None) -> None:
         jobs = session.scalars(select(Job).where(Job.id.in_(job_ids)).order_by(Job.id)).all()
         routes = [(job.id, job.kind, job.queue) for job in jobs]
     for job_id, kind, queue in routes:
-        TASKS[kind].apply_async(args=[job_id], queue=queue, countdown=countdown)
+        TASKS[kind].apply_async(args=[job_id], queue=queue, countdown=countdown, task_id=task_id(job_id))
+
+
+def task_id(job_id: int) -> str:
+    """Every message for one job carries the same id, so `revoke` reaches every copy of it."""
+    return f"w2s-job-{job_id}"
+
+
+def revoke(job_ids: Iterable[int]) -> None:
+    """Tell every worker to drop the messages of these jobs (queued, or waiting for a retry).
+
+    Belt and braces: a message of a cancelled job that does get delivered finds the job
+    cancelled in the database and runs nothing. Running jobs are stopped by their heartbeat.
+    """
+    ids = [task_id(job_id) for job_id in job_ids]
+    if not ids or load_settings().embedded:
+        return
+    from workers.app import app
+
+    app.control.revoke(ids)
+
+
+def discard_local(job_ids: Iterable[int]) -> None:
+    """Embedded mode: forget queued jobs (a cancelled round's)."""
+    drop = set(job_ids)
+    kept = [job_id for job_id in _local_queue if job_id not in drop]
+    _local_queue.clear()
+    _local_queue.extend(kept)
 
 
 def drain(on_job_done: Callable[[int], None] | None = None) -> int:

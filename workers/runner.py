@@ -1,19 +1,24 @@
-"""Running one job: claim it, run its handler, record the outcome, advance the round.
+"""Running one job: claim it, run its handler under a heartbeat, record the outcome, advance the round.
 
 The attempt number is a fencing token: a job's results are committed only in a transaction that
 also checks the job is still running under the same attempt, so a worker that lost its claim
-(its lease expired and another worker took over) writes nothing.
+(its lease expired and another worker took over, or the round was cancelled) writes nothing.
+While the handler runs, a heartbeat thread renews the lease; when a heartbeat finds the attempt
+superseded it stops the handler (and with it a training launch's process group).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import socket
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -24,20 +29,29 @@ from db.schema import Job, Round, utcnow
 from db.session import session_scope
 from services.config import Settings, load_settings
 from services.rounds import TERMINAL_ROUND_STATES, advance
+from workers.delivery import DeliverySettings, load_delivery
 
 log = logging.getLogger("w2s.worker")
 
-# A running job whose worker has not heart-beaten for this long may be claimed again.
-LEASE = timedelta(minutes=30)
-RETRY_BACKOFF_S = 30.0
+# Test-only: "after-finish:<kind>" kills this worker (its whole process group, like kill -9) right
+# after a job of that kind committed its results and before the round advances: the window a
+# `round resume` must repair.
+FAILPOINT_ENV = "W2S_FAILPOINT"
 
 
 class Superseded(RuntimeError):
     """This attempt no longer owns the job: its results must not be kept."""
 
 
+class JobStopped(BaseException):
+    """Raised inside a running handler by its heartbeat when the attempt lost the job (cancelled,
+    or re-planned after its lease expired). A BaseException, so a handler's `except Exception`
+    does not swallow it."""
+
+
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """`<node>:<pid>`: the Celery node name (`w2sctl worker` exports it), else the host name."""
+    return f"{os.environ.get('W2S_WORKER_NAME') or socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -49,6 +63,8 @@ class JobContext:
     round_id: int
     attempt: int
     payload: dict[str, Any]
+    kind: str = ""
+    lost: threading.Event = field(default_factory=threading.Event)  # set once this attempt lost the job
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -76,8 +92,58 @@ class JobContext:
         with self.session() as session:
             self._fence(session, log_path=path)
 
+    def beat(self) -> None:
+        """Renew the lease, fenced: raises Superseded if this attempt no longer owns the job."""
+        with self.session() as session:
+            self._fence(session)
 
-def claim(session: Session, job_id: int) -> Job | None:
+
+class Heartbeat:
+    """Renews a job's lease every `interval` seconds from a thread; stops the handler (raises
+    JobStopped in its thread) when a beat finds the attempt superseded. A beat that cannot reach
+    the database is only logged: the lease decides, and it outlives several missed beats."""
+
+    def __init__(self, ctx: JobContext, interval: float) -> None:
+        self.ctx, self.interval = ctx, interval
+        self._target = threading.get_ident()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._armed = True
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-job{ctx.job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._armed = False
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.ctx.beat()
+            except Superseded as exc:
+                log.warning("%s: stopping it", exc)
+                self.ctx.lost.set()
+                with self._lock:
+                    if self._armed:
+                        _raise_in_thread(self._target, JobStopped)
+                return
+            except Exception as exc:  # noqa: BLE001 - the database or the network is down for now
+                log.warning("job %s heartbeat failed: %s", self.ctx.job_id, exc)
+
+
+def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> None:
+    """Deliver `exc_type` in another thread at its next Python instruction (CPython's documented
+    PyThreadState_SetAsyncExc): generation loops and the training launch's wait return to Python
+    often, and the launch kills its process group on any exception."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
+
+
+def claim(session: Session, job_id: int, lease: timedelta) -> Job | None:
     """Take a queued job (or one whose lease expired) with a conditional update; None if not ours."""
     now = utcnow()
     result = session.execute(
@@ -85,7 +151,7 @@ def claim(session: Session, job_id: int) -> Job | None:
         .where(
             Job.id == job_id,
             Job.attempts < Job.max_attempts,
-            or_(Job.state == "queued", (Job.state == "running") & (Job.heartbeat_at < now - LEASE)),
+            or_(Job.state == "queued", (Job.state == "running") & (Job.heartbeat_at < now - lease)),
         )
         .values(state="running", attempts=Job.attempts + 1, owner=worker_id(), heartbeat_at=now, started_at=now,
                 progress=0.0)
@@ -96,8 +162,8 @@ def claim(session: Session, job_id: int) -> Job | None:
 
 
 def run_job(job_id: int, handler: Callable[[JobContext], None], *, enqueue: Callable[..., None]) -> str:
-    """Claim, run, record, advance. Returns what happened, for logs and tests."""
-    settings = load_settings()
+    """Claim, run under a heartbeat, record, advance. Returns what happened, for logs and tests."""
+    settings, delivery = load_settings(), load_delivery()
     with session_scope(settings.database_url) as session:
         job = session.get(Job, job_id)
         if job is None:
@@ -105,13 +171,14 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, enqueue: Call
             return "missing"
         round_ = session.get(Round, job.round_id)
         if round_.state in TERMINAL_ROUND_STATES:
-            if job.state in ("queued", "running"):
+            if job.state == "queued":
                 job.state, job.finished_at = "cancelled", utcnow()
             return "round-over"
-        job = claim(session, job_id)
+        kind = job.kind
+        job = claim(session, job_id, timedelta(seconds=delivery.lease(kind)))
         if job is None:
             return "not-claimed"  # done, running elsewhere, or out of attempts
-        ctx = JobContext(settings, job.id, job.round_id, job.attempts, dict(job.payload or {}))
+        ctx = JobContext(settings, job.id, job.round_id, job.attempts, dict(job.payload or {}), kind=kind)
         retry_left = job.attempts < job.max_attempts
 
     from services.logs import bind_job  # every log line of this job carries its ids
@@ -119,21 +186,42 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, enqueue: Call
     bind_job(round_id=ctx.round_id, job_id=job_id, attempt=ctx.attempt)
     log.info("job %s attempt %s started", job_id, ctx.attempt, extra={"round_id": ctx.round_id, "job_id": job_id})
     try:
-        handler(ctx)
-        outcome = "done"
-    except Superseded as exc:
-        log.warning("%s", exc)
+        try:
+            with Heartbeat(ctx, delivery.heartbeat(kind)):
+                handler(ctx)
+            outcome = "done"
+        finally:
+            _release_if_cancelled(ctx)
+    except (Superseded, JobStopped) as exc:
+        log.warning("job %s attempt %s stopped: %s", job_id, ctx.attempt, exc or "it no longer owns the job")
         return "superseded"
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
         log.exception("job %s attempt %s failed", job_id, ctx.attempt)
         outcome = _record_failure(settings, ctx, exc, retry_left)
 
+    _failpoint("after-finish", kind)
     with session_scope(settings.database_url) as session:
         new_ids = advance(session, ctx.round_id)
     enqueue(new_ids)
     if outcome == "retry":  # back off: transient causes (a busy GPU, a network blip) get time to clear
-        enqueue([job_id], countdown=RETRY_BACKOFF_S * 2 ** (ctx.attempt - 1))
+        enqueue([job_id], countdown=delivery.retry_backoff_s * 2 ** (ctx.attempt - 1))
     return outcome
+
+
+def _release_if_cancelled(ctx: JobContext) -> None:
+    """Tell `round cancel` this attempt has stopped: a cancelled job's heartbeat_at becomes NULL."""
+    try:
+        with ctx.session() as session:
+            session.execute(update(Job).where(Job.id == ctx.job_id, Job.attempts == ctx.attempt,
+                                              Job.state == "cancelled").values(heartbeat_at=None))
+    except Exception as exc:  # noqa: BLE001 - cancel then waits for the lease instead
+        log.warning("job %s: could not record that it stopped: %s", ctx.job_id, exc)
+
+
+def _failpoint(point: str, kind: str) -> None:
+    if os.environ.get(FAILPOINT_ENV) == f"{point}:{kind}":
+        log.error("failpoint %s:%s: killing this worker's process group", point, kind)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def _record_failure(settings: Settings, ctx: JobContext, exc: Exception, retry_left: bool) -> str:

@@ -1,0 +1,102 @@
+"""Worker roles: which queues a worker consumes, how many processes, which GPUs each may use.
+
+A role is the name of its queue. Model roles (weak, strong) run one process per GPU, each process
+pinned to one GPU; a train worker runs one process that sees every GPU it was given (DeepSpeed
+starts one rank per GPU); a control worker needs no GPU and also runs the watchdog that re-plans
+jobs whose worker stopped heart-beating.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from services.config import QUEUES
+from services.errors import InputError
+
+MODEL_ROLES = ("weak", "strong")
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    queues: list[str]
+    concurrency: int
+    gpus: list[str]  # empty: no pinning (CPU, or the GPUs the environment already gives)
+    pin_per_process: bool  # each pool process gets one GPU of `gpus`
+    watchdog: bool
+
+
+def parse_list(text: str | None) -> list[str]:
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
+def plan_worker(*, roles: str | None, queues: str | None, gpus: str | None, concurrency: int | None) -> WorkerPlan:
+    """--role / --queues / --gpus / --concurrency → what the worker runs. Errors name the option."""
+    if roles and queues:
+        raise InputError("--role and --queues: give one of them (a role is the name of its queue)")
+    names = parse_list(roles or queues) or list(QUEUES)
+    option = "--role" if roles else "--queues"
+    unknown = [name for name in names if name not in QUEUES]
+    if unknown:
+        raise InputError(f"{option}: unknown {', '.join(unknown)}; expected some of {', '.join(QUEUES)}")
+    gpu_ids = parse_list(gpus)
+    if any(not gpu.isdigit() for gpu in gpu_ids):
+        raise InputError(f"--gpus: expected comma-separated GPU indices such as 0,1, got {gpus!r}")
+    if gpu_ids and not set(names) & {"weak", "strong", "train"}:
+        raise InputError("--gpus: only the weak, strong and train roles use GPUs")
+    pin = bool(gpu_ids) and set(names) <= set(MODEL_ROLES)
+    if concurrency is None:
+        concurrency = len(gpu_ids) if pin else 1
+    if concurrency < 1:
+        raise InputError(f"--concurrency: must be at least 1, got {concurrency}")
+    if pin and concurrency != len(gpu_ids):
+        raise InputError(f"--concurrency {concurrency} with --gpus {gpus}: model roles run one process per GPU")
+    return WorkerPlan(queues=names, concurrency=concurrency, gpus=gpu_ids, pin_per_process=pin,
+                      watchdog="control" in names)
+
+
+def celery_argv(plan: WorkerPlan, *, loglevel: str, hostname: str | None) -> list[str]:
+    argv = ["worker", f"--queues={','.join(plan.queues)}", f"--concurrency={plan.concurrency}",
+            f"--loglevel={loglevel}", "--prefetch-multiplier=1", "--without-gossip", "--without-mingle"]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    return argv
+
+
+def apply_gpus(plan: WorkerPlan) -> None:
+    """Before the pool starts: the GPUs every process may see; with pinning, each pool process
+    then narrows them to its own one (`pin_this_process`, on worker_process_init)."""
+    if plan.gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(plan.gpus)
+    if plan.pin_per_process:
+        os.environ["W2S_PIN_GPUS"] = ",".join(plan.gpus)
+
+
+def pin_this_process() -> None:
+    gpus = parse_list(os.environ.get("W2S_PIN_GPUS"))
+    if not gpus:
+        return
+    from billiard.process import current_process
+
+    index = getattr(current_process(), "index", 0) or 0
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+
+
+def start_watchdog(interval_s: float):
+    """Every interval, advance every running round: expired leases are re-planned, missed steps
+    planned, and what that yields is sent. Safe beside other watchdogs (advance locks the round).
+
+    A separate (spawned) process, not a thread: the worker forks its pool, and a fork taken while
+    a thread holds a lock (logging, imports, a connection pool) leaves the child stuck on it. It
+    exits when the worker does.
+    """
+    if interval_s <= 0:
+        return None
+    import multiprocessing
+
+    from workers.watchdog import watch
+
+    process = multiprocessing.get_context("spawn").Process(target=watch, args=(interval_s, os.getpid()),
+                                                           name="w2s-watchdog", daemon=True)
+    process.start()
+    return process
