@@ -614,6 +614,9 @@ from services.cli_eval import eval_group, solve_command  # noqa: E402  (LECO: so
 cli.add_command(solve_command)
 cli.add_command(eval_group)
 import services.cli_ops  # noqa: E402,F401  (monitoring: queues, jobs show/retry, round report, metrics)
+from services.cli_checkpoint import checkpoint_group  # noqa: E402  (LoRA: checkpoint merge)
+
+cli.add_command(checkpoint_group)
 
 if __name__ == "__main__":
     main()
