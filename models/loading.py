@@ -14,16 +14,15 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import logging as hf_logging
+from typing import TYPE_CHECKING, Any
 
 from models.replay import is_replay_dir, load_replay
 
 # Workers log their own progress; a per-load progress bar only clutters job logs.
-hf_logging.disable_progress_bar()
+# (Set when the first model loads: torch and transformers are imported then, not with this
+# module, so that commands that only need CheckpointError start in a fraction of a second.)
+if TYPE_CHECKING:
+    import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -107,11 +106,15 @@ class LoadedModel:
 
 
 def default_device() -> torch.device:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a CUDA device that supports it, fp32 elsewhere (CPU, older GPUs)."""
+    import torch
+
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -129,6 +132,11 @@ def load_model(
     if is_replay_dir(path):
         return load_replay(path)
     check_remote_code(path, trust_remote_code)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     stamp = fingerprint(path)  # before loading: a rewrite during the load shows up next time
@@ -207,6 +215,8 @@ class ModelCache:
     def _evict(self, key: tuple[str, bool]) -> None:
         del self._models[key]
         gc.collect()
+        import torch
+
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

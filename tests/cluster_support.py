@@ -150,10 +150,10 @@ class Cluster:
             register_model(session, name="weak", path=weak, role="weak")
             register_model(session, name="strong", path=strong, role="strong")
 
-    def start_round(self, *, pool: int, chunk: int, extra: tuple = ()) -> int:
+    def start_round(self, *, pool: int, chunk: int, extra: tuple = (), **env: str) -> int:
         out = self.w2sctl("round", "start", "--stage", "sft", "--weak", "weak", "--strong", "strong", "--pool", "pool",
                           "--eval", "test", "--pool-limit", pool, "--demonstrations", 0, "--variants", "hybrid",
-                          "--set", f"generation.chunk_size={chunk}", "--set", "generation.batch_size=4", *extra).stdout
+                          "--set", f"generation.chunk_size={chunk}", "--set", "generation.batch_size=4", *extra, **env).stdout
         assert "started" in out, out
         return int(out.split("round ", 1)[1].split()[0])
 

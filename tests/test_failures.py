@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import signal
 import time
+from datetime import datetime, timezone
 
 import pytest
 import redis
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from db.schema import Checkpoint, Generation, Job, Round
 from tests.cluster_support import Cluster, RedisServer, drop_database, free_port, fresh_database
@@ -48,7 +49,6 @@ def test_worker_killed_mid_generation_job_is_redelivered(cluster):
         # The generations of that chunk are the second attempt's: the first attempt kept nothing.
         assert set(session.scalars(select(Generation.job_id).where(
             Generation.question_id.in_(job.payload["question_ids"]), Generation.voter == job.payload["voter"]))) == {job.id}
-    assert "stopped heart-beating" in (job.error or "") or "watchdog" in b.log()
 
 
 def test_broker_restarted_mid_round(postgres_url, tmp_path):
@@ -95,8 +95,9 @@ def test_control_worker_killed_between_steps_then_resume_completes(cluster):
     assert cluster.round_state(round_id) == "running"
 
     first = cluster.w2sctl("round", "resume", round_id).stdout
-    second = cluster.w2sctl("round", "resume", round_id).stdout  # at once: duplicate messages only
-    assert "queued jobs sent" in first and "queued jobs sent" in second
+    second = cluster.w2sctl("round", "resume", round_id).stdout  # at once: duplicate messages at most
+    assert "1 queued jobs sent" in first, first  # the training job
+    assert "queued jobs sent" in second or "nothing to resume" in second, second
     round_ = cluster.wait_for_round(round_id)
     assert round_.state == "done", cluster.describe()
     cluster.check_generations_exactly_once(round_id, pool)
@@ -123,15 +124,16 @@ def test_crashing_training_job_fails_the_round_and_keeps_the_promoted_checkpoint
                                parent_id=strong.id, lineage_root_id=strong.id, variant="hybrid", metrics={},
                                promoted_at=strong.created_at))
     before = cluster.checkpoints()
-    cluster.start_worker("w", "weak,strong,train,control", W2S_MAX_ATTEMPTS="2")
-    round_id = cluster.start_round(pool=pool, chunk=4, extra=("--set", "training.timeout_s=120"))
+    cluster.start_worker("w", "weak,strong,train,control", W2S_MAX_ATTEMPTS="1")  # one launch: ~20 s
+    round_id = cluster.start_round(pool=pool, chunk=4, extra=("--set", "training.timeout_s=120"),
+                                   W2S_MAX_ATTEMPTS="1")
 
     round_ = cluster.wait_for_round(round_id, timeout=150)
     assert round_.state == "failed", cluster.describe()
-    assert "train:hybrid" in round_.error and "training exited with status" in round_.error, round_.error
+    assert "train:hybrid" in round_.error and "base_model" in round_.error, round_.error  # the reason
     with cluster.session() as session:
         train = session.scalar(select(Job).where(Job.round_id == round_id, Job.kind == "train"))
-        assert train.state == "failed" and train.attempts == 2
+        assert train.state == "failed" and train.attempts == 1 and "base_model" in train.error
         assert session.scalar(select(Job).where(Job.round_id == round_id, Job.kind == "promote")) is None
     assert cluster.checkpoints() == before  # nothing registered, nothing promoted or demoted
     assert not (cluster.tmp_path / "checkpoints" / f"round{round_id}-hybrid").exists()
@@ -139,35 +141,38 @@ def test_crashing_training_job_fails_the_round_and_keeps_the_promoted_checkpoint
 
 def test_cancel_during_generation_stops_every_job(cluster):
     pool = 8
-    cluster.setup(pool=pool, test=2, delay_s=0.5)
+    cluster.setup(pool=pool, test=2, delay_s=1.0)  # four questions a job: 4 s
     worker = cluster.start_worker("w", "weak,strong,train,control")
-    round_id = cluster.start_round(pool=pool, chunk=2)
-    running = cluster.wait_until(lambda: cluster.running_job("w@"), "a running generation job")
-    time.sleep(0.3)
+    round_id = cluster.start_round(pool=pool, chunk=4)
+    cluster.wait_until(lambda: cluster.job_count(round_id=round_id, kind="generate", state="done") >= 1
+                       and cluster.running_job("w@"), "a second generation job to be running")
 
     out = cluster.w2sctl("round", "cancel", round_id).stdout
-    acknowledged = time.time()
-    assert "cancelled" in out and "1 running job(s) stopped" in out, out
-    assert "not confirmed" not in out, out
+    acknowledged = datetime.now(timezone.utc)
+    assert "1 running job(s) stopped" in out and "not confirmed" not in out, out
+    generations = cluster.wait_until(lambda: _generation_count(cluster), "generations")
     time.sleep(3)  # the worker goes on taking the round's remaining messages
 
-    from datetime import datetime, timezone
-
-    ack = datetime.fromtimestamp(acknowledged, timezone.utc)
     with cluster.session() as session:
         round_ = session.get(Round, round_id)
         assert round_.state == "cancelled"
         jobs = session.scalars(select(Job).where(Job.round_id == round_id)).all()
         assert {job.state for job in jobs} <= {"done", "cancelled"}
-        assert all(job.started_at is None or job.started_at < ack for job in jobs)
-        assert all(job.finished_at is None or job.finished_at < ack for job in jobs)
-        stopped = session.get(Job, running.id)
-        assert stopped.state == "cancelled" and stopped.heartbeat_at is None  # its attempt said it stopped
+        assert all(job.started_at is None or job.started_at < acknowledged for job in jobs)
+        assert all(job.finished_at is None or job.finished_at < acknowledged for job in jobs)
+        stopped = [job for job in jobs if job.state == "cancelled" and job.attempts > 0]
+        assert len(stopped) == 1 and stopped[0].heartbeat_at is None  # its attempt said it stopped
         latest = session.scalar(select(Generation.created_at).order_by(Generation.created_at.desc()).limit(1))
-        assert latest is None or latest < ack
+        assert latest < acknowledged
         assert session.scalar(select(Job).where(Job.round_id == round_id, Job.kind == "vote")) is None
+    assert _generation_count(cluster) == generations  # nothing written after the acknowledgement
     assert worker.alive()
-    assert f"job {running.id} attempt 1 stopped" in worker.log()
+    assert f"job {stopped[0].id} attempt 1 stopped" in worker.log()
+
+
+def _generation_count(cluster) -> int:
+    with cluster.session() as session:
+        return session.scalar(select(func.count()).select_from(Generation))
 
 
 class _OpensAFile:

@@ -24,13 +24,13 @@ def enqueue(job_ids: Iterable[int], *, countdown: float | None = None) -> None:
     if settings.embedded:
         _local_queue.extend(job_ids)
         return
-    from workers.tasks import TASKS
+    from workers.app import app  # by task name: sending needs neither the handlers nor torch
 
     with session_scope(settings.database_url) as session:
         jobs = session.scalars(select(Job).where(Job.id.in_(job_ids)).order_by(Job.id)).all()
         routes = [(job.id, job.kind, job.queue) for job in jobs]
     for job_id, kind, queue in routes:
-        TASKS[kind].apply_async(args=[job_id], queue=queue, countdown=countdown, task_id=task_id(job_id))
+        app.send_task(f"w2s.{kind}", args=[job_id], queue=queue, countdown=countdown, task_id=task_id(job_id))
 
 
 def task_id(job_id: int) -> str:
