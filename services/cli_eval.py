@@ -16,6 +16,8 @@ from services.cli import App, Group, console, pass_app
 from services.config import STRATEGIES, StrategyConfig
 from services.errors import InputError
 
+MAX_NEW_TOKENS = {"gsm8k": 512, "math": 1024}  # ref (ALGORITHMS.md, LECO)
+
 
 def _strategy(strategy: str, samples: int, temperature: float, token_prob: str, max_rethinks: int, rethink: str,
               no_cache: bool) -> StrategyConfig:
@@ -41,8 +43,8 @@ def strategy_options(f):
         click.option("--no-cache", is_flag=True, help="leco: re-encode prompt and kept steps instead of reusing the KV cache."),
         click.option("--shots", type=click.IntRange(min=0, max=4), default=4, show_default=True,
                      help="Step-by-step demonstrations in the prompt (0: zero-shot)."),
-        click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
-                     help="ref: 512 for GSM8K, 1024 for MATH."),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+                     help="Default (ref): 512 for GSM8K, 1024 for MATH."),
         click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True),
     ]
     for option in reversed(options):
@@ -87,7 +89,7 @@ def solve_command(app: App, question: str, model: str, task: str, shots: int, ma
     strategy = _strategy(**options)
     loaded = _load(app, model)
     (solution,) = solve(loaded, [step_by_step(question, task, shots)], task, strategy,
-                        max_new_tokens=max_new_tokens, batch_size=batch_size)
+                        max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[task], batch_size=batch_size)
     if solution.leco is not None:
         _print_leco(solution.leco)
     else:
@@ -151,6 +153,7 @@ def eval_run(app: App, model: str, dataset: str, limit: int | None, seed: int, s
         if total == 0:
             raise InputError(f"dataset {ds.name!r} has no questions")
         checkpoint_id, dataset_id, path = checkpoint.id, ds.id, checkpoint.path
+        max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[ds.task]
     loaded = default_cache().get(path)
     label = eval_label(strategy, shots)
     with console.status(f"{label} on {total} questions") as status:
