@@ -13,7 +13,6 @@ import signal
 import subprocess
 
 import pytest
-import redis
 from sqlalchemy import select
 
 from db.schema import Generation, Job

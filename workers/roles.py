@@ -64,12 +64,17 @@ def celery_argv(plan: WorkerPlan, *, loglevel: str, hostname: str | None) -> lis
 
 
 def apply_gpus(plan: WorkerPlan) -> None:
-    """Before the pool starts: the GPUs every process may see; with pinning, each pool process
-    then narrows them to its own one (`pin_this_process`, on worker_process_init)."""
-    if plan.gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(plan.gpus)
+    """Before the pool starts. Model roles: each pool process narrows CUDA_VISIBLE_DEVICES to its
+    own GPU (`pin_this_process`, on worker_process_init). Train: the launch names the devices to
+    DeepSpeed (W2S_TRAIN_GPUS, workers.launch), which sets each rank's CUDA_VISIBLE_DEVICES."""
+    if not plan.gpus:
+        return
     if plan.pin_per_process:
         os.environ["W2S_PIN_GPUS"] = ",".join(plan.gpus)
+    elif "train" in plan.queues:
+        os.environ["W2S_TRAIN_GPUS"] = ",".join(plan.gpus)
+    else:  # a model role sharing a worker with train: every process sees the worker's GPUs
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(plan.gpus)
 
 
 def pin_this_process() -> None:
