@@ -408,7 +408,7 @@ class CachedStepGenerator:
         )
         new_tokens = out.sequences[:, width:]
         probs = _chosen_probs(out.logits, new_tokens, self.mode)
-        cache = out.past_key_values if _plain_cache(out.past_key_values) else None
+        cache = out.past_key_values if self.reuse_cache and _plain_cache(out.past_key_values) else None
         end_ids = {pad, *_eos_ids(self.loaded)}
         results = []
         for i, ids in enumerate(new_tokens.tolist()):
