@@ -359,9 +359,11 @@ def resume_round(session: Session, round_id: int) -> list[int]:
     """Re-plan what is missing (new steps, jobs whose lease expired) and return every queued job id,
     to be re-sent. Safe to repeat: a second message for a job is dropped by the claim; a finished
     round gives no ids."""
-    get_round(session, round_id)
+    round_ = get_round(session, round_id)
     advance(session, round_id)
     session.flush()
+    if round_.state in TERMINAL_ROUND_STATES:
+        return []
     return list(session.scalars(select(Job.id).where(Job.round_id == round_id, Job.state == "queued").order_by(Job.id)))
 
 

@@ -1,0 +1,184 @@
+"""The rules behind the cluster's delivery guarantees, called directly: delivery settings from the
+environment, worker roles, lease expiry and the attempt cap, fencing, cancel, path confinement,
+trust_remote_code by name. The database ones run on the real PostgreSQL server."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from db.schema import Job, Round, utcnow
+from services.config import ConfigError, parse_round_config
+from services.errors import InputError
+from tests.cluster_support import Cluster, drop_database, fresh_database
+from tests.conftest import POSTGRES_ADMIN_URL
+from workers.delivery import load_delivery
+from workers.roles import plan_worker
+
+
+def test_delivery_settings_from_the_environment():
+    default = load_delivery({})
+    assert default.lease("train") > default.lease("generate") and default.heartbeat("generate") < default.lease("generate")
+    assert default.visibility_timeout_s > max(default.time_limit_s.values())  # the broker never redelivers a live job
+    fast = load_delivery({"W2S_LEASE_S": "4", "W2S_LEASE_TRAIN_S": "9", "W2S_MAX_ATTEMPTS": "2",
+                          "W2S_TIME_LIMIT_VOTE_S": "60"})
+    assert fast.lease("generate") == 4 and fast.lease("train") == 9 and fast.heartbeat("generate") == pytest.approx(0.4)
+    assert fast.max_attempts == 2 and fast.time_limit("vote") == 60
+    with pytest.raises(ConfigError, match="W2S_LEASE_S='soon'"):
+        load_delivery({"W2S_LEASE_S": "soon"})
+    with pytest.raises(ConfigError, match="W2S_MAX_ATTEMPTS"):
+        load_delivery({"W2S_MAX_ATTEMPTS": "0"})
+
+
+def test_worker_roles():
+    weak = plan_worker(roles="weak", queues=None, gpus="0,1", concurrency=None)
+    assert weak.queues == ["weak"] and weak.concurrency == 2 and weak.pin_per_process and not weak.watchdog
+    train = plan_worker(roles="train", queues=None, gpus="0,1,2,3", concurrency=None)
+    assert train.concurrency == 1 and not train.pin_per_process  # one process; DeepSpeed starts the ranks
+    assert plan_worker(roles="control", queues=None, gpus=None, concurrency=None).watchdog
+    assert plan_worker(roles=None, queues=None, gpus=None, concurrency=None).queues == ["weak", "strong", "train", "control"]
+    for kwargs, message in [({"roles": "gpu"}, "--role: unknown gpu"), ({"roles": "weak", "gpus": "a"}, "--gpus"),
+                            ({"roles": "control", "gpus": "0"}, "only the weak, strong and train"),
+                            ({"roles": "weak", "queues": "weak"}, "--role and --queues"),
+                            ({"roles": "weak", "gpus": "0,1", "concurrency": 3}, "one process per GPU")]:
+        with pytest.raises(InputError, match=message):
+            plan_worker(**{"roles": None, "queues": None, "gpus": None, "concurrency": None, **kwargs})
+
+
+def test_checkpoint_names_stay_in_the_store(tmp_path):
+    from services.store import checkpoint_path
+
+    store = tmp_path / "store"
+    store.mkdir()
+    assert checkpoint_path(store, "round3-hybrid") == store.resolve() / "round3-hybrid"
+    assert checkpoint_path(store, "jobs/job4-attempt1").parent == store.resolve() / "jobs"
+    for name, message in [("../elsewhere", "'..' is not allowed"), ("a/../../x", "'..' is not allowed"),
+                          ("/etc/passwd", "absolute"), ("", "empty")]:
+        with pytest.raises(InputError, match=message):
+            checkpoint_path(store, name)
+    (store / "link").symlink_to(tmp_path)
+    with pytest.raises(InputError, match="outside the checkpoint store"):
+        checkpoint_path(store, "link/x")
+
+
+def test_trust_remote_code_only_for_models_allowed_by_name(tmp_path, monkeypatch):
+    from models.loading import REMOTE_CODE_ENV, CheckpointError, check_remote_code
+
+    model = tmp_path / "fancy-model"
+    model.mkdir()
+    check_remote_code(model, False)  # not asked for: nothing to allow
+    monkeypatch.delenv(REMOTE_CODE_ENV, raising=False)
+    with pytest.raises(CheckpointError, match="add its name \\(fancy-model\\) to W2S_TRUST_REMOTE_CODE"):
+        check_remote_code(model, True)
+    monkeypatch.setenv(REMOTE_CODE_ENV, "other-model, fancy-model")
+    check_remote_code(model, True)
+
+
+def test_replay_finds_the_asked_question_in_a_few_shot_prompt():
+    from models.prompts import few_shot, zero_shot
+    from models.replay import question_key
+
+    assert question_key(few_shot("What is 2 + 2?", [("What is 1 + 1?", "2")])) == zero_shot("What is 2 + 2?")
+    assert question_key(zero_shot("What is 3 + 3?")) == zero_shot("What is 3 + 3?")
+
+
+# --- on PostgreSQL ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def round_db(postgres_url, tmp_path, monkeypatch):
+    """A started stage I round (jobs planned, nothing run) in a fresh database."""
+    url, name = fresh_database(POSTGRES_ADMIN_URL)
+    cluster = Cluster(tmp_path, url, "redis://unused")
+    cluster.setup(pool=4, test=2)
+    monkeypatch.setenv("W2S_LEASE_S", "5")
+    monkeypatch.setenv("W2S_MAX_ATTEMPTS", "2")
+    from services.rounds import start_round
+
+    config = parse_round_config({"stage": "sft", "weak": "weak", "strong": "strong", "pool": "pool",
+                                 "eval": {"dataset": "test"}, "demonstrations": 0, "variants": ["hybrid"],
+                                 "generation": {"chunk_size": 2}})
+    with cluster.session() as session:
+        round_, _ = start_round(session, config)
+        round_id = round_.id
+    yield cluster, round_id
+    drop_database(POSTGRES_ADMIN_URL, name)
+
+
+def _run(cluster, job_id: int, *, attempts: int, heartbeat_age_s: float, owner: str = "gone@host:1") -> None:
+    with cluster.session() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(
+            state="running", attempts=attempts, owner=owner, heartbeat_at=utcnow() - timedelta(seconds=heartbeat_age_s)))
+
+
+def test_an_expired_lease_is_replanned_and_the_zombie_keeps_nothing(round_db):
+    from services.rounds import advance
+    from workers.runner import JobContext, Superseded, claim
+
+    cluster, round_id = round_db
+    with cluster.session() as session:
+        live, dead = session.scalars(select(Job.id).where(Job.round_id == round_id, Job.kind == "generate")
+                                     .order_by(Job.id).limit(2)).all()
+    _run(cluster, live, attempts=1, heartbeat_age_s=1)
+    _run(cluster, dead, attempts=1, heartbeat_age_s=60)
+    with cluster.session() as session:
+        assert advance(session, round_id) == [dead]  # only the job whose worker went quiet
+    with cluster.session() as session:
+        job = session.get(Job, dead)
+        assert job.state == "queued" and "attempt 1 lost: its worker gone@host:1 stopped heart-beating" in job.error
+        assert session.get(Job, live).state == "running"
+        assert claim(session, live, timedelta(seconds=5)) is None  # a second delivery of a live job
+        assert claim(session, dead, timedelta(seconds=5)).attempts == 2  # the re-sent one is claimed
+
+    zombie = JobContext(cluster_settings(cluster), dead, round_id, attempt=1, payload={})
+    with pytest.raises(Superseded):  # the first attempt wakes up: its writes are refused
+        with cluster.session() as session:
+            zombie.finish(session, {"generated": 99})
+    with cluster.session() as session:
+        assert session.get(Job, dead).state == "running" and session.get(Job, dead).result is None
+
+
+def test_a_job_that_keeps_losing_its_worker_fails_the_round_with_the_reason(round_db):
+    from services.rounds import advance, resume_round
+
+    cluster, round_id = round_db
+    with cluster.session() as session:
+        job_id = session.scalar(select(Job.id).where(Job.round_id == round_id, Job.kind == "generate").limit(1))
+    _run(cluster, job_id, attempts=2, heartbeat_age_s=60, owner="oom@host:7")  # the cap is 2
+    with cluster.session() as session:
+        assert advance(session, round_id) == []
+    with cluster.session() as session:
+        job, round_ = session.get(Job, job_id), session.get(Round, round_id)
+        assert job.state == "failed" and "gave up after 2 attempts" in job.error and "oom@host:7" in job.error
+        assert round_.state == "failed" and f"job {job_id}" in round_.error and "out of memory" in round_.error
+        assert resume_round(session, round_id) == []  # a finished round: resume is a no-op
+
+
+def test_cancel_leaves_nothing_to_claim(round_db):
+    from services.rounds import advance, cancel_round
+    from workers.runner import claim
+
+    cluster, round_id = round_db
+    with cluster.session() as session:
+        running, queued = session.scalars(select(Job.id).where(Job.round_id == round_id, Job.kind == "generate")
+                                          .order_by(Job.id).limit(2)).all()
+    _run(cluster, running, attempts=1, heartbeat_age_s=0)
+    with cluster.session() as session:
+        cancelled = cancel_round(session, round_id)
+    assert running in cancelled.running and queued in cancelled.queued
+    with cluster.session() as session:
+        assert session.get(Round, round_id).state == "cancelled"
+        assert {j.state for j in session.scalars(select(Job).where(Job.round_id == round_id))} == {"cancelled"}
+        assert claim(session, queued, timedelta(seconds=5)) is None
+        assert advance(session, round_id) == []
+    with pytest.raises(Exception, match="already cancelled"):
+        with cluster.session() as session:
+            cancel_round(session, round_id)
+
+
+def cluster_settings(cluster):
+    from services.config import load_settings
+
+    return load_settings({"W2S_DATABASE_URL": cluster.database_url, "W2S_HOME": str(cluster.tmp_path / "home")})
