@@ -114,15 +114,37 @@ def jobs_show(app: App, job_id: int, lines: int, as_json: bool) -> None:
     table.add_row("payload", json.dumps(detail["payload"], default=str))
     console.print(table)
     if detail["error"]:
-        console.print(f"[red]error:[/] {detail['error']}", markup=True, highlight=False)
-    if detail["result"]:
-        console.print("result: " + json.dumps(detail["result"], indent=2, default=str), markup=False)
+        console.print(Text("error: ", style="red") + Text(detail["error"]), soft_wrap=True)
+    result = dict(detail["result"] or {})
+    launch = result.pop("launch", None)
+    if result:
+        console.print("result: " + json.dumps(result, indent=2, default=str), markup=False, highlight=False)
+    if launch:
+        console.print(launch_table(launch))
     if detail["log_path"]:
-        console.print(f"log: {detail['log_path']}", markup=False)
+        console.print(f"log: {detail['log_path']}", markup=False, soft_wrap=True)
         if detail["log_tail"] is None:
             console.print("  (not readable from this machine)")
         else:
-            console.print("\n".join(detail["log_tail"]), markup=False, highlight=False)
+            console.print("\n".join(detail["log_tail"]), markup=False, highlight=False, soft_wrap=True)
+
+
+def launch_table(launch: dict[str, Any]) -> Table:
+    """A training launch as the job recorded it: the command, how each rank ended, why it failed."""
+    table = Table("", "", title="training launch", show_header=False, box=None, title_justify="left")
+    command = launch.get("command")
+    table.add_row("command", " ".join(map(str, command)) if isinstance(command, list) else str(command or "—"))
+    for key in ("attempt", "world_size", "returncode", "timed_out", "duration_s", "resumed_from_step", "log_path"):
+        if launch.get(key) is not None:
+            table.add_row(key.replace("_", " "), str(launch[key]))
+    for index, rank in enumerate(launch.get("ranks") or []):  # one record per rank, in rank order
+        where = f" on {rank['host']}" if rank.get("host") else ""
+        why = f": {rank['error']}" if rank.get("error") else ""
+        oom = " (out of memory)" if rank.get("out_of_memory") else ""
+        table.add_row(f"rank {rank.get('rank', index)}", f"{rank.get('status')}{where}{why}{oom}")
+    if launch.get("failure"):
+        table.add_row("failure", Text(str(launch["failure"]), style="red"))
+    return table
 
 
 @jobs.command("retry")
@@ -167,7 +189,7 @@ def round_report_command(app: App, round_id: int, plot: Path | None, as_json: bo
                   + (f" ({report['outcome']})" if report["outcome"] else "")
                   + (f", pipeline {report['pipeline']}" if report["pipeline"] else ""))
     if report["error"]:
-        console.print(f"[red]error:[/] {report['error']}")
+        console.print(Text("error: ", style="red") + Text(report["error"]))
     console.print(render_report(report["report"]))
     console.print(rounds_table(report["rounds"]))
     console.print(lineage_table(report["lineage"]))

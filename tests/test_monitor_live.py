@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -275,7 +276,8 @@ def test_round_status_json_progresses_to_done(live):
     assert all(step in view for step in ("generate:weak", "generate:strong", "vote", "train:hybrid", "promote"))
     failed = live.cli("round", "status", 1, "--watch", ok=False)
     assert failed.exit_code == 1 and "round 1 failed: job" in failed.output
-    assert "train:hybrid" in live.cli("jobs", "--round", 2, "--watch").output  # nothing left to wait for
+    watched = live.cli("jobs", "--round", 2, "--watch").output  # nothing left to wait for: it returns
+    assert "vote" in watched and "queued" not in watched and "running" not in watched
 
 
 def test_report_plot_draws_the_rounds_metrics(live):
@@ -394,10 +396,16 @@ def test_jobs_show_and_retry(live):
         failed = session.scalar(select(Job).where(Job.state == "failed"))
         failed_id = failed.id
         train = session.scalar(select(Job).where(Job.round_id == 2, Job.key == "train:hybrid"))
-        train_id, log_path = train.id, train.log_path
+        train_id, log_path, train_result = train.id, train.log_path, train.result
     shown = live.cli("jobs", "show", failed_id).output
     assert "generate:weak:0000" in shown and "1 of 1" in shown and WORKER_NAME in shown
     assert "no *.safetensors weight files" in shown
+    text = live.cli("jobs", "show", train_id).output
+    assert f"log: {log_path}" in text
+    if "launch" in train_result:  # training jobs that record their launch: the command and each rank's exit
+        assert "training launch" in text and "deepspeed.launcher.runner" in text
+        ranks = train_result["launch"].get("ranks") or []
+        assert all(re.search(rf"rank {i}\s+{rank['status']}", text) for i, rank in enumerate(ranks))
     shown = json.loads(live.cli("jobs", "show", train_id, "--json", "--lines", 5).output)
     assert shown["log_path"] == log_path and shown["log_tail"] == Path(log_path).read_text().splitlines()[-5:]
     assert shown["ran_s"] > 0 and shown["host"] == WORKER_NAME
