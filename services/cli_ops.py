@@ -287,12 +287,18 @@ def progress_table(steps: list[dict[str, Any]]) -> Table:
     table = Table("step", "progress", "done", "rate", "tokens/s", "ETA", "state", box=None, pad_edge=False)
     for s in steps:
         total = s["total"]
-        bar = ProgressBar(total=float(total) if total else None, completed=float(s["completed"]), width=28,
-                          pulse=s["state"] == "running" and not total)
         if s["state"] in ("done", "skipped"):
             bar = ProgressBar(total=1.0, completed=1.0, width=28)
-        done = f"{s['completed']:g}/{total:g} {s['unit']}" if total is not None else f"{s['completed']:g} {s['unit']}"
-        rate = f"{s['rate']:.2f} {s['unit']}/s" if s["rate"] else "—"
+        elif total:
+            bar = ProgressBar(total=float(total), completed=float(s["completed"]), width=28)
+        else:  # nothing to measure yet: a moving bar while it runs, an empty one before
+            bar = ProgressBar(total=None if s["state"] == "running" else 1.0, completed=0.0, width=28,
+                              pulse=s["state"] == "running")
+        if s["state"] == "waiting" and total is None:
+            done = "—"
+        else:
+            done = f"{s['completed']:g}/{total:g} {s['unit']}" if total is not None else f"{s['completed']:g} {s['unit']}"
+        rate = f"{s['rate']:.2f} {s['unit']}/s" if s["rate"] and s["unit"] != "jobs" else "—"
         tokens = f"{s['tokens_per_s']:.0f}" if s["tokens_per_s"] else "—"
         colour = {"done": "green", "failed": "red", "running": "yellow", "skipped": "dim", "waiting": "dim"}.get(s["state"], "white")
         table.add_row(s["step"], bar, done, rate, tokens, _duration(s["eta_s"]) if s["state"] == "running" else "",

@@ -500,6 +500,7 @@ def report_figure(report: dict[str, Any]):
     top.scatter(rejected, [_nan(chain[i]["accuracy"]) for i in rejected], s=80, marker="x", color="tab:red",
                 label="rejected", zorder=3)
     top.set_xticks(xs, [c["checkpoint"] for c in chain], rotation=20, ha="right", fontsize=8)
+    top.set_ylim(bottom=0)  # small differences stay small
     top.set_ylabel("eval accuracy")
     top.set_title(f"round {report['round']}" + (f", pipeline {report['pipeline']}" if report.get("pipeline") else "")
                   + ": checkpoints along the lineage")

@@ -229,3 +229,79 @@ def test_queues_without_a_broker(w2s_home, cli_runner):
     assert status["broker"] is None and status["workers"] == []
     assert [q["queue"] for q in status["queues"]] == ["weak", "strong", "train", "control"]
     assert all(q["depth"] is None and q["queued_jobs"] == 0 for q in status["queues"])
+
+
+# --- a pipeline's report: the rounds and the lineage ---------------------------------------------
+
+
+def test_pipeline_report_follows_the_lineage(w2s_home, cli_runner, tmp_path):
+    """Two rounds of a pipeline, written as rows: iteration 1 trains weak and icl candidates from
+    the base strong model (icl promoted), iteration 2 trains hybrid and compares it with icl."""
+    from db.schema import Checkpoint, Dataset, Evaluation
+    from services.monitor import full_report
+
+    cli_runner("round", "list")
+    url = load_settings().database_url
+    with session_scope(url) as session:
+        test_set = Dataset(name="test", task="gsm8k", labelled=True, source="x", size=50)
+        session.add(test_set)
+        pipe = Pipeline(config={}, state="done")
+        session.add_all([pipe])
+        session.flush()
+        ckpt = {}
+        for name, status, parent in (("weak", "base", None), ("strong", "base", None)):
+            ckpt[name] = Checkpoint(name=name, path=f"/m/{name}", role="strong", status=status, metrics={})
+            session.add(ckpt[name])
+        session.flush()
+        config = parse_round_config({"stage": "sft", "weak": "weak", "strong": "strong", "pool": "p",
+                                     "eval": {"dataset": "test"}}, "test").model_dump(mode="json")
+        rounds = []
+        for index, (step, baseline, report) in enumerate((
+                ("iteration1", "strong", {"kept_share": 0.12, "kept_accuracy": 0.9}),
+                ("iteration2", "round1-icl", {"kept_share": 0.3, "kept_accuracy": 0.8}))):
+            r = Round(stage="sft", iteration=index + 1, state="done", config=config, pipeline_id=pipe.id,
+                      pipeline_step=step, outcome="promoted", report=report,
+                      resolved={"baseline_id": ckpt[baseline].id, "eval_id": test_set.id, "question_ids": []})
+            session.add(r)
+            session.flush()
+            rounds.append(r)
+            variants = ("weak", "icl") if index == 0 else ("hybrid",)
+            for variant in variants:
+                name = f"round{r.id}-{variant}"
+                ckpt[name] = Checkpoint(name=name, path=f"/c/{name}", role="strong", round_id=r.id, variant=variant,
+                                        parent_id=ckpt["strong"].id,
+                                        status="promoted" if variant in ("icl", "hybrid") else "rejected", metrics={})
+                session.add(ckpt[name])
+                session.flush()
+        accuracy = {"strong": 0.40, "round1-weak": 0.42, "round1-icl": 0.45, "round2-hybrid": 0.47}
+        evaluation = {}
+        for name, value in accuracy.items():
+            evaluation[name] = Evaluation(checkpoint_id=ckpt[name].id, dataset_id=test_set.id, strategy="greedy",
+                                          n_questions=50, correct=int(value * 50), accuracy=value, input_tokens=0,
+                                          output_tokens=0, wall_s=1.0)
+            session.add(evaluation[name])
+        session.flush()
+        for r, keys in ((rounds[0], {"baseline": "strong", "weak": "round1-weak", "icl": "round1-icl"}),
+                        (rounds[1], {"baseline": "round1-icl", "hybrid": "round2-hybrid"})):
+            for key, name in keys.items():
+                session.add(Job(round_id=r.id, key=f"evaluate:{key}", step="evaluate", kind="evaluate", queue="strong",
+                                state="done", payload={"checkpoint_id": ckpt[name].id, "dataset_id": test_set.id},
+                                result={"evaluation_id": evaluation[name].id, "accuracy": accuracy[name]}))
+        second = rounds[1].id
+
+    with session_scope(url) as session:
+        report = full_report(session, second)
+    assert [r["round"] for r in report["rounds"]] == [second - 1, second]
+    assert [(c["checkpoint"], c["status"], c["accuracy"]) for c in report["lineage"]] == [
+        ("strong", "base", 0.40), ("round1-weak", "rejected", 0.42), ("round1-icl", "promoted", 0.45),
+        ("round2-hybrid", "promoted", 0.47)]
+    assert report["rounds"][1]["baseline"] == {"checkpoint": "round1-icl", "status": "promoted", "accuracy": 0.45}
+
+    figure = report_figure(report)
+    assert list(figure.axes[0].lines[0].get_ydata()) == [0.40, 0.42, 0.45, 0.47]
+    assert list(figure.axes[1].lines[0].get_ydata()) == [0.12, 0.3]
+    assert list(figure.axes[1].lines[1].get_ydata()) == [0.9, 0.8]
+
+    out = tmp_path / "pipeline.png"
+    text = cli_runner("round", "report", second, "--plot", out).output
+    assert out.read_bytes()[:4] == b"\x89PNG" and f"pipeline {report['pipeline']}" in text and "plot written" in text
