@@ -145,3 +145,18 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, *, base_dir: str | 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def load_trained_model(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Any:
+    """A trained checkpoint as a causal LM in eval mode: a full model as is, a LoRA checkpoint as
+    its base with the adapter applied, unmerged (served as is)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not is_lora_checkpoint(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True).eval()
+    from peft import PeftModel
+
+    base = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True, local_files_only=True)
+    return PeftModel.from_pretrained(model, str(path)).eval()
