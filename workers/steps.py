@@ -214,7 +214,9 @@ def run_train(ctx: JobContext) -> None:
         round_ = session.get(Round, ctx.round_id)
         config = load_config(round_)
         student = session.get(Checkpoint, round_.resolved["student_id"])
-        if variant == "gold":  # weak-sft: the labelled set's own solutions are the targets
+        if variant == "gold" and not session.scalar(select(TrainingExample.id).where(  # weak-sft: the labelled
+                TrainingExample.round_id == ctx.round_id, TrainingExample.variant == "gold").limit(1)):  # set's own
+            # solutions are the targets; written once (their unique key has a NULL, so a retry would duplicate them)
             _write_gold_examples(session, ctx.round_id, round_.resolved["train_id"], config.train_limit)
         if round_.stage == "preference":
             examples = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in session.scalars(
