@@ -113,6 +113,7 @@ def test_control_worker_killed_between_steps_then_resume_completes(cluster):
                                .order_by(Job.key)).all() == jobs
 
 
+@pytest.mark.slow  # launches DeepSpeed
 def test_crashing_training_job_fails_the_round_and_keeps_the_promoted_checkpoint(cluster):
     pool = 4
     # The voters agree, so training starts; the student is a replay directory, not a model: the
