@@ -328,7 +328,7 @@ def round_progress(session: Session, round_: Round, now: datetime | None = None)
         elif kind == "train" and round_.state == "done":
             progress.state = "skipped"  # planned for a variant the round never trained
         elif kind == "evaluate":
-            if name in skipped_variants or (not step_jobs and round_.state == "done"):
+            if name.rsplit(":", 1)[-1] in skipped_variants or (not step_jobs and round_.state == "done"):
                 progress.state = "skipped"  # no candidate to evaluate
             elif step_jobs:
                 _evaluate_progress(session, progress, step_jobs[-1])
