@@ -182,3 +182,20 @@ def cluster_settings(cluster):
     from services.config import load_settings
 
     return load_settings({"W2S_DATABASE_URL": cluster.database_url, "W2S_HOME": str(cluster.tmp_path / "home")})
+
+
+def test_message_settings_follow_celerys_guidance_for_redis():
+    from workers.app import app
+    from workers.delivery import load_delivery
+    from workers.tasks import TASKS
+
+    conf = app.conf
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.worker_cancel_long_running_tasks_on_connection_loss
+    visibility = conf.broker_transport_options["visibility_timeout"]
+    assert visibility == conf.result_backend_transport_options["visibility_timeout"]
+    for kind, task in TASKS.items():
+        assert task.soft_time_limit == load_delivery().time_limit(kind) < task.time_limit
+        # Short jobs: the message outlives the job. Training: acknowledged at start, held by its lease.
+        assert task.acks_late == (kind != "train") and (not task.acks_late or visibility > task.time_limit)

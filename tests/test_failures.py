@@ -90,7 +90,7 @@ def test_control_worker_killed_between_steps_then_resume_completes(cluster):
     cluster.wait_until(lambda: not control.alive(), "the control worker to die after the vote")
     assert "failpoint after-finish:vote" in control.log()
     cluster.start_worker("c2", "control", W2S_WATCHDOG_S="0")
-    time.sleep(3)
+    time.sleep(2)
     assert cluster.job_count(round_id=round_id, kind="train") == 0, "nothing but resume should plan training"
     assert cluster.round_state(round_id) == "running"
 

@@ -15,6 +15,11 @@ from workers.runner import run_job
 from workers.steps import HANDLERS
 
 HARD_LIMIT_GRACE_S = 300
+# A training run can outlast any sensible broker visibility timeout: its message is acknowledged
+# when the run starts, and from then on the job's lease in the database tracks it (a train worker
+# that dies is noticed by its lapsed heartbeat and the job re-planned). Shorter jobs keep their
+# message unacknowledged until they end, so the broker also redelivers them.
+ACK_ON_START = {"train"}
 
 
 def _make_task(kind: str):
@@ -24,7 +29,7 @@ def _make_task(kind: str):
     limit = load_delivery().time_limit(kind)
     task.__name__ = f"{kind}_task"
     return app.task(name=f"w2s.{kind}", soft_time_limit=limit, time_limit=limit + HARD_LIMIT_GRACE_S,
-                    acks_late=True)(task)
+                    acks_late=kind not in ACK_ON_START)(task)
 
 
 TASKS = {kind: _make_task(kind) for kind in HANDLERS}
