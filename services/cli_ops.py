@@ -268,8 +268,9 @@ def metrics_show(app: App, no_inspect: bool) -> None:
 # --- live views ----------------------------------------------------------------------------------
 
 
-def round_snapshot(app: App, round_id: int) -> dict[str, Any]:
-    """Everything the live view shows, read in one session."""
+def round_snapshot(app: App, round_id: int, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything the live view shows, read in one session. The report (which grades the whole
+    pool) is recomputed only when a job changed state since the `previous` snapshot."""
     from services.monitor import known_metrics, overall_progress, round_progress
     from services.report import job_counts
     from services.rounds import get_round
@@ -277,10 +278,13 @@ def round_snapshot(app: App, round_id: int) -> dict[str, Any]:
     with app.session() as session:
         round_ = get_round(session, round_id)
         steps = round_progress(session, round_)
+        counts = job_counts(session, round_id)
+        unchanged = previous is not None and previous["jobs"] == counts and previous["state"] == round_.state
+        metrics = {k: previous[k] for k in ("report", "eval_accuracy")} if unchanged else known_metrics(session, round_)
         return {"round": round_id, "stage": round_.stage, "iteration": round_.iteration, "state": round_.state,
                 "outcome": round_.outcome, "error": round_.error,
                 "progress": overall_progress(round_.state, steps), "steps": [s.as_dict() for s in steps],
-                "jobs": job_counts(session, round_id), **known_metrics(session, round_)}
+                "jobs": counts, **metrics}
 
 
 def progress_table(steps: list[dict[str, Any]]) -> Table:
@@ -332,12 +336,12 @@ def watch_round(app: App, round_id: int, as_json: bool, interval: float) -> None
             if snapshot["state"] in TERMINAL_ROUND_STATES:
                 break
             time.sleep(interval)
-            snapshot = round_snapshot(app, round_id)
+            snapshot = round_snapshot(app, round_id, snapshot)
     else:
         with Live(render_snapshot(snapshot), console=console, refresh_per_second=4) as live:
             while snapshot["state"] not in TERMINAL_ROUND_STATES:
                 time.sleep(interval)
-                snapshot = round_snapshot(app, round_id)
+                snapshot = round_snapshot(app, round_id, snapshot)
                 live.update(render_snapshot(snapshot))
     if snapshot["state"] != "done":
         raise click.ClickException(f"round {round_id} {snapshot['state']}: {snapshot['error'] or 'no reason recorded'}")
