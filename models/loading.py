@@ -146,13 +146,18 @@ def load_model(
     tokenizer.padding_side = "left"  # generation appends on the right: real tokens must end there
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        local_files_only=True,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-        dtype=dtype,
-    )
+    if (path / "adapter_config.json").is_file():  # a LoRA checkpoint: its base with the adapter, unmerged
+        from models.train.checkpoint import load_trained_model
+
+        model = load_trained_model(path, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype,
+        )
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, fingerprint=stamp)
 
