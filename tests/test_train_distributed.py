@@ -162,6 +162,9 @@ def test_lora_sft_trains_only_adapters_and_merged_generates_the_same(tmp_path, t
     unmerged_text = greedy(load_trained_model(out), tok, PROMPTS)
     merged_text = greedy(load_trained_model(merged_dir), tok, PROMPTS)
     assert unmerged_text == merged_text
+    from models.loading import load_model  # how workers serve it: as is, the adapter unmerged
+
+    assert greedy(load_model(out, device="cpu").model, tok, PROMPTS) == merged_text
     assert greedy(load_trained_model(tiny_model), tok, PROMPTS) != merged_text  # the adapter changed it
 
 

@@ -249,6 +249,22 @@ class DeepSpeedStrategy:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return float(tensor.item())
 
+    def peak_memory_mb(self) -> float:
+        """The largest peak memory of any rank: CUDA memory allocated on GPUs, resident set on CPU."""
+        if self.use_cuda():
+            mine = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            import resource
+
+            mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or self.world_size == 1:
+            return round(mine, 1)
+        tensor = torch.tensor([mine], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return round(float(tensor.item()), 1)
+
     def print0(self, *args: Any) -> None:
         if self.is_rank0():
             print(*args, flush=True)
@@ -503,6 +519,16 @@ def render_ds_config(
         else:
             zero[key] = {**zero[key], "device": device, "pin_memory": pin_memory and zero[key].get("pin_memory", False)}
     return config
+
+
+def count_parameters(module: torch.nn.Module) -> dict[str, int]:
+    """Parameters of the whole model and the trainable ones (ZeRO-3 shards count at full size)."""
+    total = trainable = 0
+    for p in module.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n
+        trainable += n if p.requires_grad else 0
+    return {"parameters": total, "trainable_parameters": trainable}
 
 
 def rank_identity() -> dict[str, Any]:

@@ -40,7 +40,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from models.train.common import DeepSpeedStrategy, TrainJobConfig, linear_warmup_decay, resume_batches, run_rank
+from models.train.common import (DeepSpeedStrategy, TrainJobConfig, count_parameters, linear_warmup_decay,
+                                 resume_batches, run_rank)
 from models.train.losses import dpo_loss, orpo_loss, sequence_logps
 from models.train.sft import IGNORE_INDEX, build_example, collate
 
@@ -315,6 +316,8 @@ def train(cfg: PreferenceConfig) -> dict[str, Any]:
         "train_seconds": round(seconds, 3),
         "tokens": int(all_tokens),
         "tokens_per_s": round(all_tokens / seconds, 1) if seconds > 0 else None,
+        "peak_memory_mb": strategy.peak_memory_mb(),
+        **count_parameters(engine.module),
     }
     strategy.save_hf(
         engine,

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from models.train.common import DeepSpeedStrategy, TrainJobConfig, linear_warmup_decay, resume_batches, run_rank
+from models.train.common import (DeepSpeedStrategy, TrainJobConfig, count_parameters, linear_warmup_decay,
+                                 resume_batches, run_rank)
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's ignore_index)
 
@@ -199,6 +200,8 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         "train_seconds": round(seconds, 3),
         "tokens": int(all_tokens),
         "tokens_per_s": round(all_tokens / seconds, 1) if seconds > 0 else None,
+        "peak_memory_mb": strategy.peak_memory_mb(),
+        **count_parameters(engine.module),
     }
     strategy.save_hf(
         engine,
