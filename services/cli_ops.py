@@ -214,9 +214,10 @@ def rounds_table(rounds: list[dict[str, Any]]) -> Table:
 
 
 def lineage_table(chain: list[dict[str, Any]]) -> Table:
-    table = Table("checkpoint", "round", "status", "eval accuracy", title="lineage")
+    table = Table("checkpoint", "round", "status", "eval accuracy", "questions", title="lineage")
     for c in chain:
-        table.add_row(c["checkpoint"], str(c["round"] or ""), c["status"], _pct(c["accuracy"]))
+        table.add_row(c["checkpoint"], str(c["round"] or ""), c["status"], _pct(c["accuracy"]),
+                      str(c.get("eval_questions") or ""))
     return table
 
 

@@ -394,16 +394,24 @@ def known_metrics(session: Session, round_: Round) -> dict[str, Any]:
 # --- reports, lineage, plot ----------------------------------------------------------------------
 
 
-def _eval_accuracy(session: Session, checkpoint_id: int, dataset_id: int | None,
-                   evaluation_ids: dict[int, int]) -> float | None:
-    """The round's own evaluation of a checkpoint; else its newest greedy one on the same dataset."""
+def _evaluation(session: Session, checkpoint_id: int, dataset_id: int | None, evaluation_ids: dict[int, int],
+                n_questions: int | None = None) -> Evaluation | None:
+    """The round's own evaluation of a checkpoint; else its newest greedy one on the same dataset,
+    on as many questions as the round evaluated if there is one."""
     if checkpoint_id in evaluation_ids:
         evaluation = session.get(Evaluation, evaluation_ids[checkpoint_id])
         if evaluation is not None:
-            return evaluation.accuracy
-    return session.scalar(select(Evaluation.accuracy).where(
-        Evaluation.checkpoint_id == checkpoint_id, Evaluation.dataset_id == dataset_id, Evaluation.strategy == "greedy")
-        .order_by(Evaluation.id.desc()).limit(1))
+            return evaluation
+    query = select(Evaluation).where(Evaluation.checkpoint_id == checkpoint_id, Evaluation.dataset_id == dataset_id,
+                                     Evaluation.strategy == "greedy")
+    # Same question count first (True sorts after False, hence desc), then the newest.
+    order = [(Evaluation.n_questions == n_questions).desc()] if n_questions else []
+    return session.scalar(query.order_by(*order, Evaluation.id.desc()).limit(1))
+
+
+def _entry(name: str, status: str, evaluation: Evaluation | None, **extra: Any) -> dict[str, Any]:
+    return {"checkpoint": name, "status": status, "accuracy": evaluation.accuracy if evaluation else None,
+            "eval_questions": evaluation.n_questions if evaluation else None, **extra}
 
 
 def round_summary(session: Session, round_: Round) -> dict[str, Any]:
@@ -417,17 +425,15 @@ def round_summary(session: Session, round_: Round) -> dict[str, Any]:
             evaluation_ids[job.payload["checkpoint_id"]] = job.result["evaluation_id"]
     eval_id = round_.resolved.get("eval_id")
     baseline = session.get(Checkpoint, round_.resolved.get("baseline_id"))
-    candidates = [{"checkpoint": c.name, "variant": c.variant, "status": c.status,
-                   "accuracy": _eval_accuracy(session, c.id, eval_id, evaluation_ids)}
+    candidates = [_entry(c.name, c.status, _evaluation(session, c.id, eval_id, evaluation_ids), variant=c.variant)
                   for c in session.scalars(select(Checkpoint).where(Checkpoint.round_id == round_.id).order_by(Checkpoint.id))]
     return {
         "round": round_.id, "step": round_.pipeline_step, "stage": round_.stage, "iteration": round_.iteration,
         "state": round_.state, "outcome": round_.outcome,
         "kept_share": report.get("kept_share"), "kept_accuracy": report.get("kept_accuracy"),
         "pairs": report.get("pairs"), "chosen_accuracy": report.get("chosen_accuracy"),
-        "baseline": None if baseline is None else {
-            "checkpoint": baseline.name, "status": baseline.status,
-            "accuracy": _eval_accuracy(session, baseline.id, eval_id, evaluation_ids)},
+        "baseline": None if baseline is None else _entry(
+            baseline.name, baseline.status, _evaluation(session, baseline.id, eval_id, evaluation_ids)),
         "candidates": candidates,
         "report": report,
     }
@@ -446,15 +452,15 @@ def lineage(session: Session, summaries: list[dict[str, Any]], first_round: Roun
         ancestors.append(parent)
         parent = session.get(Checkpoint, parent.parent_id) if parent.parent_id else None
     eval_id = first_round.resolved.get("eval_id")
+    first = summaries[0]["baseline"] if summaries else None
     for ancestor in reversed(ancestors):
-        chain.append({"checkpoint": ancestor.name, "round": ancestor.round_id, "status": ancestor.status,
-                      "accuracy": _eval_accuracy(session, ancestor.id, eval_id, {})})
+        chain.append(_entry(ancestor.name, ancestor.status, _evaluation(
+            session, ancestor.id, eval_id, {}, first["eval_questions"] if first else None), round=ancestor.round_id))
     if summaries and summaries[0]["baseline"]:
         chain.append({**summaries[0]["baseline"], "round": baseline.round_id})
     for summary in summaries:
         for candidate in summary["candidates"]:
-            chain.append({"checkpoint": candidate["checkpoint"], "round": summary["round"],
-                          "status": candidate["status"], "accuracy": candidate["accuracy"]})
+            chain.append({**{k: v for k, v in candidate.items() if k != "variant"}, "round": summary["round"]})
     return chain
 
 

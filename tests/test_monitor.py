@@ -295,7 +295,8 @@ def test_pipeline_report_follows_the_lineage(w2s_home, cli_runner, tmp_path):
     assert [(c["checkpoint"], c["status"], c["accuracy"]) for c in report["lineage"]] == [
         ("strong", "base", 0.40), ("round1-weak", "rejected", 0.42), ("round1-icl", "promoted", 0.45),
         ("round2-hybrid", "promoted", 0.47)]
-    assert report["rounds"][1]["baseline"] == {"checkpoint": "round1-icl", "status": "promoted", "accuracy": 0.45}
+    assert report["rounds"][1]["baseline"] == {"checkpoint": "round1-icl", "status": "promoted", "accuracy": 0.45,
+                                               "eval_questions": 50}
 
     figure = report_figure(report)
     assert list(figure.axes[0].lines[0].get_ydata()) == [0.40, 0.42, 0.45, 0.47]
