@@ -135,3 +135,28 @@ def test_strategies_end_to_end_with_token_counts_that_add_up(strong, questions, 
             assert solution.output_tokens == sum(a.output_tokens for a in attempts)
             assert all(0 < a.output_tokens <= MAX_NEW_TOKENS for a in attempts)
             assert solution.answer == solution.leco.answer
+
+
+def test_a_cut_inside_a_token_encodes_the_rest_of_the_kept_text(strong, questions):
+    from models.leco import RethinkRequest
+
+    texts = {}
+    for reuse in (True, False):
+        generator = CachedStepGenerator(strong, _prompts(questions[:2]), max_new_tokens=MAX_NEW_TOKENS, batch_size=2,
+                                        reuse_cache=reuse)
+        first = generator([RethinkRequest(0, ""), RethinkRequest(1, "")])
+        # cut through the second token (" -" / " +" / " *": the space is kept, the operator is not)
+        cuts = [a.token_texts[0] + a.token_texts[1][:1] for a in first]
+        assert all(len(a.token_texts[1]) > 1 for a in first)
+        second = generator([RethinkRequest(0, cuts[0]), RethinkRequest(1, cuts[1])])
+        rest = [len(strong.tokenizer(a.token_texts[1][:1], add_special_tokens=False)["input_ids"]) for a in first]
+        if reuse:  # the prompt and the first token from the cache; the cut token's kept part is encoded
+            assert [a.input_tokens for a in second] == rest
+        else:
+            prompts = _prompt_tokens(strong, _prompts(questions[:2]))
+            assert [a.input_tokens for a in second] == [p + 1 + r for p, r in zip(prompts, rest)]
+        assert generator.calls[1].reencode_tokens == sum(
+            p + 1 + r for p, r in zip(_prompt_tokens(strong, _prompts(questions[:2])), rest))
+        texts[reuse] = [a.text for a in second]
+        assert all(a.output_tokens > 0 for a in second)
+    assert texts[True] == texts[False]
