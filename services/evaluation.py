@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.schema import Checkpoint, Dataset, Evaluation, Question, utcnow
+from db.schema import Dataset, Evaluation, Question, utcnow
 from db.session import insert_ignore
 from models.answers import answers_match, extract_answer
 from models.generation import CachedStepGenerator, CallStats, generate

@@ -64,4 +64,4 @@ def test_round_with_leco_and_sc_voters_and_a_step_score_threshold(w2s_home, cli_
         assert round_.report["dropped_by_step_score"] == len(agreed_ids) and round_.report["kept"] == 0
 
     status = cli_runner("round", "status", 1)
-    assert f"dropped by step score" in status.output and str(len(agreed_ids)) in status.output
+    assert "dropped by step score" in status.output and str(len(agreed_ids)) in status.output
