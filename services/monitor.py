@@ -23,9 +23,13 @@ from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Evaluation, Generation, Job, Question, Round, utcnow
 from services.config import QUEUES
-from services.errors import InputError, NotFound
+from services.errors import InputError, NotFound, W2SError
 
 LOG_TAIL_BYTES = 64 * 1024
+
+
+class BrokerUnreachable(W2SError):
+    """The broker named by W2S_BROKER_URL does not answer."""
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
@@ -66,16 +70,21 @@ def broker_depths(broker_url: str, queues: tuple[str, ...] = QUEUES) -> dict[str
     """Messages waiting in each queue, as the broker counts them (Redis: the list lengths, every
     priority level included). A queue Redis has never seen, or emptied, holds 0."""
     from kombu import Connection
-    from kombu.exceptions import ChannelError
+    from kombu.exceptions import ChannelError, OperationalError
+
+    from services.config import _redact
 
     depths = {}
-    with Connection(broker_url, connect_timeout=5) as connection:
-        channel = connection.default_channel
-        for name in queues:
-            try:
-                depths[name] = channel.queue_declare(queue=name, passive=True).message_count
-            except ChannelError:  # an empty Redis list does not exist
-                depths[name] = 0
+    try:
+        with Connection(broker_url, connect_timeout=5) as connection:
+            channel = connection.default_channel
+            for name in queues:
+                try:
+                    depths[name] = channel.queue_declare(queue=name, passive=True).message_count
+                except ChannelError:  # an empty Redis list does not exist
+                    depths[name] = 0
+    except (OperationalError, OSError) as exc:
+        raise BrokerUnreachable(f"the broker at {_redact(broker_url)} (W2S_BROKER_URL) is unreachable: {exc}") from None
     return depths
 
 

@@ -306,3 +306,11 @@ def test_pipeline_report_follows_the_lineage(w2s_home, cli_runner, tmp_path):
     out = tmp_path / "pipeline.png"
     text = cli_runner("round", "report", second, "--plot", out).output
     assert out.read_bytes()[:4] == b"\x89PNG" and f"pipeline {report['pipeline']}" in text and "plot written" in text
+
+
+def test_queues_with_an_unreachable_broker(w2s_home, cli_runner, monkeypatch):
+    monkeypatch.setenv("W2S_BROKER_URL", "redis://:secret@127.0.0.1:1/0")  # nothing listens on port 1
+    result = cli_runner("queues", ok=False)
+    assert result.exit_code == 1
+    assert "the broker at redis://:***@127.0.0.1:1/0 (W2S_BROKER_URL) is unreachable" in result.output
+    assert "secret" not in result.output
