@@ -65,3 +65,25 @@ def test_round_with_leco_and_sc_voters_and_a_step_score_threshold(w2s_home, cli_
 
     status = cli_runner("round", "status", 1)
     assert "dropped by step score" in status.output and str(len(agreed_ids)) in status.output
+
+    # An evaluation job can run a strategy (payload "strategy"): stored under its label, for its round.
+    from db.schema import Evaluation
+    from services.config import StrategyConfig
+    from workers.runner import JobContext
+    from workers.steps import run_evaluate
+
+    with session_scope(url) as session:
+        round_ = session.get(Round, 1)
+        payload = {"checkpoint_id": round_.resolved["strong_id"], "dataset_id": round_.resolved["eval_id"], "limit": 3,
+                   "strategy": StrategyConfig(strategy="leco", max_rethinks=1).model_dump(), "shots": 0}
+        job = Job(round_id=1, key="evaluate:leco", step="evaluate", kind="evaluate", queue="strong", state="running",
+                  attempts=1, payload=payload)
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    run_evaluate(JobContext(load_settings(), job_id, 1, 1, payload))
+    with session_scope(url) as session:
+        job = session.get(Job, job_id)
+        evaluation = session.get(Evaluation, job.result["evaluation_id"])
+        assert job.state == "done" and evaluation.strategy == "leco/0-shot" and evaluation.n_questions == 3
+        assert evaluation.round_id == 1 and job.result["input_tokens"] == evaluation.input_tokens > 0
