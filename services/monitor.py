@@ -76,7 +76,8 @@ def broker_depths(broker_url: str, queues: tuple[str, ...] = QUEUES) -> dict[str
 
     depths = {}
     try:
-        with Connection(broker_url, connect_timeout=5) as connection:
+        # One retry: an operator (or a scrape) wants an answer now, not kombu's patient back-off.
+        with Connection(broker_url, connect_timeout=5, transport_options={"max_retries": 1}) as connection:
             channel = connection.default_channel
             for name in queues:
                 try:
