@@ -20,7 +20,7 @@ from rich.text import Text
 
 from services.cli import App, Group, cli, console, jobs, pass_app, render_report, round_
 
-DEFAULT_METRICS_PORT = 9464  # the port Prometheus' exporter list gives w2s-like custom exporters
+DEFAULT_METRICS_PORT = 9464  # any free port will do; workers take their own with W2S_METRICS_PORT
 
 
 def _json(data: Any) -> None:
