@@ -168,41 +168,6 @@ def test_lora_sft_trains_only_adapters_and_merged_generates_the_same(tmp_path, t
     assert greedy(load_trained_model(tiny_model), tok, PROMPTS) != merged_text  # the adapter changed it
 
 
-def test_resume_from_a_state_saved_at_an_epoch_boundary_trains_the_remaining_epochs(tmp_path, tiny_model):
-    from safetensors.torch import load_file
-
-    write_rows(tmp_path / "train.jsonl", 64)
-    out = tmp_path / "ckpt" / "sft"
-    common = dict(base_model=tiny_model, train_file=tmp_path / "train.jsonl", output_dir=out, learning_rate=1e-2,
-                  epochs=2, micro_batch_size=8, log_every=1, state_dir=tmp_path / "state", save_every_steps=8)
-    job = write_job(tmp_path, **common)  # 8 updates an epoch: the one state saved ends epoch 1
-    first = launch_training("models.train.sft", job, num_ranks=1, log_path=tmp_path / "a.log", timeout_s=300)
-    assert first.ok, first.log_tail
-    assert (tmp_path / "state" / "latest").read_text().strip() == "step8"
-    uninterrupted = load_file(out / "model.safetensors")
-    full_run = json.loads((out / "metrics.json").read_text())
-
-    # the attempt "failed" after the state was saved: its output is gone, the state remains
-    import shutil
-
-    shutil.rmtree(out)
-    second = launch_training("models.train.sft", job, num_ranks=1, log_path=tmp_path / "b.log", timeout_s=300)
-    assert second.ok, second.log_tail
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] == 8 and metrics["steps_this_run"] == 8 and metrics["steps"] == 16
-    epochs_trained = sorted({math_floor(r["epoch"] - 1e-9) for r in second.progress})
-    assert epochs_trained == [1]  # the second epoch ran, in full
-    assert [r["step"] for r in second.progress] == list(range(9, 17))
-    assert metrics["initial_loss"] == full_run["initial_loss"]  # the losses logged before the state came back
-    resumed = load_file(out / "model.safetensors")
-    for name, tensor in uninterrupted.items():  # same updates, same order: the same model
-        assert torch.allclose(resumed[name], tensor, atol=1e-6), name
-
-
-def math_floor(x: float) -> int:
-    return int(x // 1)
-
-
 def test_a_rank_on_another_host_that_dies_fails_the_launch_though_the_launcher_exits_0(tmp_path, tiny_model,
                                                                                       monkeypatch):
     """Two "hosts" from a hostfile, reached through a stand-in pdsh that runs each host's part on
