@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -101,10 +102,12 @@ class JobContext:
 class Heartbeat:
     """Renews a job's lease every `interval` seconds from a thread; stops the handler (raises
     JobStopped in its thread) when a beat finds the attempt superseded. A beat that cannot reach
-    the database is only logged: the lease decides, and it outlives several missed beats."""
+    the database is only logged, until no beat got through for a whole `lease`: by then the job
+    may be re-planned elsewhere, so this attempt stops itself too (a host cut off from the
+    database does not go on writing to the shared checkpoint store)."""
 
-    def __init__(self, ctx: JobContext, interval: float) -> None:
-        self.ctx, self.interval = ctx, interval
+    def __init__(self, ctx: JobContext, interval: float, lease: float) -> None:
+        self.ctx, self.interval, self.lease = ctx, interval, lease
         self._target = threading.get_ident()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -122,18 +125,26 @@ class Heartbeat:
         self._thread.join(timeout=self.interval + 30)
 
     def _run(self) -> None:
+        last_beat = time.monotonic()
         while not self._stop.wait(self.interval):
             try:
                 self.ctx.beat()
+                last_beat = time.monotonic()
             except Superseded as exc:
                 log.warning("%s: stopping it", exc)
-                self.ctx.lost.set()
-                with self._lock:
-                    if self._armed:
-                        _raise_in_thread(self._target, JobStopped)
-                return
+                return self._stop_handler()
             except Exception as exc:  # noqa: BLE001 - the database or the network is down for now
                 log.warning("job %s heartbeat failed: %s", self.ctx.job_id, exc)
+                if time.monotonic() - last_beat > self.lease:
+                    log.warning("job %s: no heartbeat got through for %.0f s (the lease): stopping it",
+                                self.ctx.job_id, self.lease)
+                    return self._stop_handler()
+
+    def _stop_handler(self) -> None:
+        self.ctx.lost.set()
+        with self._lock:
+            if self._armed:
+                _raise_in_thread(self._target, JobStopped)
 
 
 def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> None:
@@ -187,7 +198,7 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, enqueue: Call
     log.info("job %s attempt %s started", job_id, ctx.attempt, extra={"round_id": ctx.round_id, "job_id": job_id})
     try:
         try:
-            with Heartbeat(ctx, delivery.heartbeat(kind)):
+            with Heartbeat(ctx, delivery.heartbeat(kind), delivery.lease(kind)):
                 handler(ctx)
             outcome = "done"
         finally:
