@@ -314,3 +314,28 @@ def test_queues_with_an_unreachable_broker(w2s_home, cli_runner, monkeypatch):
     assert result.exit_code == 1
     assert "the broker at redis://:***@127.0.0.1:1/0 (W2S_BROKER_URL) is unreachable" in result.output
     assert "secret" not in result.output
+
+
+def test_heartbeat_log_lines_carry_the_job_ids():
+    """The runner's heartbeat thread logs in the job's context (a new thread starts with none)."""
+    import time
+    from types import SimpleNamespace
+
+    from services.logs import bind_job, clear_job, configure_logging
+    from workers.runner import Heartbeat
+
+    def unreachable() -> None:
+        raise ConnectionError("database unreachable")
+
+    stream = io.StringIO()
+    handler = configure_logging(logging.INFO, "json", stream=stream)
+    try:
+        bind_job(round_id=5, job_id=11, attempt=1)
+        with Heartbeat(SimpleNamespace(job_id=11, beat=unreachable), 0.05, lease=60.0):
+            time.sleep(0.3)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        clear_job()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    beats = [line for line in lines if "heartbeat failed" in line["message"]]
+    assert beats and all((line["round_id"], line["job_id"]) == (5, 11) for line in beats)
