@@ -9,7 +9,6 @@ superseded it stops the handler (and with it a training launch's process group).
 
 from __future__ import annotations
 
-import contextvars
 import ctypes
 import logging
 import os
@@ -113,9 +112,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._armed = True
-        # Run in a copy of this context: the heartbeat's log lines carry the job's ids (services.logs).
-        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
-                                        name=f"heartbeat-job{ctx.job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-job{ctx.job_id}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -128,20 +125,34 @@ class Heartbeat:
         self._thread.join(timeout=self.interval + 30)
 
     def _run(self) -> None:
+        # Each beat runs in a thread of its own, so that a beat stuck on a dead connection (a host
+        # cut off: no error for minutes) does not stop the count of time since the last good one.
         last_beat = time.monotonic()
         while not self._stop.wait(self.interval):
-            try:
-                self.ctx.beat()
-                last_beat = time.monotonic()
-            except Superseded as exc:
-                log.warning("%s: stopping it", exc)
+            outcome: dict = {}
+            beat = threading.Thread(target=self._beat_once, args=(outcome,), daemon=True)
+            beat.start()
+            beat.join(timeout=self.interval)
+            while beat.is_alive() and time.monotonic() - last_beat <= self.lease and not self._stop.is_set():
+                beat.join(timeout=self.interval)
+            if "superseded" in outcome:
+                log.warning("%s: stopping it", outcome["superseded"])
                 return self._stop_handler()
-            except Exception as exc:  # noqa: BLE001 - the database or the network is down for now
-                log.warning("job %s heartbeat failed: %s", self.ctx.job_id, exc)
-                if time.monotonic() - last_beat > self.lease:
-                    log.warning("job %s: no heartbeat got through for %.0f s (the lease): stopping it",
-                                self.ctx.job_id, self.lease)
-                    return self._stop_handler()
+            if "ok" in outcome:
+                last_beat = time.monotonic()
+            elif time.monotonic() - last_beat > self.lease and not self._stop.is_set():
+                log.warning("job %s: no heartbeat got through for %.0f s (its lease): stopping it",
+                            self.ctx.job_id, self.lease)
+                return self._stop_handler()
+
+    def _beat_once(self, outcome: dict) -> None:
+        try:
+            self.ctx.beat()
+            outcome["ok"] = True
+        except Superseded as exc:
+            outcome["superseded"] = exc
+        except Exception as exc:  # noqa: BLE001 - the database or the network is down for now
+            log.warning("job %s heartbeat failed: %s", self.ctx.job_id, exc)
 
     def _stop_handler(self) -> None:
         self.ctx.lost.set()
