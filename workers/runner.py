@@ -240,7 +240,7 @@ def _release_if_cancelled(ctx: JobContext) -> None:
             session.execute(update(Job).where(Job.id == ctx.job_id, Job.attempts == ctx.attempt,
                                               Job.state == "cancelled").values(heartbeat_at=None))
     except Exception as exc:  # noqa: BLE001 - cancel then waits for the lease instead
-        log.warning("job %s: could not record that it stopped: %s", ctx.job_id, exc)
+        log.warning("job %s: could not look for a cancel to acknowledge: %s", ctx.job_id, exc)
 
 
 def _failpoint(point: str, kind: str) -> None:
