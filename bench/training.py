@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--zero", type=int, nargs="+", choices=[2, 3], default=[2])
     parser.add_argument("--lora", choices=["off", "on"], nargs="+", default=["off"])
-    parser.add_argument("--rows", type=int, default=256, help="synthetic training rows")
+    parser.add_argument("--rows", type=int, default=1024, help="synthetic training rows")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=2)
