@@ -9,6 +9,7 @@ superseded it stops the handler (and with it a training launch's process group).
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import logging
 import os
@@ -112,7 +113,9 @@ class Heartbeat:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._armed = True
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-job{ctx.job_id}", daemon=True)
+        # Run in a copy of this context: the heartbeat's log lines carry the job's ids (services.logs).
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
+                                        name=f"heartbeat-job{ctx.job_id}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
