@@ -133,7 +133,8 @@ class Heartbeat:
         last_beat = time.monotonic()
         while not self._stop.wait(self.interval):
             outcome: dict = {}
-            beat = threading.Thread(target=self._beat_once, args=(outcome,), daemon=True)
+            beat = threading.Thread(target=contextvars.copy_context().run, args=(self._beat_once, outcome),
+                                    daemon=True)
             beat.start()
             beat.join(timeout=self.interval)
             while beat.is_alive() and time.monotonic() - last_beat <= self.lease and not self._stop.is_set():
