@@ -106,7 +106,7 @@ def test_json_logs_carry_round_and_job_ids():
     try:
         bind_job(round_id=7, job_id=42, attempt=2)
         logging.getLogger("w2s.worker").info("generating %d questions", 3)
-        logging.getLogger("transformers").warning("a library's line")
+        logging.getLogger("some.library").warning("a library's line")
         logging.getLogger("w2s.worker").info("explicit ids win", extra={"job_id": 43})
         clear_job()
         logging.getLogger("w2s.worker").info("between jobs")
@@ -120,7 +120,7 @@ def test_json_logs_carry_round_and_job_ids():
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [(l["round_id"], l["job_id"], l["attempt"]) for l in lines[:2]] == [(7, 42, 2), (7, 42, 2)]
     assert lines[0]["message"] == "generating 3 questions" and lines[0]["level"] == "info"
-    assert lines[1]["logger"] == "transformers"
+    assert lines[1]["logger"] == "some.library"
     assert lines[2]["job_id"] == 43
     assert lines[3]["round_id"] is None and lines[3]["job_id"] is None
     assert "RuntimeError: boom" in lines[4]["exception"]
