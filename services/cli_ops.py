@@ -133,15 +133,16 @@ def launch_table(launch: dict[str, Any]) -> Table:
     """A training launch as the job recorded it: the command, how each rank ended, why it failed."""
     table = Table("", "", title="training launch", show_header=False, box=None, title_justify="left")
     command = launch.get("command")
-    table.add_row("command", " ".join(map(str, command)) if isinstance(command, list) else str(command or "—"))
+    # Every recorded value is plain text: gloo errors hold "[/path...]", which rich would read as markup.
+    table.add_row("command", Text(" ".join(map(str, command)) if isinstance(command, list) else str(command or "—")))
     for key in ("attempt", "world_size", "returncode", "timed_out", "duration_s", "resumed_from_step", "log_path"):
         if launch.get(key) is not None:
-            table.add_row(key.replace("_", " "), str(launch[key]))
+            table.add_row(key.replace("_", " "), Text(str(launch[key])))
     for index, rank in enumerate(launch.get("ranks") or []):  # one record per rank, in rank order
         where = f" on {rank['host']}" if rank.get("host") else ""
         why = f": {rank['error']}" if rank.get("error") else ""
         oom = " (out of memory)" if rank.get("out_of_memory") else ""
-        table.add_row(f"rank {rank.get('rank', index)}", f"{rank.get('status')}{where}{why}{oom}")
+        table.add_row(f"rank {rank.get('rank', index)}", Text(f"{rank.get('status')}{where}{why}{oom}"))
     if launch.get("failure"):
         table.add_row("failure", Text(str(launch["failure"]), style="red"))
     return table

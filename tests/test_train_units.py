@@ -207,3 +207,20 @@ def test_verify_checkpoint_accepts_full_and_tied_models_and_names_what_is_wrong(
               metadata={"format": "pt"})
     with pytest.raises(CheckpointMismatch, match="mlp.down_proj.weight: missing"):
         verify_checkpoint(full)
+
+
+def test_launch_record_keeps_rank_0_and_shows_gloo_errors_as_text():
+    """`jobs show` prints a failed launch: rank 0 keeps its number, and an error holding
+    "[/path:line]" (as gloo's do) is printed as text, not read as rich markup."""
+    from rich.console import Console
+
+    from services.cli_ops import launch_table
+
+    ranks = [RankStatus(rank=0, status="ok"), RankStatus(rank=1, status="error", error="[/__w/gloo/transport.cc:154] Connection closed by peer")]
+    records = [status.as_dict() for status in ranks]
+    assert records[0]["rank"] == 0 and "out_of_memory" not in records[0]
+    console = Console(record=True, width=200)
+    console.print(launch_table({"command": ["deepspeed", "--num_gpus", "2"], "ranks": records, "failure": "rank 1 [/x] died"}))
+    text = console.export_text()
+    assert "rank 0" in text and "[/__w/gloo/transport.cc:154] Connection closed by peer" in text
+    assert "rank 1 [/x] died" in text

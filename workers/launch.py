@@ -166,7 +166,8 @@ class RankStatus:
     out_of_memory: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, False)}
+        # `is`, not `in`: rank 0 == False, and the rank number must survive.
+        return {k: v for k, v in self.__dict__.items() if v is not None and v is not False}
 
 
 def check_ranks(status_dir: Path, world_size: int) -> list[RankStatus]:
