@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from sqlalchemy import func, select
 
 from db.schema import Checkpoint, Generation, Job, Round
 from db.session import session_scope
+from tests.support import drop_database, fresh_database  # noqa: F401 - the cluster tests import them from here
 
 REPO = Path(__file__).resolve().parents[1]
 # Not `-m services.cli`: run as __main__, the module would be imported a second time by the
@@ -221,27 +221,6 @@ class Cluster:
             for key, value in where.items():
                 query = query.where(getattr(Job, key) == value)
             return session.scalar(query)
-
-
-def fresh_database(admin_url: str) -> tuple[str, str]:
-    """A new database on the server of `admin_url`: (SQLAlchemy URL, name)."""
-    import psycopg
-
-    name = f"w2s_cluster_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    host = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    return f"{host}/{name}", name
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    import psycopg
-
-    from db.session import dispose_engines
-
-    dispose_engines()
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class RedisServer:

@@ -4,7 +4,6 @@ tests (they fail, never skip, when a server is down), and the tiny demo models b
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import pytest
@@ -47,22 +46,11 @@ def demo_assets():
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
     """A fresh database on the real PostgreSQL server, dropped at the end of the session."""
-    import psycopg
+    from tests.support import drop_database, fresh_database
 
-    name = f"w2s_test_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {exc} (start it: see .ci/run)")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    host = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    yield f"{host}/{name}"
-    from db.session import dispose_engines
-
-    dispose_engines()
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    url, name = fresh_database(POSTGRES_ADMIN_URL)
+    yield url
+    drop_database(POSTGRES_ADMIN_URL, name)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ hold on both paths."""
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,32 @@ from db.schema import Checkpoint, Evaluation, Generation, Job, Round, TrainingEx
 from db.session import session_scope
 from services.promotion import gate
 from services.selection import Vote, stage1_vote
+
+
+def fresh_database(admin_url: str, prefix: str = "w2s_test") -> tuple[str, str]:
+    """A new database on the real PostgreSQL server of `admin_url`: (SQLAlchemy URL, name).
+    An unreachable server fails the test (it must not skip)."""
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(admin_url, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {admin_url}: {exc} (start it: see .ci/run)")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    host = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    return f"{host}/{name}", name
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    import psycopg
+
+    from db.session import dispose_engines
+
+    dispose_engines()
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def read_reference(path: Path):

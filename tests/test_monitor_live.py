@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +26,9 @@ import pytest
 from sqlalchemy import func, select
 
 from db.schema import Evaluation, Generation, Job, Question, Round, TrainingExample
-from db.session import dispose_engines, session_scope
+from db.session import session_scope
 from tests.conftest import POSTGRES_ADMIN_URL
-from tests.support import invoke_cli
+from tests.support import drop_database, fresh_database, invoke_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -117,20 +116,12 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(redis_url, demo_assets, tmp_path_factory):
-    import psycopg
     import redis
 
     started = time.monotonic()
     tmp = tmp_path_factory.mktemp("monitor")
     # A database of its own: the other distributed tests count rounds from 1 in theirs.
-    name = f"w2s_test_monitor_{uuid.uuid4().hex[:8]}"
-    try:
-        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN_URL}: {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    url, name = fresh_database(POSTGRES_ADMIN_URL, prefix="w2s_test_monitor")
     broker = redis.Redis.from_url(redis_url)
     broker.flushdb()  # nothing left by an earlier module's rounds
     port = free_port()
@@ -203,9 +194,7 @@ def live(redis_url, demo_assets, tmp_path_factory):
                 stop(process)
         patch.undo()
         broker.flushdb()  # no message of these rounds may reach a later module's worker
-        dispose_engines()
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(POSTGRES_ADMIN_URL, name)
 
 
 def test_queues_show_the_depth_and_the_consuming_worker(live):

@@ -31,7 +31,7 @@ from db.schema import Job, Round, utcnow
 from db.session import session_scope
 from services.config import Settings, load_settings
 from services.rounds import TERMINAL_ROUND_STATES, advance
-from workers.delivery import DeliverySettings, load_delivery
+from workers.delivery import load_delivery
 
 log = logging.getLogger("w2s.worker")
 
