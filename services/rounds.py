@@ -392,6 +392,10 @@ def cancel_round(session: Session, round_id: int, reason: str = "cancelled by th
                     .values(state="cancelled", finished_at=now, error=reason)
                     .execution_options(synchronize_session=False))
     round_.state, round_.finished_at, round_.error = "cancelled", now, reason
+    if round_.pipeline_id is not None:  # its chain stops here, saying why
+        from services.pipeline import advance_pipeline
+
+        advance_pipeline(session, round_.pipeline_id)
     return Cancelled(queued=[j for j, state in open_jobs if state == "queued"],
                      running=[j for j, state in open_jobs if state == "running"])
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from db.schema import Job, Round, utcnow
 from services.config import ConfigError, parse_round_config
@@ -237,3 +237,28 @@ def test_a_cancelled_job_is_stopped_by_its_heartbeat(round_db):
             with cluster.session() as session:
                 cancel_round(session, round_id)
             _busy(10)
+
+
+def test_cancelling_a_pipeline_round_stops_the_pipeline(postgres_url, tmp_path):
+    from db.schema import Pipeline
+    from services.pipeline import PipelineConfig, start_pipeline
+    from services.rounds import cancel_round
+
+    url, name = fresh_database(POSTGRES_ADMIN_URL)
+    cluster = Cluster(tmp_path, url, "redis://unused")
+    cluster.setup(pool=4, test=2)
+    try:
+        config = PipelineConfig.model_validate({"weak": "weak", "strong": "strong", "pool": "pool",
+                                                "eval": {"dataset": "test"}, "iteration1": {"demonstrations": 0}})
+        with cluster.session() as session:
+            pipeline, _ = start_pipeline(session, config)
+            pipeline_id = pipeline.id
+            round_id = session.scalar(select(Round.id).where(Round.pipeline_id == pipeline_id))
+        with cluster.session() as session:
+            cancel_round(session, round_id)
+        with cluster.session() as session:
+            pipeline = session.get(Pipeline, pipeline_id)
+            assert pipeline.state == "stopped" and pipeline.reason == "iteration1 round cancelled"
+            assert session.scalar(select(func.count()).select_from(Round).where(Round.pipeline_id == pipeline_id)) == 1
+    finally:
+        drop_database(POSTGRES_ADMIN_URL, name)
