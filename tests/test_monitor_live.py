@@ -96,7 +96,6 @@ class Live:
     db_queued_before_worker: dict = field(default_factory=dict)
     redis_lengths_before_worker: dict = field(default_factory=dict)
     queues_while_running: dict | None = None
-    running_jobs_seen: set = field(default_factory=set)
     statuses: list = field(default_factory=list)
     watch_lines: list = field(default_factory=list)
     watch_exit: int | None = None
@@ -172,8 +171,6 @@ def live(redis_url, demo_assets, tmp_path_factory):
             assert worker.poll() is None, state.worker_log.read_text()[-3000:]
             status = json.loads(state.cli("round", "status", "2", "--json").output)
             state.statuses.append(status)
-            with session_scope(url) as session:
-                state.running_jobs_seen |= set(session.scalars(select(Job.id).where(Job.state == "running")))
             if state.queues_while_running is None:
                 seen = json.loads(state.cli("queues", "--json").output)
                 if any(w["active"] for w in seen["workers"]):
@@ -215,8 +212,9 @@ def test_queues_show_the_depth_and_the_consuming_worker(live):
     assert worker["queues"] == sorted(QUEUE_NAMES)
     assert worker["gpus"] == []  # answered by the worker's w2s_info command: this machine has none
     assert all(q["consumers"] == [WORKER_NAME] for q in seen["queues"])
+    # The job the broker saw active is the one the database says this worker ran (a short job may
+    # start and end between two database polls, so the poll is not the witness).
     (active,) = worker["active"]
-    assert active["job"] in live.running_jobs_seen
     with session_scope(live.url) as session:
         job = session.get(Job, active["job"])
         assert active["key"] == job.key and active["queue"] == job.queue
