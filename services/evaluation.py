@@ -89,6 +89,7 @@ def solve(
     """One solution per prompt, in order."""
     if not prompts:
         return []
+    check_prompts_fit(loaded, prompts)
     if strategy.strategy == "leco":
         return _solve_leco(loaded, prompts, task, strategy, max_new_tokens, batch_size, stats)
     sampling: dict[str, Any] = {}
@@ -110,6 +111,19 @@ def solve(
         stats.calls.append(CallStats(len(prompts), sum(s.input_tokens for s in solutions),
                                      sum(s.input_tokens for s in solutions), sum(s.output_tokens for s in solutions)))
     return solutions
+
+
+def check_prompts_fit(loaded: LoadedModel, prompts: Sequence[str]) -> None:
+    """A prompt longer than the model's context would be answered from garbage positions (or crash
+    with an index error), so it is refused with its length; the usual cause is the demonstrations."""
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    if not context:
+        return
+    lengths = [len(ids) for ids in loaded.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] >= context:
+        raise InputError(f"prompt {longest + 1} is {lengths[longest]} tokens, the model {loaded.path} reads at most "
+                         f"{context}: use fewer demonstrations (--shots) or a model with a longer context")
 
 
 def _sample(text: str, pieces: list[str], probs: list[float], task: str, input_tokens: int, output_tokens: int) -> Sample:

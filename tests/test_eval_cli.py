@@ -94,3 +94,10 @@ def test_solve_and_compare_bad_input(registered, cli_runner):
     assert result.exit_code == 2 and "--samples" in result.output
     result = cli_runner("eval", "compare", "--model", "strong", "--dataset", "test", ok=False)
     assert result.exit_code == 1 and "no evaluations of 'strong' on 'test'" in result.output
+
+
+def test_a_prompt_longer_than_the_model_context_is_refused(w2s_home, cli_runner, demo_assets):
+    # The tiny models read 256 positions; four step-by-step demonstrations take more than that.
+    result = cli_runner("solve", "--model", demo_assets.strong_model, "--shots", 4, "Tom has 3 apples.", ok=False)
+    assert result.exit_code == 1
+    assert "tokens, the model" in result.output and "reads at most 256" in result.output and "--shots" in result.output
