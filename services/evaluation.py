@@ -116,8 +116,9 @@ def solve(
 def check_prompts_fit(loaded: LoadedModel, prompts: Sequence[str]) -> None:
     """A prompt longer than the model's context would be answered from garbage positions (or crash
     with an index error), so it is refused with its length; the usual cause is the demonstrations."""
-    context = getattr(loaded.model.config, "max_position_embeddings", None)
-    if not context:
+    config = getattr(loaded.model, "config", None)  # a replay backend has none, nor a tokenizer
+    context = getattr(config, "max_position_embeddings", None)
+    if not context or loaded.tokenizer is None:
         return
     lengths = [len(ids) for ids in loaded.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
     longest = max(range(len(lengths)), key=lengths.__getitem__)

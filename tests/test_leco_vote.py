@@ -48,3 +48,18 @@ def test_round_config_strategies_and_threshold():
         parse_round_config({**base, "strategies": {"weak": {"strategy": "tot"}}})
     with pytest.raises(ConfigError, match="strategies.strong.samples: Input should be greater than or equal to 1"):
         parse_round_config({**base, "strategies": {"strong": {"strategy": "sc", "samples": 0}}})
+
+
+def test_solve_answers_from_a_replay_backend(tmp_path):
+    """The model-free replay backend (benchmarks, failure tests) goes through the same solve():
+    it has no tokenizer and no config, so nothing may ask it for a context length."""
+    from models.prompts import zero_shot
+    from models.replay import load_replay, write_replay
+    from services.config import StrategyConfig
+    from services.evaluation import solve
+
+    prompts = [zero_shot("Tom has 3 apples and buys 5 more. How many?"), zero_shot("What is 2 + 2?")]
+    write_replay(tmp_path / "replay", [{"prompt": prompts[0], "response": "3 + 5 = 8.\n#### 8"},
+                                       {"prompt": prompts[1], "response": "2 + 2 = 4.\n#### 4"}])
+    solutions = solve(load_replay(tmp_path / "replay"), prompts, "gsm8k", StrategyConfig(), max_new_tokens=32)
+    assert [s.answer for s in solutions] == ["8", "4"]
