@@ -5,6 +5,9 @@ hold on both paths."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -43,6 +46,18 @@ def drop_database(admin_url: str, name: str) -> None:
     dispose_engines()
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def stop_process_group(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """Stop a process started with start_new_session=True, and its children: SIGTERM (a Celery
+    worker's warm shutdown), then SIGKILL if it is still there after `timeout_s`."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def read_reference(path: Path):

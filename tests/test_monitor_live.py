@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from sqlalchemy import func, select
 from db.schema import Evaluation, Generation, Job, Question, Round, TrainingExample
 from db.session import session_scope
 from tests.conftest import POSTGRES_ADMIN_URL
-from tests.support import drop_database, fresh_database, invoke_cli
+from tests.support import drop_database, fresh_database, invoke_cli, stop_process_group
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -71,16 +70,6 @@ def samples(text: str) -> dict[tuple[str, tuple], float]:
 
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @dataclass
@@ -188,7 +177,7 @@ def live(redis_url, demo_assets, tmp_path_factory):
     finally:
         for process in (watch, worker):
             if process is not None:
-                stop(process)
+                stop_process_group(process)
         patch.undo()
         broker.flushdb()  # no message of these rounds may reach a later module's worker
         drop_database(POSTGRES_ADMIN_URL, name)
@@ -313,7 +302,7 @@ def test_metrics_endpoint_matches_the_database(live):
     try:
         values = samples(scrape(port))
     finally:
-        stop(server)
+        stop_process_group(server)
     with session_scope(live.url) as session:
         counts = dict(((s, q), n) for s, q, n in session.execute(
             select(Job.state, Job.queue, func.count()).group_by(Job.state, Job.queue)))

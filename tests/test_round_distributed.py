@@ -4,7 +4,6 @@ started by the test. Every step crosses a process boundary: CLI → database →
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from sqlalchemy import func, select
 
 from db.schema import Job, Round
 from db.session import session_scope
-from tests.support import check_stage1_round
+from tests.support import check_stage1_round, stop_process_group
 from tests.test_round_embedded import POOL_LIMIT, TINY_ROUND
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -44,12 +43,7 @@ def worker(service_env, tmp_path):
     process = subprocess.Popen([*W2SCTL, "worker", "--queues", "weak,strong,train,control", "--hostname", "w2s-test@%h"],
                                env=service_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     yield process
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+    stop_process_group(process)
     log.close()
 
 
