@@ -12,12 +12,14 @@ A run is started by the DeepSpeed launcher (``workers/launch.py``), which sets `
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -365,6 +367,28 @@ class DeepSpeedStrategy:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config()
         )
         return self.engine
+
+    def start(self, cfg: TrainJobConfig, batches_per_epoch: int) -> tuple[Any, int, dict[str, Any]]:
+        """The training setup both methods share: the base model in full precision (DeepSpeed
+        casts to bf16 on GPUs, with an fp32 master copy under ZeRO), gradient checkpointing and
+        LoRA, AdamW with linear warm-up then linear decay to 0 over every update, and the latest
+        saved state when there is one. Returns (engine, total updates, resumed client state)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.base_model, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        )
+        model.config.use_cache = False
+        model = self.prepare_model(model, lora=cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
+        total_steps = max(1, batches_per_epoch * cfg.epochs // cfg.gradient_accumulation_steps)
+        warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+        engine = self.setup(
+            model,
+            lr=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            lr_lambda=partial(linear_warmup_decay, warmup_steps=warmup_steps, total_steps=total_steps),
+        )
+        return engine, total_steps, self.load_state(cfg.state_dir) or {}
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -40,8 +39,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from models.train.common import (DeepSpeedStrategy, TrainJobConfig, count_parameters, linear_warmup_decay,
-                                 resume_batches, run_rank)
+from models.train.common import (DeepSpeedStrategy, TrainJobConfig, count_parameters, resume_batches, run_rank)
 from models.train.losses import dpo_loss, orpo_loss, sequence_logps
 from models.train.sft import IGNORE_INDEX, build_example, collate
 
@@ -168,7 +166,7 @@ def margin_stats(logps: torch.Tensor) -> dict[str, float]:
 def train(cfg: PreferenceConfig) -> dict[str, Any]:
     """Run one DPO/ORPO job on this rank; returns the metrics (written by rank 0 with the checkpoint)."""
     from torch.utils.data import DataLoader, DistributedSampler
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     cfg.check_inputs()
     strategy = DeepSpeedStrategy.for_job(cfg)
@@ -200,24 +198,8 @@ def train(cfg: PreferenceConfig) -> dict[str, Any]:
         collate_fn=collate_fn,
     )
 
-    # model: full precision weights; DeepSpeed casts to bf16 on GPUs (fp32 master copy in ZeRO)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.base_model, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
-    )
-    model.config.use_cache = False
-    model = strategy.prepare_model(model, lora=cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
-
-    # optimiser: AdamW, linear warm-up then linear decay to 0 over all updates
-    total_steps = max(1, len(loader) * cfg.epochs // cfg.gradient_accumulation_steps)
-    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-    engine = strategy.setup(
-        model,
-        lr=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        lr_lambda=partial(linear_warmup_decay, warmup_steps=warmup_steps, total_steps=total_steps),
-    )
-    # resume: the latest saved state, with the reference log-probs of the starting policy
-    resumed = strategy.load_state(cfg.state_dir) or {}
+    engine, total_steps, resumed = strategy.start(cfg, len(loader))
+    # resumed: the latest saved state, with the reference log-probs of the starting policy
     step = int(resumed.get("step", 0))  # optimiser updates taken
     logged: list[dict[str, Any]] = list(resumed.get("logged", []))
     strategy.print0(

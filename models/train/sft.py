@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -27,8 +26,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from models.train.common import (DeepSpeedStrategy, TrainJobConfig, count_parameters, linear_warmup_decay,
-                                 resume_batches, run_rank)
+from models.train.common import (DeepSpeedStrategy, TrainJobConfig, count_parameters, resume_batches, run_rank)
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's ignore_index)
 
@@ -102,7 +100,7 @@ def collate(examples: Sequence[dict[str, list[int]]], *, pad_token_id: int) -> d
 def train(cfg: SFTConfig) -> dict[str, Any]:
     """Run one SFT job on this rank; returns the metrics (written by rank 0 with the checkpoint)."""
     from torch.utils.data import DataLoader, DistributedSampler
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     cfg.check_inputs()
     strategy = DeepSpeedStrategy.for_job(cfg)
@@ -127,24 +125,8 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         collate_fn=partial(collate, pad_token_id=tokenizer.pad_token_id),
     )
 
-    # model: full precision weights; DeepSpeed casts to bf16 on GPUs (fp32 master copy in ZeRO)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.base_model, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
-    )
-    model.config.use_cache = False
-    model = strategy.prepare_model(model, lora=cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
-
-    # optimiser: AdamW, linear warm-up then linear decay to 0 over all updates
-    total_steps = max(1, len(loader) * cfg.epochs // cfg.gradient_accumulation_steps)
-    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-    engine = strategy.setup(
-        model,
-        lr=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        lr_lambda=partial(linear_warmup_decay, warmup_steps=warmup_steps, total_steps=total_steps),
-    )
-    # resume: the latest saved state (weights, optimiser, schedule, losses logged so far)
-    resumed = strategy.load_state(cfg.state_dir) or {}
+    engine, total_steps, resumed = strategy.start(cfg, len(loader))
+    # resumed: the latest saved state (weights, optimiser, schedule, losses logged so far)
     step = int(resumed.get("step", 0))  # optimiser updates taken
     logged: list[dict[str, Any]] = list(resumed.get("logged", []))
     strategy.print0(
