@@ -68,6 +68,7 @@ class Question(Base):
     text: Mapped[str] = mapped_column(Text)
     gold_answer: Mapped[str | None] = mapped_column(Text)
     gold_solution: Mapped[str | None] = mapped_column(Text)
+    source_id: Mapped[str | None] = mapped_column(Text)  # the file's own id (`--id`); unique in the dataset
 
     dataset: Mapped[Dataset] = relationship(back_populates="questions")
 
