@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
@@ -87,6 +88,91 @@ def broker_depths(broker_url: str, queues: tuple[str, ...] = QUEUES) -> dict[str
     except (OperationalError, OSError) as exc:
         raise BrokerUnreachable(f"the broker at {_redact(broker_url)} (W2S_BROKER_URL) is unreachable: {exc}") from None
     return depths
+
+
+# Every message of one job carries this task id (workers.dispatch.task_id), so a message names
+# its job without its body being decoded.
+TASK_ID_PREFIX = "w2s-job-"
+# kombu's Redis transport keeps a queue's messages of priority p > 0 in `<queue>\x06\x16<p>`.
+_REDIS_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+def job_of_task_id(task_id: Any) -> int | None:
+    text = str(task_id or "")
+    return int(text[len(TASK_ID_PREFIX):]) if text.startswith(TASK_ID_PREFIX) and text[len(TASK_ID_PREFIX):].isdigit() else None
+
+
+def _job_of_raw_message(raw: bytes | str) -> int | None:
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(message, list):  # an `unacked` entry: [message, exchange, routing key]
+        message = message[0] if message else {}
+    headers = message.get("headers") if isinstance(message, dict) else None
+    return job_of_task_id((headers or {}).get("id"))
+
+
+def broker_messages(broker_url: str, queues: tuple[str, ...] = QUEUES) -> dict[int, str] | None:
+    """job id → where the broker holds a message of it: `waiting` in its queue, or `taken` (handed
+    to a worker, not yet acknowledged: Redis keeps it in the `unacked` hash until then, whether that
+    worker is still alive or not). None for a broker other than Redis (its queues cannot be read
+    without consuming them)."""
+    if not broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    import redis
+
+    from services.config import _redact
+
+    client = redis.Redis.from_url(broker_url, socket_connect_timeout=5, socket_timeout=30)
+    found: dict[int, str] = {}
+    try:
+        for raw in client.hvals("unacked"):
+            job = _job_of_raw_message(raw)
+            if job is not None:
+                found[job] = "taken"
+        for name in queues:
+            for suffix in _REDIS_PRIORITY_SUFFIXES:
+                for raw in client.lrange(name + suffix, 0, -1):
+                    job = _job_of_raw_message(raw)
+                    if job is not None:
+                        found[job] = "waiting"
+    except redis.exceptions.RedisError as exc:
+        raise BrokerUnreachable(f"the broker at {_redact(broker_url)} (W2S_BROKER_URL) is unreachable: {exc}") from None
+    finally:
+        client.close()
+    return found
+
+
+@dataclass
+class MessageCensus:
+    """Which jobs have a message that will run them, seen from the broker and the live workers."""
+
+    waiting: set[int]  # a message in its queue
+    taken: set[int]  # handed to a worker, unacknowledged (that worker may be dead)
+    held: set[int]  # active, reserved or scheduled (a retry's countdown) on a worker that answered
+    consumers: dict[str, list[str]]  # queue → the live workers consuming it
+
+    def has_message(self, job_id: int) -> bool:
+        """A message in a queue, or held by a live worker. One taken by a dead worker does not count:
+        Redis would hand it out again only after the visibility timeout (a day)."""
+        return job_id in self.waiting or job_id in self.held
+
+
+def message_census(broker_url: str, app: Any, timeout: float = 1.0) -> MessageCensus | None:
+    """Read the queues first, then ask the workers: a message taken in between is seen by the
+    second look (or missed by both, which the reconciliation's grace period absorbs)."""
+    messages = broker_messages(broker_url)
+    if messages is None:
+        return None
+    workers = inspect_workers(app, timeout)
+    held = {entry["job"] for w in workers for kind in ("active", "reserved", "scheduled") for entry in w[kind]}
+    return MessageCensus(
+        waiting={job for job, where in messages.items() if where == "waiting"},
+        taken={job for job, where in messages.items() if where == "taken"},
+        held=held,
+        consumers={queue: [w["worker"] for w in workers if queue in w["queues"]] for queue in QUEUES},
+    )
 
 
 def _job_ids(tasks: list[dict[str, Any]]) -> list[tuple[int, str | None, float | None]]:

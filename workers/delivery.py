@@ -10,6 +10,10 @@ How a job survives failures, in one place:
 - While a job runs, a heartbeat thread renews its lease (`heartbeat_at`). A job whose lease ran
   out (its worker was killed, its host cut off) is put back in the queue by `advance`, which the
   control worker's watchdog calls every `watchdog_s`, and `round resume` calls on demand.
+- A job queued in the database with no message to run it (a send that failed, a message dropped
+  or flushed, one stranded in a dead worker's reservation) is re-sent by the control worker's
+  reconciliation (workers.reconcile) every `reconcile_s`, once it has been seen without a message
+  for `reconcile_grace_s`. A duplicate send is harmless: the claim runs one of the copies.
 - A job that lost its worker `max_attempts` times (e.g. it runs the machine out of memory every
   time) ends failed with that reason instead of looping.
 """
@@ -40,6 +44,10 @@ class DeliverySettings(BaseModel):
     time_limit_s: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TIME_LIMIT_S))
     heartbeat_s: float | None = Field(None, gt=0, description="default: a tenth of the job's lease")
     watchdog_s: float = Field(30.0, ge=0, description="control worker: re-plan expired leases this often; 0 = off")
+    reconcile_s: float = Field(30.0, ge=0, description="control worker: look for queued jobs that no message "
+                               "will run (lost sends, dropped or flushed messages) this often; 0 = off")
+    reconcile_grace_s: float = Field(60.0, ge=0, description="a queued job is re-sent once it has been seen "
+                                     "without a message for this long (a message being handed over is not lost)")
     max_attempts: int = Field(3, ge=1, le=100, description="claims of one job before it ends failed")
     retry_backoff_s: float = Field(30.0, ge=0, description="first retry delay after a failure; doubles each time")
     # Longer than the longest job (Celery's guidance for Redis): the broker itself never
@@ -63,6 +71,8 @@ class DeliverySettings(BaseModel):
 ENV_FIELDS = {
     "W2S_HEARTBEAT_S": "heartbeat_s",
     "W2S_WATCHDOG_S": "watchdog_s",
+    "W2S_RECONCILE_S": "reconcile_s",
+    "W2S_RECONCILE_GRACE_S": "reconcile_grace_s",
     "W2S_MAX_ATTEMPTS": "max_attempts",
     "W2S_RETRY_BACKOFF_S": "retry_backoff_s",
     "W2S_VISIBILITY_TIMEOUT_S": "visibility_timeout_s",

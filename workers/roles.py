@@ -90,14 +90,22 @@ def pin_this_process() -> None:
 def start_watchdog(interval_s: float):
     """Every interval, advance every running round: expired leases are re-planned, missed steps
     planned, and what that yields is sent. Safe beside other watchdogs (advance locks the round).
+    Every W2S_RECONCILE_S, re-send queued jobs that have no message (workers.reconcile).
 
     A separate (spawned) process, not a thread: the worker forks its pool, and a fork taken while
     a thread holds a lock (logging, imports, a connection pool) leaves the child stuck on it. It
     exits when the worker does.
     """
-    if interval_s <= 0:
+    from workers.delivery import load_delivery
+
+    if interval_s <= 0 and load_delivery().reconcile_s <= 0:
         return None
     import multiprocessing
+
+    if os.environ.get("W2S_METRICS_PORT"):  # the watchdog's counters go where the worker's endpoint reads
+        from workers.telemetry import metrics_directory
+
+        metrics_directory()
 
     from workers.watchdog import watch
 

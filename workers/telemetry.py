@@ -51,10 +51,7 @@ def _start_metrics_server(**_kwargs: Any) -> None:
         return
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"W2S_METRICS_PORT: {port!r} is not a TCP port number")
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="w2s-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    for stale in Path(directory).glob("*.db"):  # a previous worker's counters are not ours
-        stale.unlink()
+    metrics_directory()
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server, values
 
     # prometheus_client picks its value store when first imported; the directory exists only now.
@@ -65,6 +62,18 @@ def _start_metrics_server(**_kwargs: Any) -> None:
     global _metrics_enabled
     _metrics_enabled = True
     log.info("worker metrics on :%s/metrics", port)
+
+
+def metrics_directory() -> str:
+    """prometheus_client's multiprocess directory of this worker, emptied of a previous worker's
+    files once: before the watchdog process starts (its counters live there too) or, without a
+    watchdog, when the worker starts."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="w2s-metrics-")
+    if os.environ.get("W2S_METRICS_DIR_READY") != directory:
+        for stale in Path(directory).glob("*.db"):  # a previous worker's counters are not ours
+            stale.unlink()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ["W2S_METRICS_DIR_READY"] = directory
+    return directory
 
 
 @lru_cache(maxsize=1)

@@ -1,12 +1,14 @@
 """The control worker's watchdog: advance every running round now and then, so a job whose worker
 died or whose host dropped off the network is re-planned once its lease runs out, even when no
-other job finishes to trigger `advance`."""
+other job finishes to trigger `advance`; and reconcile the database with the broker
+(workers.reconcile), so no queued job waits for a message that will never come."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 
 from sqlalchemy import select
 
@@ -30,17 +32,39 @@ def sweep(database_url: str) -> list[int]:
 
 
 def watch(interval_s: float, parent_pid: int | None = None, stop: threading.Event | None = None) -> None:
+    """The loop: a sweep every `interval_s` (0: none) and a reconciliation every `reconcile_s`
+    (0: none, and none in embedded mode). Jobs a sweep could not send are sent at the next pass."""
+    from workers.delivery import load_delivery
     from workers.dispatch import enqueue
+    from workers.reconcile import Reconciler, record_failure
 
     stop = stop or threading.Event()
-    url = load_settings().database_url
-    while not stop.wait(interval_s):
+    settings, delivery = load_settings(), load_delivery()
+    reconciler = (Reconciler(settings, delivery.reconcile_grace_s)
+                  if settings.broker_url and delivery.reconcile_s > 0 else None)
+    periods = [s for s in (interval_s, delivery.reconcile_s if reconciler else 0) if s > 0]
+    if not periods:
+        return
+    tick = min(periods)
+    next_sweep = next_reconcile = time.monotonic()
+    unsent: set[int] = set()
+    while not stop.wait(tick):
         if parent_pid is not None and os.getppid() != parent_pid:
             return  # the worker is gone
-        try:
-            job_ids = sweep(url)
-            if job_ids:
-                log.warning("watchdog: sending %d job(s) again or for the first time: %s", len(job_ids), job_ids)
-                enqueue(job_ids)
-        except Exception as exc:  # noqa: BLE001 - the database or broker is away; try again next time
-            log.warning("watchdog pass failed: %s", exc)
+        now = time.monotonic()
+        if interval_s > 0 and now >= next_sweep:
+            next_sweep = now + interval_s
+            try:
+                unsent |= set(sweep(settings.database_url))
+                if unsent:
+                    log.warning("watchdog: sending %d job(s) again or for the first time: %s", len(unsent), sorted(unsent))
+                    enqueue(sorted(unsent))
+                    unsent.clear()
+            except Exception as exc:  # noqa: BLE001 - the database or broker is away; try again next time
+                record_failure(f"watchdog pass ({len(unsent)} job(s) to send next time)", exc)
+        if reconciler is not None and now >= next_reconcile:
+            next_reconcile = now + delivery.reconcile_s
+            try:
+                reconciler.run_once()
+            except Exception as exc:  # noqa: BLE001 - the database or broker is away; try again next time
+                record_failure("reconciliation", exc)
