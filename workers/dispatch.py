@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy import select
 
 from db.schema import Job
 from db.session import session_scope
 from services.config import load_settings
+from services.errors import W2SError
 
 # Embedded mode: jobs wait here and `drain` runs them one at a time in this process, through the
 # same Celery task code a worker runs (task.apply), so both modes share one path.
@@ -29,13 +31,25 @@ def enqueue(job_ids: Iterable[int], *, countdown: float | None = None) -> None:
     with session_scope(settings.database_url) as session:
         jobs = session.scalars(select(Job).where(Job.id.in_(job_ids)).order_by(Job.id)).all()
         routes = [(job.id, job.kind, job.queue) for job in jobs]
-    for job_id, kind, queue in routes:
-        app.send_task(f"w2s.{kind}", args=[job_id], queue=queue, countdown=countdown, task_id=task_id(job_id))
+    try:
+        for job_id, kind, queue in routes:
+            app.send_task(f"w2s.{kind}", args=[job_id], queue=queue, countdown=countdown, task_id=task_id(job_id))
+    except (KombuOperationalError, OSError) as exc:
+        raise SendFailed(f"could not send job(s) {', '.join(str(r[0]) for r in routes)}: the broker at "
+                         f"{settings.redacted_broker_url()} (W2S_BROKER_URL) is unreachable: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+
+
+class SendFailed(W2SError):
+    """The broker refused or could not be reached: the jobs stay queued in the database, and the
+    control worker's reconciliation (workers.reconcile) sends them once the broker is back."""
 
 
 def task_id(job_id: int) -> str:
-    """Every message for one job carries the same id, so `revoke` reaches every copy of it."""
-    return f"w2s-job-{job_id}"
+    """Every message for one job carries the same id, so `revoke` reaches every copy of it and the
+    reconciliation (workers.reconcile) tells from a message which job it runs."""
+    from services.monitor import TASK_ID_PREFIX
+
+    return f"{TASK_ID_PREFIX}{job_id}"
 
 
 def revoke(job_ids: Iterable[int]) -> None:
