@@ -36,6 +36,10 @@ def make_app() -> Celery:
         task_acks_late=True,  # a worker that dies mid-job leaves the message to be redelivered
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,  # one job at a time per process: jobs are long
+        # ... and none reserved ahead while every process is busy (Celery >= 5.6, Redis only): a
+        # message whose run acknowledged it at the start (training, workers.tasks.ACK_ON_START)
+        # no longer frees a slot that the next message would wait in, stranded if the worker dies.
+        worker_disable_prefetch=True,
         task_queues=[Queue(name) for name in QUEUES],
         task_default_queue="control",
         broker_transport_options=transport,

@@ -25,6 +25,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import or_, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from db.schema import Job, Round, utcnow
@@ -43,6 +44,11 @@ FAILPOINT_ENV = "W2S_FAILPOINT"
 
 class Superseded(RuntimeError):
     """This attempt no longer owns the job: its results must not be kept."""
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The job could not even be read or claimed: its message must go back to the broker (the
+    task retries it with back-off), not be acknowledged as if the job had run."""
 
 
 class JobStopped(BaseException):
@@ -193,22 +199,29 @@ def claim(session: Session, job_id: int, lease: timedelta) -> Job | None:
 def run_job(job_id: int, handler: Callable[[JobContext], None], *, enqueue: Callable[..., None]) -> str:
     """Claim, run under a heartbeat, record, advance. Returns what happened, for logs and tests."""
     settings, delivery = load_settings(), load_delivery()
-    with session_scope(settings.database_url) as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            log.warning("job %s does not exist; message dropped", job_id)
-            return "missing"
-        round_ = session.get(Round, job.round_id)
-        if round_.state in TERMINAL_ROUND_STATES:
-            if job.state == "queued":
-                job.state, job.finished_at = "cancelled", utcnow()
-            return "round-over"
-        kind = job.kind
-        job = claim(session, job_id, timedelta(seconds=delivery.lease(kind)))
-        if job is None:
-            return "not-claimed"  # done, running elsewhere, or out of attempts
-        ctx = JobContext(settings, job.id, job.round_id, job.attempts, dict(job.payload or {}), kind=kind)
-        retry_left = job.attempts < job.max_attempts
+    try:
+        with session_scope(settings.database_url) as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                log.warning("job %s does not exist; message dropped", job_id)
+                return "missing"
+            round_ = session.get(Round, job.round_id)
+            if round_.state in TERMINAL_ROUND_STATES:
+                if job.state == "queued":
+                    job.state, job.finished_at = "cancelled", utcnow()
+                return "round-over"
+            kind = job.kind
+            job = claim(session, job_id, timedelta(seconds=delivery.lease(kind)))
+            if job is None:
+                return "not-claimed"  # done, running elsewhere, or out of attempts
+            ctx = JobContext(settings, job.id, job.round_id, job.attempts, dict(job.payload or {}), kind=kind)
+            retry_left = job.attempts < job.max_attempts
+    except DBAPIError as exc:
+        if not exc.connection_invalidated and not isinstance(exc, (OperationalError, InterfaceError)):
+            raise
+        # Nothing happened yet (or a claim whose commit went unconfirmed: its lease will lapse).
+        raise DatabaseUnavailable(f"job {job_id}: the database is unreachable before the claim: "
+                                  f"{str(exc.orig or exc).strip().splitlines()[0]}") from exc
 
     from services.logs import bind_job  # every log line of this job carries its ids
 

@@ -8,27 +8,45 @@ job's launch is killed with its process group when the soft limit interrupts it.
 
 from __future__ import annotations
 
+import logging
+
 from workers.app import app
 from workers.delivery import load_delivery
 from workers.dispatch import enqueue
-from workers.runner import run_job
+from workers.runner import DatabaseUnavailable, run_job
 from workers.steps import HANDLERS
+
+log = logging.getLogger("w2s.worker")
 
 HARD_LIMIT_GRACE_S = 300
 # A training run can outlast any sensible broker visibility timeout: its message is acknowledged
 # when the run starts, and from then on the job's lease in the database tracks it (a train worker
 # that dies is noticed by its lapsed heartbeat and the job re-planned). Shorter jobs keep their
-# message unacknowledged until they end, so the broker also redelivers them.
+# message unacknowledged until they end, so the broker also redelivers them. A worker takes no
+# further message while its processes are busy (worker_disable_prefetch, workers.app), so a train
+# worker killed mid-run strands no other job's message in its reservation.
 ACK_ON_START = {"train"}
 
 
+# A message whose job could not even be read (the database is down) is sent back with back-off,
+# doubling from W2S_RETRY_BACKOFF_S up to this, for as long as the outage lasts.
+DATABASE_RETRY_MAX_S = 300.0
+
+
 def _make_task(kind: str):
-    def task(job_id: int) -> str:
-        return run_job(job_id, HANDLERS[kind], enqueue=enqueue)
+    def task(self, job_id: int) -> str:
+        try:
+            return run_job(job_id, HANDLERS[kind], enqueue=enqueue)
+        except DatabaseUnavailable as exc:
+            if self.request.is_eager:  # embedded: no broker to send it back to; the caller sees the error
+                raise
+            delay = min(DATABASE_RETRY_MAX_S, load_delivery().retry_backoff_s * 2 ** self.request.retries)
+            log.warning("%s; message sent back, retry in %.1f s", exc, delay)
+            raise self.retry(countdown=delay) from None
 
     limit = load_delivery().time_limit(kind)
     task.__name__ = f"{kind}_task"
-    return app.task(name=f"w2s.{kind}", soft_time_limit=limit, time_limit=limit + HARD_LIMIT_GRACE_S,
+    return app.task(name=f"w2s.{kind}", bind=True, max_retries=None, soft_time_limit=limit, time_limit=limit + HARD_LIMIT_GRACE_S,
                     acks_late=kind not in ACK_ON_START)(task)
 
 
