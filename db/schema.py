@@ -114,6 +114,9 @@ class Round(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     pipeline_id: Mapped[int | None] = mapped_column(ForeignKey("pipelines.id"))
     pipeline_step: Mapped[str | None] = mapped_column(String(40))  # weak-sft | iteration1 | iteration2 | preference
+    # `round start --name`: an idempotency key, so a start retried after an error finds its round
+    # instead of making a second one. NULL for unnamed rounds (unique among the named).
+    name: Mapped[str | None] = mapped_column(String(200), unique=True)
     stage: Mapped[str] = mapped_column(String(20))  # weak-sft | sft | preference
     iteration: Mapped[int] = mapped_column(Integer, default=1)
     state: Mapped[str] = mapped_column(String(20), default="running")  # running | done | failed | cancelled

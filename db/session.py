@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,6 +21,31 @@ _engine_pid: dict[str, int] = {}
 
 class SchemaOutOfDate(RuntimeError):
     pass
+
+
+def redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: show no part that could hold a password
+        return url.split("://", 1)[0] + "://…"
+
+
+def database_error_line(exc: DBAPIError, url: str) -> str | None:
+    """One line for a database that cannot be used at all (down, not created, not migrated), with
+    the fix; None for other errors (a bug, not the operator's to fix)."""
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    reason = reason[0] if reason else type(exc).__name__
+    where = f"the database {redact(url)} (W2S_DATABASE_URL)"
+    lowered = reason.lower()
+    if "database" in lowered and "does not exist" in lowered:
+        return f"{where} does not exist: create it (e.g. `createdb`), then run `w2sctl db upgrade`"
+    if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
+        return f"{where} has no w2s tables ({reason}): run `w2sctl db upgrade`"
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return f"{where} is unreachable: {reason}; start the database server or fix W2S_DATABASE_URL"
+    return None
 
 
 def get_engine(url: str) -> Engine:
@@ -131,8 +157,8 @@ def ensure_schema(url: str) -> None:
     current, head = current_revision(url), head_revision(url)
     if current != head:
         raise SchemaOutOfDate(
-            f"database schema is at revision {current or 'none'}, the code needs {head}: "
-            "run `w2sctl db upgrade`"
+            f"the database {redact(url)} (W2S_DATABASE_URL) has schema revision {current or 'none'}, "
+            f"the code needs {head}: run `w2sctl db upgrade`"
         )
 
 

@@ -19,10 +19,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Dataset, Job, Round
-from db.session import SchemaOutOfDate, ensure_schema, session_scope, upgrade
+from db.session import SchemaOutOfDate, database_error_line, ensure_schema, session_scope, upgrade
 from models.loading import CheckpointError
 from services.config import QUEUES, ConfigError, load_round_config_file, load_settings, parse_round_config
 from services.errors import W2SError
@@ -57,6 +58,11 @@ class Group(click.Group):
             return super().invoke(ctx)
         except (W2SError, CheckpointError, SchemaOutOfDate) as exc:
             raise click.ClickException(str(exc)) from None
+        except DBAPIError as exc:  # the database is down, not created or not migrated: say which and the fix
+            line = database_error_line(exc, load_settings().database_url)
+            if line is None:
+                raise
+            raise click.ClickException(line) from None
 
 
 def main() -> None:
@@ -184,20 +190,36 @@ def round_() -> None:
 @click.option("--seed", type=int)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Any other config field, dotted: --set training.epochs=3 --set generation.batch_size=32.")
+@click.option("--name", help="A name for the round, unique: starting a round of that name again returns it "
+              "(safe to retry after an error) instead of making a second one.")
 @click.option("--wait/--no-wait", default=None, help="Wait for the round to end (default: yes when embedded).")
 @pass_app
-def round_start(app: App, config_file: Path | None, wait: bool | None, sets: tuple[str, ...], **flags: Any) -> None:
+def round_start(app: App, config_file: Path | None, wait: bool | None, sets: tuple[str, ...], name: str | None,
+                **flags: Any) -> None:
     """Validate a round config, write the round and its first jobs, enqueue them."""
-    from services.rounds import start_round
-    from workers.dispatch import enqueue
+    from services.registry import validate_name
+    from services.rounds import named_round, start_round
+    from workers.dispatch import SendFailed, enqueue
 
     overrides = _overrides(flags, sets)
     config = load_round_config_file(config_file, overrides) if config_file else parse_round_config(overrides, "round flags")
+    if name is not None:
+        validate_name(name, "--name")
     with app.session() as session:
-        round_obj, job_ids = start_round(session, config)
-        round_id = round_obj.id
-    enqueue(job_ids)
-    console.print(f"round {round_id} started: {config.stage}, {len(job_ids)} jobs queued")
+        existed = name is not None and named_round(session, name) is not None
+        round_obj, job_ids = start_round(session, config, name=name)
+        round_id, state = round_obj.id, round_obj.state
+    try:
+        enqueue(job_ids)
+    except SendFailed as exc:
+        raise click.ClickException(
+            f"round {round_id} is recorded but its {len(job_ids)} queued job(s) could not be sent ({exc}); "
+            "the control worker's reconciliation sends them once the broker is back (W2S_RECONCILE_S), "
+            f"or run `w2sctl round resume {round_id}`; do not start it again") from None
+    if existed:
+        console.print(f"round {round_id} ({name}) already exists, {state}: {len(job_ids)} queued jobs sent again")
+    else:
+        console.print(f"round {round_id} started: {config.stage}, {len(job_ids)} jobs queued")
     if wait is None:
         wait = app.settings.embedded
     if wait:

@@ -28,6 +28,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Generation, Job, Question, Round, utcnow
@@ -51,22 +52,41 @@ class JobSpec:
 # --- start ---------------------------------------------------------------------------------------
 
 
-def start_round(session: Session, config: AnyRoundConfig) -> tuple[Round, list[int]]:
+def start_round(session: Session, config: AnyRoundConfig, *, name: str | None = None) -> tuple[Round, list[int]]:
     """Validate against the database, write the round and its first jobs. Returns (round, job ids to enqueue).
 
     The caller commits before enqueueing: nothing reaches the broker that is not in the database.
+    With a `name` (an idempotency key) that a round already has, that round is returned with its
+    queued jobs to send again, provided it was started with the same config: a start retried
+    after an error (e.g. the broker was unreachable) never makes a second round.
     """
+    if name is not None:
+        existing = named_round(session, name)
+        if existing is not None:
+            if existing.config != config.model_dump(mode="json"):
+                raise InputError(f"--name {name!r}: round {existing.id} already has that name, with another config; "
+                                 "choose another name")
+            return existing, resume_round(session, existing.id)
     resolved = resolve(session, config)
     round_ = Round(
         stage=config.stage,
         iteration=getattr(config, "iteration", 1),
         state="running",
+        name=name,
         config=config.model_dump(mode="json"),
         resolved=resolved,
     )
     session.add(round_)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:
+        raise StateError(f"--name {name!r}: another `round start` with that name committed first; "
+                         "run the command again to get its round") from None
     return round_, advance(session, round_.id)
+
+
+def named_round(session: Session, name: str) -> Round | None:
+    return session.scalar(select(Round).where(Round.name == name))
 
 
 def resolve(session: Session, config: AnyRoundConfig) -> dict[str, Any]:
