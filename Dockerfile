@@ -9,6 +9,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends build-essential
 WORKDIR /app
 RUN pip install --no-cache-dir --index-url ${TORCH_INDEX} "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
+COPY cli cli
 COPY services services
 COPY workers workers
 COPY models models

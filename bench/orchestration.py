@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
 POOL = SHARED / "gsm8k" / "train_2.jsonl"
 WEAK_OUTPUTS = SHARED / "reference" / "weak_outputs" / "gsm8k_train_2.llama2_7b.jsonl"
-W2SCTL = [sys.executable, "-c", "from services.cli import main; main()"]
+W2SCTL = [sys.executable, "-m", "cli"]
 
 
 def main(argv: list[str] | None = None) -> None:

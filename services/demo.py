@@ -123,7 +123,7 @@ def demo_preference_config(scale: str, seed: int, student: str) -> dict[str, Any
 def _run_round(database_url: str, config_data: dict[str, Any], console: Console) -> dict[str, Any]:
     from db.schema import Job, Round
     from db.session import session_scope
-    from services.cli import render_report
+    from cli.render import render_report
     from services.config import parse_round_config
     from services.report import job_counts
     from services.rounds import start_round

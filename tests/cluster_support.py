@@ -26,9 +26,7 @@ from db.session import session_scope
 from tests.support import drop_database, fresh_database  # noqa: F401 - the cluster tests import them from here
 
 REPO = Path(__file__).resolve().parents[1]
-# Not `-m services.cli`: run as __main__, the module would be imported a second time by the
-# command modules registered at its end.
-W2SCTL = [sys.executable, "-c", "from services.cli import main; main()"]
+W2SCTL = [sys.executable, "-m", "cli"]
 
 # Leases and heartbeats short enough for a test to outlive them (workers.delivery reads these).
 FAST_DELIVERY = {

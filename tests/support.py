@@ -71,7 +71,7 @@ def read_reference(path: Path):
 
 def invoke_cli(*args, ok: bool = True) -> Result:
     """Run `w2sctl ARGS` in this process; with ok, assert it succeeded and show its output if not."""
-    from services.cli import cli
+    from cli.main import cli
 
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     if ok:

@@ -31,7 +31,7 @@ from tests.support import drop_database, fresh_database, invoke_cli, stop_proces
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-W2SCTL = [sys.executable, "-c", "from services.cli import main; main()"]
+W2SCTL = [sys.executable, "-m", "cli"]
 WORKER_NAME = "w2s-monitor@" + socket.gethostname()
 QUEUE_NAMES = ["weak", "strong", "train", "control"]
 POOL, EVAL, CHUNK = 20, 10, 10

@@ -18,7 +18,7 @@ from tests.test_round_embedded import POOL_LIMIT, TINY_ROUND
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-W2SCTL = [sys.executable, "-m", "services.cli"]
+W2SCTL = [sys.executable, "-m", "cli"]
 
 
 @pytest.fixture

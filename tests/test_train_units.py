@@ -214,7 +214,7 @@ def test_launch_record_keeps_rank_0_and_shows_gloo_errors_as_text():
     "[/path:line]" (as gloo's do) is printed as text, not read as rich markup."""
     from rich.console import Console
 
-    from services.cli_ops import launch_table
+    from cli.jobs import launch_table
 
     ranks = [RankStatus(rank=0, status="ok"), RankStatus(rank=1, status="error", error="[/__w/gloo/transport.cc:154] Connection closed by peer")]
     records = [status.as_dict() for status in ranks]

@@ -11,8 +11,8 @@ from pathlib import Path
 import click
 from sqlalchemy import select
 
+from cli.context import App, Group, console, pass_app
 from db.schema import Checkpoint
-from services.cli import App, Group, console, pass_app
 from services.errors import InputError
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import click
 from rich.table import Column, Table
 
-from services.cli import App, Group, console, pass_app
+from cli.context import App, Group, console, pass_app
 from services.config import STRATEGIES, StrategyConfig
 from services.errors import InputError
 

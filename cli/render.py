@@ -1,0 +1,71 @@
+"""Rich renderings shared by several commands (and the demo): durations, percentages, a round's report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1%}"
+
+
+def render_report(report: dict[str, Any]) -> Table:
+    table = Table("", "value", title="report", show_header=False)
+    if "pool" in report:
+        table.add_row("pool questions", str(report["pool"]))
+        table.add_row("answered (weak / strong)", f"{report['weak_answered']} / {report['strong_answered']}")
+        table.add_row("kept by the vote", f"{report['kept']} ({pct(report['kept_share'])})")
+        if report.get("dropped_by_step_score"):
+            table.add_row("dropped by step score", str(report["dropped_by_step_score"]))
+        if report.get("has_gold"):
+            table.add_row("weak accuracy, all pool", pct(report.get("weak_accuracy")))
+            table.add_row("strong accuracy, all pool", pct(report.get("strong_accuracy")))
+            table.add_row("pseudo-label accuracy, kept set", pct(report.get("kept_accuracy")))
+            if report.get("kept_by_gold_steps"):
+                mix = ", ".join(f"{k} steps: {v}" for k, v in report["kept_by_gold_steps"].items())
+                table.add_row("kept set by solution length", mix)
+        else:
+            table.add_row("accuracies", "the pool has no gold answers")
+    if "pairs" in report:
+        table.add_row("questions sampled", str(report["sampled_questions"]))
+        skipped = report.get("skipped") or {}
+        table.add_row("skipped", ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in skipped.items()) or "none")
+        by_case = report.get("pairs_by_case") or {}
+        table.add_row("pairs", f"{report['pairs']} (" + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in by_case.items()) + ")")
+        if report.get("pass_at_k"):
+            passk = report["pass_at_k"]
+            table.add_row(f"pass@{passk['k']} on the eval set", ", ".join(
+                f"{name}: {pct(value)}" for name, value in passk.items() if name != "k"))
+        if report.get("chosen_accuracy") is not None:
+            table.add_row("accuracy of chosen / rejected", f"{pct(report['chosen_accuracy'])} / {pct(report['rejected_accuracy'])}")
+    if report.get("student_before"):
+        before = report["student_before"]
+        table.add_row("student before", f"{before['name']} {pct(before['accuracy'])}")
+    for variant, entry in (report.get("variants") or {}).items():
+        if entry.get("skipped"):
+            table.add_row(f"variant {variant}", f"{entry['examples']} examples — skipped: {entry['skipped']}")
+        elif entry.get("checkpoint"):
+            loss = entry.get("train_loss")
+            unit = "pairs" if variant in ("dpo", "orpo") else "examples"
+            table.add_row(f"variant {variant}", f"{entry['examples']} {unit} → {entry['checkpoint']} "
+                          f"{pct(entry.get('accuracy'))} ({entry.get('status')})"
+                          + (f", final train loss {loss:.3f}" if loss is not None else ""))
+        else:
+            table.add_row(f"variant {variant}", f"{entry['examples']} examples, training {entry['state']}")
+    if report.get("outcome"):
+        colour = "green" if report["outcome"] == "promoted" else "yellow"
+        table.add_row("decision", f"[{colour}]{report['outcome']}[/]: {report['reason']}")
+    return table
