@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import os
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -59,7 +61,79 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
         raise CheckpointError(path, f"no *.safetensors weight files (nor {SAFETENSORS_INDEX})")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(path, f"no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
+    check_weights(path)
     return path
+
+
+def check_weights(path: Path) -> dict[str, list[int]]:
+    """Every weight file complete and the shapes those files declare consistent with config.json.
+    Returns tensor name → shape. Reads headers only (safetensors maps the file; no tensor is loaded).
+
+    safetensors itself refuses a file whose header does not cover exactly its size (a truncated
+    copy, an interrupted download); a sharded checkpoint's index must name shards that exist and
+    hold the tensors it lists; the embedding and output matrices must be vocab_size × hidden_size
+    and the layers numbered as many as num_hidden_layers, so weights from another model are refused.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    index = path / SAFETENSORS_INDEX
+    files = sorted(path.glob("*.safetensors"))
+    expected: dict[str, str] = {}
+    if index.is_file():
+        try:
+            expected = dict(json.loads(index.read_text())["weight_map"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(path, f"{SAFETENSORS_INDEX} is not a safetensors index: {exc}") from None
+        missing = sorted({shard for shard in expected.values() if not (path / shard).is_file()})
+        if missing:
+            raise CheckpointError(path, f"{SAFETENSORS_INDEX} names shard(s) that are missing: {', '.join(missing)}")
+    shapes: dict[str, list[int]] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="numpy") as weights:
+                for name in weights.keys():
+                    shapes[name] = list(weights.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as exc:
+            size = file.stat().st_size if file.exists() else 0
+            raise CheckpointError(path, f"{file.name} ({size} bytes) is incomplete or corrupt: {exc} "
+                                        "(copy or download it again)") from None
+    absent = sorted(name for name in expected if name not in shapes)
+    if absent:
+        raise CheckpointError(path, f"{SAFETENSORS_INDEX} lists {len(absent)} tensor(s) no shard holds, "
+                                    f"e.g. {absent[0]}")
+    if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        _check_shapes(path, shapes)
+    return shapes
+
+
+# config.json keys of the sizes the weights must have, across model families (Llama/Qwen, GPT-2).
+_VOCAB_KEYS, _HIDDEN_KEYS, _LAYER_KEYS = ("vocab_size",), ("hidden_size", "n_embd", "d_model"), \
+    ("num_hidden_layers", "n_layer", "num_layers")
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "lm_head.weight")
+
+
+def _check_shapes(path: Path, shapes: dict[str, list[int]]) -> None:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except ValueError as exc:
+        raise CheckpointError(path, f"config.json is not JSON: {exc}") from None
+    config = {**config.get("text_config", {}), **config}
+
+    def first(keys: tuple[str, ...]) -> int | None:
+        return next((config[k] for k in keys if isinstance(config.get(k), int)), None)
+
+    vocab, hidden, layers = first(_VOCAB_KEYS), first(_HIDDEN_KEYS), first(_LAYER_KEYS)
+    for name, shape in shapes.items():
+        if name.endswith(_EMBEDDING_SUFFIXES) and vocab and hidden and len(shape) == 2 and sorted(shape) != sorted([vocab, hidden]):
+            raise CheckpointError(path, f"tensor {name} is {shape[0]}×{shape[1]} but config.json says vocab_size "
+                                        f"{vocab}, hidden size {hidden}: the weights belong to another model")
+    numbered = {int(match.group(1)) for name in shapes if (match := _LAYER_NUMBER.search(name))}
+    if layers and numbered and len(numbered) != layers:
+        raise CheckpointError(path, f"the weights hold {len(numbered)} layer(s) but config.json says {layers}: "
+                                    "the weights belong to another model or are incomplete")
+
+
+_LAYER_NUMBER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
 
 
 # Models whose own Python code may run at load time, by name (a directory's name) or full path,

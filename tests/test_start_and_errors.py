@@ -4,6 +4,8 @@ down, not created or not migrated."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from services.monitor import MessageCensus, job_of_task_id
@@ -107,3 +109,66 @@ def test_database_not_created_or_not_migrated_is_one_line(postgres_url, w2s_home
         assert name in line and "revision none" in line and "w2sctl db upgrade" in line, line
     finally:
         drop_database(POSTGRES_ADMIN_URL, name)
+
+
+# --- model register: the weights are checked before the model is accepted -----------------------
+
+
+@pytest.fixture
+def weak_copy(demo_assets, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(demo_assets.weak_model, tmp_path / "weak-copy"))
+
+
+def test_register_refuses_a_truncated_safetensors_file(w2s_home, weak_copy, cli_runner):
+    weights = weak_copy / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size - 1000)  # an interrupted copy
+    line = _one_error_line(cli_runner("model", "register", "weak", "--path", weak_copy, "--role", "weak", ok=False))
+    assert str(weak_copy) in line and "model.safetensors" in line and "incomplete or corrupt" in line, line
+    assert "weak" not in cli_runner("model", "list").output.split("path", 1)[1]  # nothing registered
+
+
+def test_register_refuses_weights_of_another_shape(w2s_home, weak_copy, cli_runner):
+    import json
+
+    config = json.loads((weak_copy / "config.json").read_text())
+    (weak_copy / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 7}))
+    line = _one_error_line(cli_runner("model", "register", "weak", "--path", weak_copy, "--role", "weak", ok=False))
+    assert str(weak_copy) in line and "belong to another model" in line, line
+    (weak_copy / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
+    line = _one_error_line(cli_runner("model", "register", "weak", "--path", weak_copy, "--role", "weak", ok=False))
+    assert "layer(s) but config.json says" in line, line
+
+
+def test_register_checks_a_sharded_checkpoint_against_its_index(w2s_home, weak_copy, cli_runner):
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(weak_copy / "model.safetensors", framework="numpy") as weights:
+        names = list(weights.keys())
+    index = weak_copy / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {**{n: "model.safetensors" for n in names},
+                                                                "lm_head.extra": "model-00002-of-00002.safetensors"}}))
+    line = _one_error_line(cli_runner("model", "register", "weak", "--path", weak_copy, "--role", "weak", ok=False))
+    assert "model-00002-of-00002.safetensors" in line and "missing" in line, line
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {**{n: "model.safetensors" for n in names},
+                                                                "lm_head.extra": "model.safetensors"}}))
+    line = _one_error_line(cli_runner("model", "register", "weak", "--path", weak_copy, "--role", "weak", ok=False))
+    assert "no shard holds" in line and "lm_head.extra" in line, line
+    index.unlink()
+    assert "registered weak model" in cli_runner("model", "register", "weak", "--path", weak_copy, "--role", "weak").output
+
+
+def test_a_model_that_does_not_load_is_named_in_the_job_error(weak_copy):
+    from models.loading import CheckpointError
+    from workers.steps import load_named
+
+    (weak_copy / "tokenizer.json").write_text("{ not json")
+    (weak_copy / "tokenizer_config.json").unlink()
+    with pytest.raises(CheckpointError) as caught:
+        load_named("weak-teacher", str(weak_copy))
+    message = str(caught.value)
+    assert "'weak-teacher' does not load" in message and str(weak_copy) in message and "\n" not in message, message

@@ -19,7 +19,7 @@ from db.schema import (Checkpoint, Dataset, Evaluation, Generation, Job, Prefere
 from db.session import insert_ignore
 from models.answers import answers_match, extract_answer
 from models.generation import generate
-from models.loading import default_cache
+from models.loading import CheckpointError, default_cache
 from models.prompts import clean_response, few_shot, zero_shot
 from models.leco import score_steps
 from services.config import SFTRoundConfig, StrategyConfig
@@ -33,6 +33,16 @@ from services.store import checkpoint_path
 from workers.runner import JobContext
 
 GREEDY = "greedy"
+
+
+def load_named(name: str, path: str):
+    """The model of a checkpoint; a failure to load names the model and its path (the job's error
+    is what `round status` shows), whatever library raised it."""
+    try:
+        return default_cache().get(path)
+    except Exception as exc:  # noqa: BLE001 - transformers, safetensors and torch each raise their own
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(path, f"model {name!r} does not load: {reason}") from exc
 
 
 def _batches(items: list, size: int) -> list[list]:
@@ -62,7 +72,7 @@ def run_generate(ctx: JobContext) -> None:
             ).all()
             demonstrations = [(q, a) for q, a in demos]
         task = round_.resolved["task"]
-        checkpoint_id, path = checkpoint.id, checkpoint.path
+        checkpoint_id, path, model_name = checkpoint.id, checkpoint.path, checkpoint.name
 
     sampling = getattr(config, "sampling", None) if voter == "student" else None
     # Stage I voters answer with their configured strategy (cot: greedy, as the reference).
@@ -71,7 +81,7 @@ def run_generate(ctx: JobContext) -> None:
     strategy = "sampled" if sampling else "few-shot" if demonstrations else "zero-shot"
     if answering is not None and answering.strategy != "cot":
         strategy += f"/{answering.label()}"
-    loaded = default_cache().get(path)
+    loaded = load_named(model_name, path)
     groups = _batches(questions, max(1, config.generation.batch_size * 4 // n))
     generated = 0
     # Commit group by group: a retry skips the groups already complete. Groups are fixed by the
@@ -351,12 +361,13 @@ def run_evaluate(ctx: JobContext) -> None:
         if existing is not None:  # evaluated before (by this or another round): reuse it
             ctx.finish(session, {"evaluation_id": existing.id, "accuracy": existing.accuracy, "reused": True})
             return
-        path, task = session.get(Checkpoint, checkpoint_id).path, dataset.task
+        checkpoint = session.get(Checkpoint, checkpoint_id)
+        path, model_name, task = checkpoint.path, checkpoint.name, dataset.task
 
     sampling = {"do_sample": True, "num_samples": k, "temperature": ctx.payload.get("temperature", 1.0),
                 "top_p": ctx.payload.get("top_p", 1.0)} if k else {}
     started = time.perf_counter()
-    loaded = default_cache().get(path)
+    loaded = load_named(model_name, path)
     correct = input_tokens = output_tokens = 0
     done = 0
     for group in _batches(questions, max(1, config.generation.batch_size * 4 // (k or 1))):
