@@ -164,6 +164,34 @@ def round_status(app: App, round_id: int, as_json: bool, watch: bool, interval: 
     _print_status(app, round_id, as_json)
 
 
+def round_notices(app: App, session, round_obj: Round) -> dict[str, list[str]]:
+    """step → what the counts do not say (services.monitor.round_notices); with a broker, what it
+    and the live workers hold. An unreachable broker is itself the notice."""
+    from services.monitor import BrokerUnreachable, message_census, round_notices as notices_of
+    from workers.delivery import load_delivery
+
+    if round_obj.state != "running":
+        return {}
+    delivery, census = load_delivery(), None
+    if app.settings.broker_url:
+        from workers.app import make_app
+
+        celery_app = make_app()
+        try:
+            census = message_census(app.settings.broker_url, celery_app)
+        except BrokerUnreachable as exc:
+            return {"broker": [str(exc)]}
+        finally:
+            celery_app.close()
+    return notices_of(session, round_obj, census, reconcile_s=delivery.reconcile_s, grace_s=delivery.reconcile_grace_s)
+
+
+def print_notices(notices: dict[str, list[str]]) -> None:
+    for step, lines in notices.items():
+        for line in lines:
+            console.print(f"[yellow]![/] {step}: {line}", soft_wrap=True)
+
+
 def _print_status(app: App, round_id: int, as_json: bool = False) -> None:
     from services.report import job_counts, round_report
     from services.rounds import get_round
@@ -178,7 +206,8 @@ def _print_status(app: App, round_id: int, as_json: bool = False) -> None:
         from services.monitor import overall_progress, round_progress
 
         steps = round_progress(session, round_obj)
-        status.update(progress=overall_progress(round_obj.state, steps), steps=[s.as_dict() for s in steps])
+        status.update(progress=overall_progress(round_obj.state, steps), steps=[s.as_dict() for s in steps],
+                      notices=round_notices(app, session, round_obj))
     if as_json:
         click.echo(json.dumps(status, indent=2, default=str))
         return
@@ -190,6 +219,7 @@ def _print_status(app: App, round_id: int, as_json: bool = False) -> None:
     for step, by_state in counts.items():
         table.add_row(step, *(str(by_state.get(s, 0)) for s in ("queued", "running", "done", "failed", "cancelled")))
     console.print(table)
+    print_notices(status["notices"])
     if status["state"] == "running":
         console.print(progress_table(status["steps"]))
     console.print(render_report(report))
@@ -305,7 +335,7 @@ def round_snapshot(app: App, round_id: int, previous: dict[str, Any] | None = No
         return {"round": round_id, "stage": round_.stage, "iteration": round_.iteration, "state": round_.state,
                 "outcome": round_.outcome, "error": round_.error,
                 "progress": overall_progress(round_.state, steps), "steps": [s.as_dict() for s in steps],
-                "jobs": counts, **metrics}
+                "jobs": counts, "notices": round_notices(app, session, round_), **metrics}
 
 
 def progress_table(steps: list[dict[str, Any]]) -> Table:
@@ -337,6 +367,7 @@ def render_snapshot(snapshot: dict[str, Any]):
         f"[bold]{snapshot['state']}[/] — {snapshot['progress']:.0%}"
         + (f" ({snapshot['outcome']})" if snapshot["outcome"] else ""))
     parts: list[Any] = [header, progress_table(snapshot["steps"])]
+    parts += [Text(f"! {step}: {line}", style="yellow") for step, lines in snapshot["notices"].items() for line in lines]
     accuracies = {k: v for k, v in snapshot["eval_accuracy"].items() if v is not None}
     if accuracies:
         parts.append(Text("eval accuracy so far: " + ", ".join(f"{k} {v:.1%}" for k, v in accuracies.items())))
@@ -344,6 +375,15 @@ def render_snapshot(snapshot: dict[str, Any]):
     if snapshot["error"]:
         parts.append(Text(f"error: {snapshot['error']}", style="red"))
     return RenderGroup(*parts)
+
+
+def snapshot_lines(snapshot: dict[str, Any]) -> list[str]:
+    """--watch into a pipe: one line for the round and its steps under way, one per notice."""
+    steps = ", ".join(f"{s['step']} {s['state']}" + (f" {s['completed']:g}/{s['total']:g}" if s["total"] else "")
+                      for s in snapshot["steps"] if s["state"] not in ("waiting", "done", "skipped"))
+    head = (f"{time.strftime('%H:%M:%S')} round {snapshot['round']} {snapshot['state']} {snapshot['progress']:.0%}"
+            + (f" ({snapshot['outcome']})" if snapshot["outcome"] else "") + (f": {steps}" if steps else ""))
+    return [head] + [f"  ! {step}: {line}" for step, lines in snapshot["notices"].items() for line in lines]
 
 
 def watch_round(app: App, round_id: int, as_json: bool, interval: float) -> None:
@@ -354,6 +394,18 @@ def watch_round(app: App, round_id: int, as_json: bool, interval: float) -> None
     if as_json:
         while True:
             click.echo(json.dumps(snapshot, default=str))
+            if snapshot["state"] in TERMINAL_ROUND_STATES:
+                break
+            time.sleep(interval)
+            snapshot = round_snapshot(app, round_id, snapshot)
+    elif not console.is_terminal:  # a pipe or a file: a line whenever something changed, as it goes
+        printed = None
+        while True:
+            lines = snapshot_lines(snapshot)
+            if [line.split(" ", 1)[-1] for line in lines] != printed:  # what changed, not the clock
+                for line in lines:
+                    click.echo(line)
+                printed = [line.split(" ", 1)[-1] for line in lines]
             if snapshot["state"] in TERMINAL_ROUND_STATES:
                 break
             time.sleep(interval)

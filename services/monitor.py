@@ -436,6 +436,40 @@ def round_progress(session: Session, round_: Round, now: datetime | None = None)
     return out
 
 
+def round_notices(session: Session, round_: Round, census: MessageCensus | None, *, reconcile_s: float,
+                  grace_s: float) -> dict[str, list[str]]:
+    """step → what the counts do not say about its queued jobs: a job backing off after a failure
+    (with the error), and, given the broker's census, a queue no worker consumes and jobs queued
+    with no message (with what the reconciliation will do about them, and when)."""
+    queued: dict[str, list[Job]] = defaultdict(list)
+    for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.state == "queued").order_by(Job.id)):
+        queued[_step_of(job)].append(job)
+    notices: dict[str, list[str]] = {}
+    for step, jobs in queued.items():
+        lines = [f"job {job.id} backing off after attempt {job.attempts} of {job.max_attempts}: {_first_line(job.error)}"
+                 for job in jobs if job.attempts and job.error]
+        if census is not None:
+            for queue in sorted({job.queue for job in jobs}):
+                if not census.consumers.get(queue):
+                    lines.append(f"queue {queue} has no consumer: start one (`w2sctl worker --role {queue}`)")
+            missing = [job.id for job in jobs if not census.has_message(job.id)]
+            if missing:
+                if reconcile_s > 0 and census.consumers.get("control"):
+                    fix = (f"the control worker's reconciliation sends them again within {reconcile_s + grace_s:.0f} s "
+                           f"(it looks every {reconcile_s:g} s, re-sends after {grace_s:g} s without a message)")
+                else:
+                    fix = f"no control worker reconciles them: run `w2sctl round resume {round_.id}`"
+                lines.append(f"job(s) {', '.join(map(str, missing))} queued with no message: {fix}")
+        if lines:
+            notices[step] = lines
+    return notices
+
+
+def _first_line(text: str | None, limit: int = 160) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else "no reason recorded"
+    return line if len(line) <= limit else line[:limit] + "…"
+
+
 def jobs_of(jobs: dict[str, list[Job]], prefix: str) -> list[Job]:
     return [job for step, group in jobs.items() if step.startswith(prefix) for job in group]
 

@@ -20,7 +20,7 @@ import redis
 from sqlalchemy import select, text
 
 from db.schema import Generation, Job, Question, Round, TrainingExample
-from tests.cluster_support import Cluster, RedisServer, drop_database, free_port, fresh_database
+from tests.cluster_support import REPO, W2SCTL, Cluster, RedisServer, drop_database, free_port, fresh_database
 from tests.conftest import POSTGRES_ADMIN_URL
 
 pytestmark = [pytest.mark.integration]
@@ -259,3 +259,59 @@ def test_flushed_broker_is_noticed_and_refilled(cluster, broker):
     print(f"\nfault 5 (FLUSHALL): round done {took:.1f} s after the flush")
     assert_like_clean(cluster, round_id)
     assert took < RECOVERY_BOUND_S + 8, took  # the remaining jobs (about 8 s of replay) included
+
+
+def test_status_says_what_holds_a_round_up(cluster, broker):
+    """`round status` names, per step, a job backing off after a failure (with its error), a queue
+    no worker consumes, and jobs queued with no message (and what will send them); `--watch`
+    into a pipe prints as it goes."""
+    cluster.setup(pool=POOL, test=2, delay_s=0.0)
+    responses = cluster.tmp_path / "models" / "strong" / "responses.jsonl"
+    lines = responses.read_text().splitlines(keepends=True)
+    responses.write_text("".join(lines[1:]))  # question 0 has no strong answer: its chunk fails
+    worker = cluster.start_worker("w", "weak,strong", W2S_RETRY_BACKOFF_S="120")
+    round_id = cluster.start_round(pool=POOL, chunk=2)
+
+    def backing_off():
+        with cluster.session() as session:
+            return session.scalar(select(Job).where(Job.round_id == round_id, Job.key == "generate:strong:0000",
+                                                    Job.state == "queued", Job.attempts == 1))
+    failed = cluster.wait_until(backing_off, "the strong chunk to fail once and back off")
+    worker.kill()  # its retry (held back for 120 s) dies with it: no message, no consumer
+    worker.process.wait(timeout=10)
+
+    status = cluster.w2sctl("round", "status", round_id, COLUMNS="250").stdout
+    assert f"job {failed.id} backing off after attempt 1 of 3: KeyError" in status, status
+    assert "generate:strong: queue strong has no consumer: start one (`w2sctl worker --role strong`)" in status, status
+    assert (f"job(s) {failed.id} queued with no message: no control worker reconciles them: "
+            f"run `w2sctl round resume {round_id}`") in status, status
+
+    cluster.start_worker("c", "control", W2S_RECONCILE_GRACE_S="60")
+    cluster.wait_until(lambda: "reconciliation sends them again within 61 s" in cluster.w2sctl(
+        "round", "status", round_id, COLUMNS="250", W2S_RECONCILE_GRACE_S="60").stdout,
+        "status to say that the control worker will send the job again, and when", timeout=60)
+
+    watch = subprocess.Popen([*W2SCTL, "round", "status", str(round_id), "--watch", "--interval", "0.5"],
+                             env=cluster.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:  # the round cannot end (no strong worker): whatever comes, comes while it runs
+        first, second = read_line(watch, 60), read_line(watch, 60)
+        assert f"round {round_id} running" in first, first
+        assert second.startswith("  ! generate:strong: job ") and "backing off" in second, second
+    finally:
+        watch.kill()
+        watch.wait(timeout=10)
+
+
+def read_line(process: subprocess.Popen, timeout: float) -> str:
+    """The next line the process prints, or a failure after `timeout` seconds."""
+    import queue
+    import threading
+
+    lines = process.__dict__.setdefault("_lines", queue.Queue())
+    if not process.__dict__.get("_reader"):
+        process._reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True)
+        process._reader.start()
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"no line from {process.args} within {timeout} s") from None
