@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 
 from models.generation import generate  # noqa: E402
-from models.loading import load_model  # noqa: E402
+from models.backends import load_backend  # noqa: E402
 from models.prompts import zero_shot  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    loaded = load_model(args.model, device=args.device)
+    loaded = load_backend(args.model, device=args.device)
     prompts = [zero_shot(q) for q in read_questions(args.data, args.limit)]
     timed(loaded, prompts[:2], 2, 4)  # warm-up: first calls pay one-off kernel set-up
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 
 from models.answers import gold_answer_from_solution  # noqa: E402
-from models.loading import load_model  # noqa: E402
+from models.backends import load_backend  # noqa: E402
 from services.config import StrategyConfig  # noqa: E402
 from services.evaluation import GoldQuestion, SolveStats, evaluate_questions  # noqa: E402
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     questions = read_questions(args.data, args.limit, args.task)
-    loaded = load_model(args.model)
+    loaded = load_backend(args.model)
     runs = [
         ("CoT (greedy)", StrategyConfig(strategy="cot")),
         (f"SC (n = {args.samples})", StrategyConfig(strategy="sc", samples=args.samples)),

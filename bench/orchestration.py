@@ -1,5 +1,5 @@
 """What the orchestration costs: stage I generation over the 7,000-question GSM8K pool, with a
-model-free backend that replays the recorded weak outputs (models/replay.py), so every second
+model-free backend that replays the recorded weak outputs (models/backends/replay.py), so every second
 measured is the service's own (claims, heartbeats, database writes, the broker, worker processes).
 
     python bench/orchestration.py [--questions 7000] [--workers 1 2] [--redis URL] [--postgres URL]
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def setup(work: Path, questions: int) -> None:
     from db.session import session_scope, upgrade
-    from models.replay import write_replay
+    from models.backends.replay import write_replay
     from services.registry import import_dataset, register_model
 
     records = [json.loads(line) for line in WEAK_OUTPUTS.read_text().splitlines() if line.strip()]
@@ -112,12 +112,12 @@ ROUND = {"stage": "sft", "weak": "weak", "strong": "strong", "pool": "pool", "ev
 def compute_only(work: Path, n: int) -> dict:
     from models.answers import extract_answer
     from models.generation import generate
-    from models.loading import load_model
+    from models.backends import load_backend
     from models.prompts import clean_response, zero_shot
 
     questions = [json.loads(line)["question"] for line in POOL.read_text().splitlines()[:n]]
     start = time.perf_counter()
-    loaded = load_model(work / "replay-weak")
+    loaded = load_backend(work / "replay-weak")
     for _voter in ("weak", "strong"):
         for completions in generate(loaded, [zero_shot(q) for q in questions], max_new_tokens=1024):
             text = clean_response(completions[0].text)

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     from db.schema import Generation, Job
     from db.session import ensure_schema, session_scope
     from models.demo import build_demo
-    from models.loading import default_cache
+    from models.backends import default_cache
     from services.config import load_settings, parse_round_config
     from services.demo import demo_round_config
     from services.registry import import_dataset, register_model

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from db.session import SchemaOutOfDate, database_error_line, ensure_schema, session_scope
-from models.loading import CheckpointError
+from models.backends import CheckpointError
 from services.config import load_settings
 from services.errors import W2SError
 

@@ -54,7 +54,7 @@ def strategy_options(f):
 
 def _load(app: App, model: str):
     """A registered model by name, or a checkpoint directory."""
-    from models.loading import default_cache
+    from models.backends import default_cache
     from services.errors import NotFound
     from services.registry import get_checkpoint
 
@@ -141,7 +141,7 @@ def eval_group() -> None:
 def eval_run(app: App, model: str, dataset: str, limit: int | None, seed: int, shots: int, max_new_tokens: int,
              batch_size: int, **options: Any) -> None:
     """Accuracy, tokens in/out and wall time of one strategy; stored as an evaluation."""
-    from models.loading import default_cache
+    from models.backends import default_cache
     from db.schema import Evaluation
     from services.evaluation import eval_label, gold_questions, run_evaluation
     from services.registry import get_checkpoint, get_dataset

@@ -196,8 +196,9 @@ class RethinkRequest:
 
     A greedy generator that continues ``kept_text`` exactly as it first generated it writes the
     dropped step again (the ref changed the prompt instead: kept steps, then an instruction, and
-    re-encoded it all). ``models.generation.CachedStepGenerator`` turns the rethink away from the
-    dropped step at its least confident token (``doubted_token``) and decodes greedily otherwise.
+    re-encoded it all). The backends' step generators (``models.backends``) turn the rethink away
+    from the dropped step at its least confident token (``doubted_token``) and decode greedily
+    otherwise.
     """
 
     question_index: int

@@ -10,7 +10,7 @@ replaces the old figures).
 Token accounting: ``input_tokens`` are the tokens the model actually encoded (self-consistency
 encodes the prompt once per sample: ``generate`` expands it to n rows; a LECO rethink encodes only
 what its cache does not hold), ``output_tokens`` the generated tokens kept in the text (eos, padding
-and stop strings not counted; see ``models.generation``).
+and stop strings not counted; see ``models.backends.base.Completion``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from sqlalchemy.orm import Session
 from db.schema import Dataset, Evaluation, Question, utcnow
 from db.session import insert_ignore
 from models.answers import answers_match, extract_answer
-from models.generation import CachedStepGenerator, CallStats, generate
+from models.backends import CallStats, ModelBackend
+from models.generation import generate, step_generator
 from models.leco import LecoResult, Step, leco_solve, majority_index, score_steps
-from models.loading import LoadedModel
 from models.prompts import clean_response, step_by_step
 from services.config import StrategyConfig
 from services.errors import InputError
@@ -76,7 +76,7 @@ def step_dicts(steps: Sequence[Step]) -> list[dict[str, Any]]:
 
 
 def solve(
-    loaded: LoadedModel,
+    loaded: ModelBackend,
     prompts: Sequence[str],
     task: str,
     strategy: StrategyConfig,
@@ -113,14 +113,13 @@ def solve(
     return solutions
 
 
-def check_prompts_fit(loaded: LoadedModel, prompts: Sequence[str]) -> None:
+def check_prompts_fit(loaded: ModelBackend, prompts: Sequence[str]) -> None:
     """A prompt longer than the model's context would be answered from garbage positions (or crash
     with an index error), so it is refused with its length; the usual cause is the demonstrations."""
-    config = getattr(loaded.model, "config", None)  # a replay backend has none, nor a tokenizer
-    context = getattr(config, "max_position_embeddings", None)
-    if not context or loaded.tokenizer is None:
+    context = loaded.context_length
+    if context is None:
         return
-    lengths = [len(ids) for ids in loaded.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    lengths = loaded.count_tokens(prompts)
     longest = max(range(len(lengths)), key=lengths.__getitem__)
     if lengths[longest] >= context:
         raise InputError(f"prompt {longest + 1} is {lengths[longest]} tokens, the model {loaded.path} reads at most "
@@ -138,9 +137,9 @@ def _solve_leco(loaded, prompts, task, strategy, max_new_tokens, batch_size, sta
     solutions = []
     for start in range(0, len(prompts), batch_size):
         group = list(prompts[start : start + batch_size])
-        generator = CachedStepGenerator(loaded, group, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                        token_probs=strategy.token_prob, reuse_cache=strategy.reuse_cache,
-                                        divert=strategy.rethink == "divert")
+        generator = step_generator(loaded, group, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   token_probs=strategy.token_prob, reuse_cache=strategy.reuse_cache,
+                                   divert=strategy.rethink == "divert")
         for result in leco_solve(group, generator, task=task, max_rethinks=strategy.max_rethinks):
             winner = next(a for a in reversed(result.attempts) if a.text == result.text)
             cleaned = clean_response(result.text)
@@ -178,7 +177,7 @@ class EvalOutcome:
 
 
 def evaluate_questions(
-    loaded: LoadedModel,
+    loaded: ModelBackend,
     questions: Sequence[GoldQuestion],
     task: str,
     strategy: StrategyConfig,
@@ -244,7 +243,7 @@ def store_evaluation(session: Session, *, checkpoint_id: int, dataset_id: int, l
 
 def run_evaluation(
     session_scope: Callable[[], Any],
-    loaded: LoadedModel,
+    loaded: ModelBackend,
     *,
     checkpoint_id: int,
     dataset_id: int,

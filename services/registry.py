@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Dataset, Question
-from models.loading import CheckpointError, check_checkpoint_dir
+from models.backends import CheckpointError, check_checkpoint_dir
 from services.dataset_files import (TASKS, FieldMapping, export_format, parse_questions, read_records,
                                     write_records)
 from services.errors import InputError, NotFound

@@ -1,6 +1,6 @@
 """What the cluster and failure tests share: a fresh PostgreSQL database per test, worker
 processes started (and killed) by the test, a private redis-server when a test must restart or
-cut off the broker, and replay checkpoints (models/replay.py) so that a job's length is set by
+cut off the broker, and replay checkpoints (models/backends/replay.py) so that a job's length is set by
 the test (a delay per question) rather than by a model on a busy CPU.
 
 The questions are tiny word problems written here; the replayed answers are their right answers,
@@ -53,7 +53,7 @@ def write_questions(directory: Path, pool: int, test: int) -> tuple[Path, Path]:
 
 def write_replay_models(directory: Path, pool: int, test: int, *, agree: bool, delay_s: float) -> tuple[Path, Path]:
     from models.prompts import zero_shot
-    from models.replay import write_replay
+    from models.backends.replay import write_replay
 
     indices = list(range(pool)) + list(range(1000, 1000 + test))
 

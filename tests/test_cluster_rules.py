@@ -64,7 +64,7 @@ def test_checkpoint_names_stay_in_the_store(tmp_path):
 
 
 def test_trust_remote_code_only_for_models_allowed_by_name(tmp_path, monkeypatch):
-    from models.loading import REMOTE_CODE_ENV, CheckpointError, check_remote_code
+    from models.backends.checkpoints import REMOTE_CODE_ENV, CheckpointError, check_remote_code
 
     model = tmp_path / "fancy-model"
     model.mkdir()
@@ -78,7 +78,7 @@ def test_trust_remote_code_only_for_models_allowed_by_name(tmp_path, monkeypatch
 
 def test_replay_finds_the_asked_question_in_a_few_shot_prompt():
     from models.prompts import few_shot, zero_shot
-    from models.replay import question_key
+    from models.backends.replay import question_key
 
     assert question_key(few_shot("What is 2 + 2?", [("What is 1 + 1?", "2")])) == zero_shot("What is 2 + 2?")
     assert question_key(zero_shot("What is 3 + 3?")) == zero_shot("What is 3 + 3?")

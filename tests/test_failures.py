@@ -1,7 +1,7 @@
 """A round survives its parts failing: a worker killed mid-job, the broker restarted, the control
 worker killed between steps, a crashing training job, a cancel, a pickled message, a job delivered
 twice at once. Real PostgreSQL and Redis, worker processes started and killed by the test; replay
-voters (models/replay.py) give every job a length the test controls."""
+voters (models/backends/replay.py) give every job a length the test controls."""
 
 from __future__ import annotations
 

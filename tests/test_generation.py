@@ -1,4 +1,5 @@
-"""models/loading.py and models/generation.py on a tiny random Llama with a word-level tokenizer."""
+"""The loader and the transformers backend (models/backends/) through models/generation.py, on a tiny
+random Llama with a word-level tokenizer."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from models.generation import Completion, generate
-from models.loading import CheckpointError, ModelCache, check_checkpoint_dir, load_model
+from models.backends import CheckpointError, Completion, ModelCache, check_checkpoint_dir, load_backend
+from models.generation import generate
 from models.prompts import zero_shot
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -61,7 +62,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def loaded(checkpoint):
-    return load_model(checkpoint)
+    return load_backend(checkpoint)
 
 
 def texts(results: list[list[Completion]]) -> list[list[str]]:
@@ -89,7 +90,7 @@ def test_pickle_only_checkpoint_is_refused(tmp_path, checkpoint):
     shutil.copy(checkpoint / "tokenizer.json", tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(CheckpointError, match="pytorch_model.bin.*safetensors only") as error:
-        load_model(tmp_path)
+        load_backend(tmp_path)
     assert isinstance(error.value, ValueError) and str(tmp_path) in str(error.value)
 
 

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from models.generation import CachedStepGenerator
+from models.backends import default_cache
+from models.generation import step_generator
 from models.leco import leco_solve
-from models.loading import default_cache
 from models.prompts import step_by_step
 from services.config import StrategyConfig
 from services.evaluation import GoldQuestion, SolveStats, evaluate_questions
@@ -41,7 +41,7 @@ def _prompt_tokens(loaded, prompts) -> list[int]:
 
 
 def _solve(loaded, questions, **options):
-    generator = CachedStepGenerator(loaded, _prompts(questions), max_new_tokens=MAX_NEW_TOKENS, batch_size=4, **options)
+    generator = step_generator(loaded, _prompts(questions), max_new_tokens=MAX_NEW_TOKENS, batch_size=4, **options)
     return generator, leco_solve([q.text for q in questions], generator, task="gsm8k")
 
 
@@ -142,8 +142,8 @@ def test_a_cut_inside_a_token_encodes_the_rest_of_the_kept_text(strong, question
 
     texts = {}
     for reuse in (True, False):
-        generator = CachedStepGenerator(strong, _prompts(questions[:2]), max_new_tokens=MAX_NEW_TOKENS, batch_size=2,
-                                        reuse_cache=reuse)
+        generator = step_generator(strong, _prompts(questions[:2]), max_new_tokens=MAX_NEW_TOKENS, batch_size=2,
+                                   reuse_cache=reuse)
         first = generator([RethinkRequest(0, ""), RethinkRequest(1, "")])
         # cut through the second token (" -" / " +" / " *": the space is kept, the operator is not)
         cuts = [a.token_texts[0] + a.token_texts[1][:1] for a in first]

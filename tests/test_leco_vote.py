@@ -52,14 +52,15 @@ def test_round_config_strategies_and_threshold():
 
 def test_solve_answers_from_a_replay_backend(tmp_path):
     """The model-free replay backend (benchmarks, failure tests) goes through the same solve():
-    it has no tokenizer and no config, so nothing may ask it for a context length."""
+    it has no context limit, and words for tokens."""
+    from models.backends import load_backend
+    from models.backends.replay import write_replay
     from models.prompts import zero_shot
-    from models.replay import load_replay, write_replay
     from services.config import StrategyConfig
     from services.evaluation import solve
 
     prompts = [zero_shot("Tom has 3 apples and buys 5 more. How many?"), zero_shot("What is 2 + 2?")]
     write_replay(tmp_path / "replay", [{"prompt": prompts[0], "response": "3 + 5 = 8.\n#### 8"},
                                        {"prompt": prompts[1], "response": "2 + 2 = 4.\n#### 4"}])
-    solutions = solve(load_replay(tmp_path / "replay"), prompts, "gsm8k", StrategyConfig(), max_new_tokens=32)
+    solutions = solve(load_backend(tmp_path / "replay"), prompts, "gsm8k", StrategyConfig(), max_new_tokens=32)
     assert [s.answer for s in solutions] == ["8", "4"]

@@ -163,7 +163,7 @@ def test_register_checks_a_sharded_checkpoint_against_its_index(w2s_home, weak_c
 
 
 def test_a_model_that_does_not_load_is_named_in_the_job_error(weak_copy):
-    from models.loading import CheckpointError
+    from models.backends import CheckpointError
     from workers.steps import load_named
 
     (weak_copy / "tokenizer.json").write_text("{ not json")

@@ -162,9 +162,9 @@ def test_lora_sft_trains_only_adapters_and_merged_generates_the_same(tmp_path, t
     unmerged_text = greedy(load_trained_model(out), tok, PROMPTS)
     merged_text = greedy(load_trained_model(merged_dir), tok, PROMPTS)
     assert unmerged_text == merged_text
-    from models.loading import load_model  # how workers serve it: as is, the adapter unmerged
+    from models.backends import load_backend  # how workers serve it: as is, the adapter unmerged
 
-    assert greedy(load_model(out, device="cpu").model, tok, PROMPTS) == merged_text
+    assert greedy(load_backend(out, device="cpu").model, tok, PROMPTS) == merged_text
     assert greedy(load_trained_model(tiny_model), tok, PROMPTS) != merged_text  # the adapter changed it
 
 
@@ -211,7 +211,7 @@ def test_train_job_with_a_killed_rank_fails_cleanly_and_its_retry_resumes_at_the
 
     from db.schema import Checkpoint, Job
     from db.session import session_scope
-    from models.loading import fingerprint
+    from models.backends.checkpoints import fingerprint
     from services.config import load_settings, parse_round_config
     from services.operations import retry_job
     from services.rounds import start_round

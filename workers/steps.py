@@ -18,8 +18,8 @@ from db.schema import (Checkpoint, Dataset, Evaluation, Generation, Job, Prefere
                        TrainingExample, utcnow)
 from db.session import insert_ignore
 from models.answers import answers_match, extract_answer
+from models.backends import CheckpointError, default_cache
 from models.generation import generate
-from models.loading import CheckpointError, default_cache
 from models.prompts import clean_response, few_shot, zero_shot
 from models.leco import score_steps
 from services.config import SFTRoundConfig, StrategyConfig

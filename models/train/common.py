@@ -477,7 +477,7 @@ class DeepSpeedStrategy:
                 tmp.mkdir(parents=True)
                 # safetensors is the default (and, from transformers 5, the only) format. A PEFT
                 # model saves only its adapter from the full state dict; config.json beside it
-                # names the base architecture (models.loading loads the base, then the adapter).
+                # names the base architecture (the transformers backend loads the base, then the adapter).
                 module.save_pretrained(tmp, state_dict=state_dict)
                 if self.lora:
                     module.get_base_model().config.save_pretrained(tmp)

@@ -1,30 +1,16 @@
-"""Local checkpoints → (model, tokenizer), and one small model cache per worker process.
+"""Checkpoint directories in the Hugging Face layout (what the transformers backend loads, and what
+a vLLM backend would load too): their checks, the remote-code rule and the fingerprint.
 
-Only local directories are loaded (``local_files_only=True``), only safetensors weights
-(``use_safetensors=True``: a pickled ``pytorch_model.bin`` can run code on load), and
-``trust_remote_code`` stays off unless the caller allows it for a named model.
+Light on purpose (no torch, no transformers): the CLI checks a path before anything heavy loads.
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
 import re
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from models.replay import is_replay_dir, load_replay
-
-# Workers log their own progress; a per-load progress bar only clutters job logs.
-# (Set when the first model loads: torch and transformers are imported then, not with this
-# module, so that commands that only need CheckpointError start in a fraction of a second.)
-if TYPE_CHECKING:
-    import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -39,15 +25,8 @@ class CheckpointError(ValueError):
         super().__init__(f"checkpoint {self.path}: {problem}")
 
 
-def check_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """Return ``path`` as a Path if it holds config.json, safetensors weights and a tokenizer."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(path, "no such directory")
-    if not path.is_dir():
-        raise CheckpointError(path, "not a directory")
-    if is_replay_dir(path):  # a model-free replay checkpoint (models/replay.py)
-        return path
+def check_hf_dir(path: Path) -> None:
+    """Raise CheckpointError unless ``path`` holds config.json, safetensors weights and a tokenizer."""
     if not (path / "config.json").is_file():
         raise CheckpointError(path, "config.json is missing")
     if not _weight_files(path):
@@ -62,7 +41,6 @@ def check_checkpoint_dir(path: str | os.PathLike) -> Path:
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(path, f"no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
     check_weights(path)
-    return path
 
 
 def check_weights(path: Path) -> dict[str, list[int]]:
@@ -169,144 +147,3 @@ def fingerprint(path: str | os.PathLike) -> str:
             stat = file.stat()
             parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-@dataclass
-class LoadedModel:
-    model: Any  # a transformers PreTrainedModel with a causal LM head, in eval mode
-    tokenizer: Any  # left padding, pad token set
-    path: Path  # resolved
-    fingerprint: str
-
-
-def default_device() -> torch.device:
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a CUDA device that supports it, fp32 elsewhere (CPU, older GPUs)."""
-    import torch
-
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def load_model(
-    path: str | os.PathLike,
-    *,
-    trust_remote_code: bool = False,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-) -> LoadedModel:
-    """Load a local checkpoint for generation: eval mode, on ``device``, left-padding tokenizer."""
-    path = check_checkpoint_dir(path).resolve()
-    if is_replay_dir(path):
-        return load_replay(path)
-    check_remote_code(path, trust_remote_code)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
-    stamp = fingerprint(path)  # before loading: a rewrite during the load shows up next time
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, local_files_only=True, trust_remote_code=trust_remote_code
-    )
-    tokenizer.padding_side = "left"  # generation appends on the right: real tokens must end there
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if (path / "adapter_config.json").is_file():  # a LoRA checkpoint: its base with the adapter, unmerged
-        from models.train.checkpoint import load_trained_model
-
-        model = load_trained_model(path, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            local_files_only=True,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-            dtype=dtype,
-        )
-    model.to(device).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, path=path, fingerprint=stamp)
-
-
-class ModelCache:
-    """Loaded models of one process, by resolved path: reused while the checkpoint's fingerprint
-    is unchanged, reloaded when it changed, least recently used evicted beyond ``capacity``.
-
-    ``loads`` counts the loads done (a benchmark checks one load per model per worker). Eviction
-    drops the cache's reference and frees CUDA memory; a caller still holding the LoadedModel
-    keeps it alive until it lets go.
-    """
-
-    def __init__(
-        self,
-        capacity: int = 2,  # a weak and a strong model side by side on one worker
-        *,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ):
-        if capacity < 1:
-            raise ValueError(f"capacity must be at least 1, got {capacity}")
-        self.capacity = capacity
-        self.device = device
-        self.dtype = dtype
-        self.loads = 0
-        self._models: OrderedDict[tuple[str, bool], LoadedModel] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, path: str | os.PathLike, *, trust_remote_code: bool = False) -> LoadedModel:
-        key = (str(check_checkpoint_dir(path).resolve()), trust_remote_code)
-        with self._lock:
-            cached = self._models.get(key)
-            if cached is not None and cached.fingerprint == fingerprint(key[0]):
-                self._models.move_to_end(key)
-                return cached
-            if cached is not None:  # rewritten in place: drop the stale copy before loading
-                self._evict(key)
-            loaded = load_model(
-                key[0], trust_remote_code=trust_remote_code, device=self.device, dtype=self.dtype
-            )
-            self.loads += 1
-            self._models[key] = loaded
-            while len(self._models) > self.capacity:
-                self._evict(next(iter(self._models)))
-            return loaded
-
-    def clear(self) -> None:
-        with self._lock:
-            for key in list(self._models):
-                self._evict(key)
-
-    def __len__(self) -> int:
-        return len(self._models)
-
-    def __contains__(self, path: str | os.PathLike) -> bool:
-        resolved = str(Path(path).resolve())
-        return any(key[0] == resolved for key in self._models)
-
-    def _evict(self, key: tuple[str, bool]) -> None:
-        del self._models[key]
-        gc.collect()
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-_default: ModelCache | None = None
-_default_pid: int | None = None
-
-
-def default_cache() -> ModelCache:
-    """This process's cache (a fresh one after a fork: CUDA state does not survive fork)."""
-    global _default, _default_pid
-    if _default is None or _default_pid != os.getpid():
-        _default, _default_pid = ModelCache(), os.getpid()
-    return _default
