@@ -247,7 +247,10 @@ def test_flushed_broker_is_noticed_and_refilled(cluster, broker):
     """Fault 5: FLUSHALL drops every queued message; the reconciliation sees queued jobs without
     messages and sends them again."""
     cluster.setup(pool=POOL, test=2, delay_s=1.0)
-    cluster.start_worker("w", "weak,strong,train,control")
+    metrics_port = free_port()
+    worker = cluster.start_worker("w", "weak,strong,train,control", W2S_METRICS_PORT=str(metrics_port),
+                                  PROMETHEUS_MULTIPROC_DIR=str(cluster.tmp_path / "metrics"))
+    (cluster.tmp_path / "metrics").mkdir()
     round_id = cluster.start_round(pool=POOL, chunk=2)
     cluster.wait_until(lambda: cluster.running_job("w@"), "a generation job to run")
     client = redis.Redis.from_url(broker.url)
@@ -259,6 +262,16 @@ def test_flushed_broker_is_noticed_and_refilled(cluster, broker):
     print(f"\nfault 5 (FLUSHALL): round done {took:.1f} s after the flush")
     assert_like_clean(cluster, round_id)
     assert took < RECOVERY_BOUND_S + 8, took  # the remaining jobs (about 8 s of replay) included
+    # Logged with its time, and counted where the worker's metrics endpoint reads.
+    resent = [line for line in worker.log().splitlines() if "had no message for the grace period; sent again" in line]
+    assert resent and resent[0][:4].isdigit(), worker.log()[-3000:]
+    from urllib.request import urlopen
+
+    scrape = urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    counted = {line.split(" ")[0]: float(line.split(" ")[1]) for line in scrape.splitlines()
+               if line.startswith(("w2s_reconcile_resent_jobs_total", 'w2s_reconcile_passes_total{outcome="ok"}'))}
+    assert counted.get("w2s_reconcile_resent_jobs_total", 0) >= 1, scrape
+    assert counted.get('w2s_reconcile_passes_total{outcome="ok"}', 0) >= 2, scrape
 
 
 def test_status_says_what_holds_a_round_up(cluster, broker):

@@ -38,6 +38,9 @@ def watch(interval_s: float, parent_pid: int | None = None, stop: threading.Even
     from workers.dispatch import enqueue
     from workers.reconcile import Reconciler, record_failure
 
+    from services.logs import configure_logging
+
+    configure_logging(logging.INFO)  # a spawned process: its own logging, as the worker's (timestamps, format)
     stop = stop or threading.Event()
     settings, delivery = load_settings(), load_delivery()
     reconciler = (Reconciler(settings, delivery.reconcile_grace_s)
