@@ -202,38 +202,44 @@ def test_message_settings_follow_celerys_guidance_for_redis():
 
 
 def _busy(seconds: float) -> None:
-    """A handler computing: returns to Python often, as generation and the training launch do."""
+    """A handler computing, looking at the current stop signal at safe points as generation and
+    the training launch do: raises Stopped there once the signal is set."""
     import time
 
-    deadline = time.monotonic() + seconds
+    from models.stopping import current_signal
+
+    signal, deadline = current_signal(), time.monotonic() + seconds
     while time.monotonic() < deadline:
-        time.sleep(0.02)
+        signal.wait(0.02)
+        signal.check()
 
 
 def test_a_job_cut_off_from_the_database_stops_itself_after_its_lease(tmp_path):
+    from models.stopping import Stopped, stopping
     from services.config import load_settings
-    from workers.runner import Heartbeat, JobContext, JobStopped
+    from workers.runner import Heartbeat, JobContext
 
     nowhere = load_settings({"W2S_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:9/none?connect_timeout=1",
                              "W2S_HOME": str(tmp_path)})
     ctx = JobContext(nowhere, job_id=1, round_id=1, attempt=1, payload={})
-    with pytest.raises(JobStopped):
-        with Heartbeat(ctx, interval=0.1, lease=0.6):
+    with pytest.raises(Stopped, match="no heartbeat got through"):
+        with Heartbeat(ctx, interval=0.1, lease=0.6), stopping(ctx.stop):
             _busy(10)
-    assert ctx.lost.is_set()
+    assert ctx.stop.is_set()
 
 
 def test_a_cancelled_job_is_stopped_by_its_heartbeat(round_db):
+    from models.stopping import Stopped, stopping
     from services.rounds import cancel_round
-    from workers.runner import Heartbeat, JobContext, JobStopped
+    from workers.runner import Heartbeat, JobContext
 
     cluster, round_id = round_db
     with cluster.session() as session:
         job_id = session.scalar(select(Job.id).where(Job.round_id == round_id, Job.kind == "generate").limit(1))
     _run(cluster, job_id, attempts=1, heartbeat_age_s=0)
     ctx = JobContext(cluster_settings(cluster), job_id, round_id, attempt=1, payload={})
-    with pytest.raises(JobStopped):
-        with Heartbeat(ctx, interval=0.1, lease=30):
+    with pytest.raises(Stopped, match="no longer owns the job"):
+        with Heartbeat(ctx, interval=0.1, lease=30), stopping(ctx.stop):
             with cluster.session() as session:
                 cancel_round(session, round_id)
             _busy(10)

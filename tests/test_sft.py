@@ -235,6 +235,38 @@ def test_failed_launch_without_check_returns_the_code(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_stopped_job_kills_the_launch_process_group(tmp_path, tiny_model):
+    """The job's stop signal (set by its heartbeat on a cancel) ends the launch's wait at once and
+    takes every rank with it: the launcher's whole process group."""
+    import time
+
+    import psutil
+
+    from models.stopping import StopSignal, Stopped, stopping
+
+    train_file = tmp_path / "train.jsonl"
+    write_rows(train_file, 64)
+    out = tmp_path / "ckpt" / "cancelled"
+    job = write_job(tmp_path, base_model=tiny_model, train_file=train_file, output_dir=out, epochs=1000)
+    signal, stopped_at = StopSignal(), []
+
+    def cancel_once_training(record):  # from the log reader thread, as a heartbeat thread would
+        if not signal.is_set():
+            stopped_at.append(time.monotonic())
+            signal.set("cancelled by the test")
+
+    with pytest.raises(Stopped, match="cancelled by the test"), stopping(signal):
+        launch_training("models.train.sft", job, log_path=tmp_path / "s.log", timeout_s=600,
+                        on_progress=cancel_once_training)
+    assert stopped_at and time.monotonic() - stopped_at[0] < 60, "the wait did not end soon after the signal"
+    survivors = [
+        p for p in psutil.process_iter(["cmdline"]) if str(job) in " ".join(p.info["cmdline"] or [])
+    ]
+    assert survivors == []
+    assert not out.exists()
+
+
+@pytest.mark.slow
 def test_timeout_kills_the_whole_process_group(tmp_path, tiny_model):
     import psutil
 

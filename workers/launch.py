@@ -34,8 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.stopping import StopSignal, current_signal
+
 REPO_ROOT = Path(__file__).resolve().parents[1]  # holds models/, workers/, …: the ranks import from it
 KILL_GRACE_S = 10.0  # SIGTERM first (the launcher forwards it to its ranks), SIGKILL after this
+WAIT_POLL_S = 0.5  # how soon the wait sees the launcher exit (a stop signal wakes it at once)
 
 
 # Environment variables recorded with a launch (the rest of the worker's environment is not
@@ -389,7 +392,8 @@ def launch_training(
     """Run ``module`` (e.g. ``"models.train.sft"``) with ``job_file`` on ``num_ranks`` local ranks,
     or on every slot of ``cluster``'s hostfile.
 
-    Blocks until the launcher exits or ``timeout_s`` passes (then the process group is killed).
+    Blocks until the launcher exits or ``timeout_s`` passes (then the process group is killed);
+    the current job's stop signal (``models.stopping``) kills the group and raises ``Stopped``.
     Output is appended to ``log_path``. With ``status_dir`` (where the job file tells the ranks to
     write their exit records) every rank's record is checked too. With ``check`` (the default) a
     failure raises :class:`LaunchError`; otherwise ``result.failure`` says what happened.
@@ -459,11 +463,10 @@ def launch_training(
         reader = threading.Thread(target=pump, name="launch-log", daemon=True)
         reader.start()
         try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
-        except BaseException:  # e.g. the worker is being shut down: take the ranks with us
+            timed_out = not _wait(proc, timeout_s, current_signal())
+            if timed_out:
+                _kill_group(proc)
+        except BaseException:  # the job was stopped, or the worker is shutting down: take the ranks with us
             _kill_group(proc)
             raise
         finally:
@@ -503,6 +506,19 @@ def launch_training(
     if check and failure is not None:
         raise LaunchError(f"{module} failed: {failure}", result)
     return result
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float | None, stop: StopSignal) -> bool:
+    """Wait for the launcher to exit (True) or ``timeout_s`` to pass (False); raises Stopped as
+    soon as the job's stop signal is set."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while proc.poll() is None:
+        left = WAIT_POLL_S if deadline is None else min(WAIT_POLL_S, deadline - time.monotonic())
+        if left <= 0:
+            return False
+        stop.wait(left)
+        stop.check()
+    return True
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -4,13 +4,14 @@ The attempt number is a fencing token: a job's results are committed only in a t
 also checks the job is still running under the same attempt, so a worker that lost its claim
 (its lease expired and another worker took over, or the round was cancelled) writes nothing.
 While the handler runs, a heartbeat thread renews the lease; when a heartbeat finds the attempt
-superseded it stops the handler (and with it a training launch's process group).
+superseded it sets the job's stop signal, and the handler stops at its next safe point
+(models.stopping: between generation batches, after a token, between LECO rethinks, in the
+training launch's wait, which then kills the launcher's process group).
 """
 
 from __future__ import annotations
 
 import contextvars
-import ctypes
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from db.schema import Job, Round, utcnow
 from db.session import session_scope
+from models.stopping import StopSignal, Stopped, stopping
 from services.config import Settings, load_settings
 from services.rounds import TERMINAL_ROUND_STATES, advance
 from workers.delivery import load_delivery
@@ -51,12 +53,6 @@ class DatabaseUnavailable(RuntimeError):
     task retries it with back-off), not be acknowledged as if the job had run."""
 
 
-class JobStopped(BaseException):
-    """Raised inside a running handler by its heartbeat when the attempt lost the job (cancelled,
-    or re-planned after its lease expired). A BaseException, so a handler's `except Exception`
-    does not swallow it."""
-
-
 def worker_id() -> str:
     """`<node>:<pid>`: the Celery node name (`w2sctl worker` exports it), else the host name."""
     return f"{os.environ.get('W2S_WORKER_NAME') or socket.gethostname()}:{os.getpid()}"
@@ -72,7 +68,7 @@ class JobContext:
     attempt: int
     payload: dict[str, Any]
     kind: str = ""
-    lost: threading.Event = field(default_factory=threading.Event)  # set once this attempt lost the job
+    stop: StopSignal = field(default_factory=StopSignal)  # set once this attempt lost the job
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -107,18 +103,15 @@ class JobContext:
 
 
 class Heartbeat:
-    """Renews a job's lease every `interval` seconds from a thread; stops the handler (raises
-    JobStopped in its thread) when a beat finds the attempt superseded. A beat that cannot reach
-    the database is only logged, until no beat got through for a whole `lease`: by then the job
-    may be re-planned elsewhere, so this attempt stops itself too (a host cut off from the
-    database does not go on writing to the shared checkpoint store)."""
+    """Renews a job's lease every `interval` seconds from a thread; sets the job's stop signal
+    (`ctx.stop`) when a beat finds the attempt superseded. A beat that cannot reach the database
+    is only logged, until no beat got through for a whole `lease`: by then the job may be
+    re-planned elsewhere, so this attempt stops itself too (a host cut off from the database does
+    not go on writing to the shared checkpoint store)."""
 
     def __init__(self, ctx: JobContext, interval: float, lease: float) -> None:
         self.ctx, self.interval, self.lease = ctx, interval, lease
-        self._target = threading.get_ident()
         self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._armed = True
         # Run in a copy of this context: the heartbeat's log lines carry the job's ids (services.logs).
         self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run,),
                                         name=f"heartbeat-job{ctx.job_id}", daemon=True)
@@ -128,8 +121,6 @@ class Heartbeat:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self._armed = False
         self._stop.set()
         self._thread.join(timeout=self.interval + 30)
 
@@ -147,13 +138,15 @@ class Heartbeat:
                 beat.join(timeout=self.interval)
             if "superseded" in outcome:
                 log.warning("%s: stopping it", outcome["superseded"])
-                return self._stop_handler()
+                self.ctx.stop.set(str(outcome["superseded"]))
+                return
             if "ok" in outcome:
                 last_beat = time.monotonic()
             elif time.monotonic() - last_beat > self.lease and not self._stop.is_set():
                 log.warning("job %s: no heartbeat got through for %.0f s (its lease): stopping it",
                             self.ctx.job_id, self.lease)
-                return self._stop_handler()
+                self.ctx.stop.set(f"no heartbeat got through for {self.lease:.0f} s (the job's lease)")
+                return
 
     def _beat_once(self, outcome: dict) -> None:
         try:
@@ -163,20 +156,6 @@ class Heartbeat:
             outcome["superseded"] = exc
         except Exception as exc:  # noqa: BLE001 - the database or the network is down for now
             log.warning("job %s heartbeat failed: %s", self.ctx.job_id, exc)
-
-    def _stop_handler(self) -> None:
-        self.ctx.lost.set()
-        with self._lock:
-            if self._armed:
-                _raise_in_thread(self._target, JobStopped)
-
-
-def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> None:
-    """Deliver `exc_type` in another thread at its next Python instruction (CPython's documented
-    PyThreadState_SetAsyncExc): generation loops and the training launch's wait return to Python
-    often, and the launch kills its process group on any exception."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
-
 
 def claim(session: Session, job_id: int, lease: timedelta) -> Job | None:
     """Take a queued job (or one whose lease expired) with a conditional update; None if not ours."""
@@ -229,12 +208,12 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, enqueue: Call
     log.info("job %s attempt %s started", job_id, ctx.attempt, extra={"round_id": ctx.round_id, "job_id": job_id})
     try:
         try:
-            with Heartbeat(ctx, delivery.heartbeat(kind), delivery.lease(kind)):
+            with Heartbeat(ctx, delivery.heartbeat(kind), delivery.lease(kind)), stopping(ctx.stop):
                 handler(ctx)
             outcome = "done"
         finally:
             _release_if_cancelled(ctx)
-    except (Superseded, JobStopped) as exc:
+    except (Superseded, Stopped) as exc:
         log.warning("job %s attempt %s stopped: %s", job_id, ctx.attempt, exc or "it no longer owns the job")
         return "superseded"
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job

@@ -32,6 +32,7 @@ from models.backends.base import Completion, GenerationParams, StepOptions
 from models.backends.checkpoints import check_remote_code, fingerprint
 from models.backends.tokens import (Continued, Row, TokenStepGenerator, count_tokens, decode, stop_tail, token_pieces,
                                     trim)
+from models.stopping import StopSignal, current_signal
 
 
 @dataclass
@@ -58,9 +59,12 @@ class TransformersBackend:
         order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: OOM early
         per_batch = max(1, params.batch_size // num_samples)
         results: list[list[Completion]] = [[] for _ in prompts]
+        signal = current_signal()
         for number, start in enumerate(range(0, len(order), per_batch)):
+            signal.check()
             batch = order[start : start + per_batch]
             completions = self._generate_batch(
+                signal,
                 [prompts[i] for i in batch],
                 max_new_tokens=params.max_new_tokens,
                 sampling=sampling,
@@ -74,8 +78,8 @@ class TransformersBackend:
         return results
 
     @torch.inference_mode()
-    def _generate_batch(self, prompts, *, max_new_tokens, sampling, num_samples, stop_strings, seed,
-                        return_token_probs) -> list[Completion]:
+    def _generate_batch(self, signal: StopSignal, prompts, *, max_new_tokens, sampling, num_samples, stop_strings,
+                        seed, return_token_probs) -> list[Completion]:
         """One ``model.generate`` call; completions grouped by prompt, as HF returns the rows.
         ``return_token_probs`` keeps every step's logits until the batch ends (steps × sequences ×
         vocabulary floats): lower ``batch_size`` for long generations."""
@@ -84,6 +88,7 @@ class TransformersBackend:
         inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
         width = inputs["input_ids"].shape[1]
         stop = [StopOnText(tokenizer, stop_strings, width)] if stop_strings else []
+        stop.append(StopOnSignal(signal))
         rng_devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices, enabled=seed is not None):
             if seed is not None:
@@ -99,6 +104,7 @@ class TransformersBackend:
                 output_logits=return_token_probs is not None,
                 **sampling,
             )
+        signal.check()  # a generate cut short by the signal: its sequences are not answers
         new_tokens = out.sequences[:, width:]
         probs = None
         if return_token_probs:
@@ -153,6 +159,8 @@ class TransformersBackend:
             columns.append(list(range(left - c, left)) + list(range(width - n, width)))
         past = _assemble_cache(rows, cached, left) if left else None
         stop = [StopOnText(tokenizer, stop_strings, width)] if stop_strings else []
+        signal = current_signal()
+        stop.append(StopOnSignal(signal))
         diverts = [row.divert for row in rows]
         out = model.generate(
             input_ids=input_ids.to(device), attention_mask=mask.to(device), past_key_values=past,
@@ -161,6 +169,7 @@ class TransformersBackend:
             logits_processor=LogitsProcessorList([_DivertFromDroppedStep(diverts, width)] if any(diverts) else []),
             return_dict_in_generate=True, output_logits=True,
         )
+        signal.check()
         new_tokens = out.sequences[:, width:]
         probs = _chosen_probs(out.logits, new_tokens, options.token_probs)
         cache = out.past_key_values if options.reuse_cache and _plain_cache(out.past_key_values) else None
@@ -197,6 +206,17 @@ class StopOnText(StoppingCriteria):
         tails = [decode(self.tokenizer, ids) for ids in input_ids[:, start:].tolist()]
         done = [any(stop in text for stop in self.stop_strings) for text in tails]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class StopOnSignal(StoppingCriteria):
+    """Finishes every sequence once the job's stop signal is set: a long ``generate`` call ends
+    after the token it is computing (the caller then raises ``Stopped``)."""
+
+    def __init__(self, signal: StopSignal):
+        self.signal = signal
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.signal.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _chosen_probs(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, mode: str):

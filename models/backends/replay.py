@@ -9,15 +9,14 @@ and a JSONL file of ``{"prompt": "Question: ...\\nAnswer:", "response": "..."}``
 ``../shared/data/reference/weak_outputs``). A prompt is looked up by its last zero-shot block, so
 few-shot prompts find their question's record too; every sample of a prompt is the recorded
 response (as generated: already cut at its stop string). ``delay_s`` is waited per prompt, to stand
-in for model time. Token counts are words. A replay records no token probabilities: its
-completions carry none, so their step scores are empty, and a LECO run stops after the original
-(no step to doubt).
+in for model time (a job's stop signal cuts the wait short). Token counts are words. A replay
+records no token probabilities: its completions carry none, so their step scores are empty, and a
+LECO run stops after the original (no step to doubt).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 from models.backends.base import CallStats, Completion, GenerationParams, StepOptions
 from models.backends.checkpoints import CheckpointError, fingerprint
 from models.leco import Attempt, RethinkRequest
+from models.stopping import current_signal
 
 MANIFEST = "w2s-replay.json"
 BLOCK = "Question: "
@@ -75,8 +75,9 @@ class ReplayBackend:
         key = question_key(prompt)
         if key not in self.responses:
             raise KeyError(f"replay checkpoint {self.path}: no recorded response for prompt {key[:80]!r}")
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        signal = current_signal()
+        signal.wait(self.delay_s)  # stands in for model time, and stops as a model would
+        signal.check()
         return " " + self.responses[key]
 
 

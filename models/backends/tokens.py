@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from models.backends.base import CallStats, StepOptions
 from models.leco import Attempt, RethinkRequest, doubted_token
+from models.stopping import current_signal
 
 
 def decode(tokenizer, ids: list[int]) -> str:
@@ -129,7 +130,9 @@ class TokenStepGenerator:
         attempts: list[Attempt] = []
         encoded = reencode = 0
         size = self.options.batch_size
-        for start in range(0, len(rows), size):
+        signal = current_signal()
+        for start in range(0, len(rows), size):  # a call is one round of rethinks: stoppable between batches
+            signal.check()
             batch = list(range(start, min(start + size, len(rows))))
             for i, result in zip(batch, self.continue_batch([rows[i] for i in batch])):
                 row, prefix = rows[i], self.prefixes[requests[i].question_index]
