@@ -27,6 +27,8 @@ from tests.support import drop_database, fresh_database  # noqa: F401 - the clus
 
 REPO = Path(__file__).resolve().parents[1]
 W2SCTL = [sys.executable, "-m", "cli"]
+# w2sctl with a failpoint armed (tests/failpoints.py): the failpoint comes first, then w2sctl's arguments.
+W2SCTL_FAILPOINT = [sys.executable, "-c", "from tests.failpoints import main; main()"]
 
 # Leases and heartbeats short enough for a test to outlive them (workers.delivery reads these).
 FAST_DELIVERY = {
@@ -112,10 +114,12 @@ class Cluster:
             assert result.returncode == 0, f"w2sctl {args}: {result.stdout}\n{result.stderr}"
         return result
 
-    def start_worker(self, name: str, roles: str, *, netns: str | None = None, **env: str) -> Worker:
+    def start_worker(self, name: str, roles: str, *, netns: str | None = None, failpoint: str | None = None,
+                     **env: str) -> Worker:
         log_path = self.tmp_path / f"worker-{name}.log"
         prefix = ["ip", "netns", "exec", netns] if netns else []
-        command = [*prefix, *W2SCTL, "worker", "--role", roles, "--hostname", f"{name}@%h", "--loglevel", "info"]
+        w2sctl = [*W2SCTL_FAILPOINT, failpoint] if failpoint else W2SCTL
+        command = [*prefix, *w2sctl, "worker", "--role", roles, "--hostname", f"{name}@%h", "--loglevel", "info"]
         with log_path.open("w") as log:
             process = subprocess.Popen(command, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True, cwd=REPO)

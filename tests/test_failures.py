@@ -84,7 +84,7 @@ def test_control_worker_killed_between_steps_then_resume_completes(cluster):
     cluster.setup(pool=pool, test=2, delay_s=0.1)
     cluster.start_worker("m", "weak,strong,train")
     # No watchdog anywhere: only `round resume` may repair the round.
-    control = cluster.start_worker("c", "control", W2S_FAILPOINT="after-finish:vote", W2S_WATCHDOG_S="0")
+    control = cluster.start_worker("c", "control", failpoint="after-finish:vote", W2S_WATCHDOG_S="0")
     round_id = cluster.start_round(pool=pool, chunk=2)
     # The control worker dies right after the vote committed, before it planned the next step.
     cluster.wait_until(lambda: not control.alive(), "the control worker to die after the vote")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -37,11 +36,6 @@ from services.rounds import TERMINAL_ROUND_STATES, advance
 from workers.delivery import load_delivery
 
 log = logging.getLogger("w2s.worker")
-
-# Test-only: "after-finish:<kind>" kills this worker (its whole process group, like kill -9) right
-# after a job of that kind committed its results and before the round advances: the window a
-# `round resume` must repair.
-FAILPOINT_ENV = "W2S_FAILPOINT"
 
 
 class Superseded(RuntimeError):
@@ -220,7 +214,6 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, enqueue: Call
         log.exception("job %s attempt %s failed", job_id, ctx.attempt)
         outcome = _record_failure(settings, ctx, exc, retry_left)
 
-    _failpoint("after-finish", kind)
     with session_scope(settings.database_url) as session:
         new_ids = advance(session, ctx.round_id)
     enqueue(new_ids)
@@ -237,12 +230,6 @@ def _release_if_cancelled(ctx: JobContext) -> None:
                                               Job.state == "cancelled").values(heartbeat_at=None))
     except Exception as exc:  # noqa: BLE001 - cancel then waits for the lease instead
         log.warning("job %s: could not look for a cancel to acknowledge: %s", ctx.job_id, exc)
-
-
-def _failpoint(point: str, kind: str) -> None:
-    if os.environ.get(FAILPOINT_ENV) == f"{point}:{kind}":
-        log.error("failpoint %s:%s: killing this worker's process group", point, kind)
-        os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 def _record_failure(settings: Settings, ctx: JobContext, exc: Exception, retry_left: bool) -> str:
