@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import time
+from datetime import datetime, timezone
 
 import pytest
 import redis
@@ -29,8 +30,9 @@ pytestmark = [pytest.mark.integration]
 # the first reconciliation after it has been seen without one for the grace period.
 RECONCILE = {"W2S_RECONCILE_S": "1", "W2S_RECONCILE_GRACE_S": "2"}
 LEASE_S = 4.0  # tests.cluster_support.FAST_DELIVERY
-# A stranded job runs again within lease (a lost attempt is re-planned) + grace + period (its
-# message is re-sent); the slack is for worker start-up and scheduling on a loaded 2-core machine.
+# A stranded job is claimed again within lease (a lost attempt is re-planned) + grace + period (its
+# message is re-sent) of the fault's end; the slack is for a busy worker finishing the job it runs
+# and for scheduling on a loaded 2-core machine.
 SLACK_S = 15.0
 RECOVERY_BOUND_S = LEASE_S + 2 + 1 + SLACK_S
 POOL = 4
@@ -73,6 +75,27 @@ def assert_like_clean(cluster: Cluster, round_id: int, variants: tuple[str, ...]
     assert {k: rows[k] for k in expected} == expected
 
 
+def queued_ids(cluster: Cluster, round_id: int) -> list[int]:
+    with cluster.session() as session:
+        return list(session.scalars(select(Job.id).where(Job.round_id == round_id, Job.state == "queued")))
+
+
+def recovery_s(cluster: Cluster, stranded: list[int], fault_over: datetime) -> float:
+    """Seconds from the end of a fault until the first job it stranded was claimed again: the time
+    the system took to notice and send, not the rest of the round."""
+    assert stranded, "the fault stranded no job: the test reproduced nothing"
+    with cluster.session() as session:
+        starts = list(session.scalars(select(Job.started_at).where(Job.id.in_(stranded))))
+    assert all(start is not None and start > fault_over for start in starts), (starts, fault_over)
+    return (min(starts) - fault_over).total_seconds()
+
+
+def report(fault: str, recovered_s: float, done_s: float) -> None:
+    print(f"\n{fault}: stranded jobs claimed again {recovered_s:.1f} s after the fault ended; round done after "
+          f"{done_s:.1f} s")
+    assert recovered_s < RECOVERY_BOUND_S, f"{fault}: {recovered_s:.1f} s > {RECOVERY_BOUND_S} s"
+
+
 @pytest.fixture
 def broker(tmp_path):
     server = RedisServer(tmp_path / "redis", free_port())
@@ -109,13 +132,12 @@ def test_watchdog_send_lost_while_broker_down_is_retried(cluster, broker):
     broker.kill()
     cluster.wait_until(lambda: "watchdog pass" in worker.log() and "failed" in worker.log(),
                        "the watchdog's send to fail while the broker is down", timeout=60)
+    stranded = queued_ids(cluster, round_id)
     broker.start()
-    back = time.monotonic()
-    cluster.wait_for_round(round_id, timeout=RECOVERY_BOUND_S + 60)
-    took = time.monotonic() - back
-    print(f"\nfault 1 (watchdog send lost): round done {took:.1f} s after the broker came back")
+    back, over = time.monotonic(), datetime.now(timezone.utc)
+    cluster.wait_for_round(round_id, timeout=RECOVERY_BOUND_S + 90)
     assert_like_clean(cluster, round_id)
-    assert took < RECOVERY_BOUND_S + 20, took  # the remaining jobs (about 4 s of replay) included
+    report("fault 1 (watchdog send lost)", recovery_s(cluster, stranded, over), time.monotonic() - back)
 
 
 class PostgresLink:
@@ -166,13 +188,12 @@ def test_messages_taken_while_database_down_are_not_lost(cluster, broker):
         cluster.wait_until(lambda: worker.log().count("message sent back") >= 2,
                            "the worker to send messages back while the database is down", timeout=60)
         time.sleep(3)  # the database stays down a while: the messages go round with back-off
+        stranded = queued_ids(cluster, round_id)
         link.up()
-        back = time.monotonic()
-        cluster.wait_for_round(round_id, timeout=RECOVERY_BOUND_S + 60)
-        took = time.monotonic() - back
-        print(f"\nfault 2 (database down): round done {took:.1f} s after the database came back")
+        back, over = time.monotonic(), datetime.now(timezone.utc)
+        cluster.wait_for_round(round_id, timeout=RECOVERY_BOUND_S + 90)
         assert_like_clean(cluster, round_id)
-        assert took < RECOVERY_BOUND_S, took
+        report("fault 2 (database down)", recovery_s(cluster, stranded, over), time.monotonic() - back)
     finally:
         cluster.stop_all()
         link.down()
@@ -200,16 +221,20 @@ def test_killed_train_worker_strands_no_other_training_message(cluster, broker):
         time.sleep(2)  # time enough for a prefetching worker to reserve the second message
         assert client.llen("train") == 1, "the second training message left the queue"
         assert not any("w2s.train" in entry for entry in _held_in_unacked(client)), "a training message is reserved"
+        # The next train worker is up (and waits on the second job's row) before the first dies.
+        successor = cluster.start_worker("t2", "train")
+        cluster.wait_until(lambda: client.llen("train") == 0 and "w2s.train[" in successor.log(),
+                           "the second train worker to take the waiting training message")
+        # The job the first worker took: its message was acknowledged when its run started.
+        stranded = [int(trainer.log().split("w2s.train[w2s-job-", 1)[1].split("]", 1)[0])]
         trainer.kill()
-        killed = time.monotonic()
         trainer.process.wait(timeout=10)
+        killed, over = time.monotonic(), datetime.now(timezone.utc)
         holder.rollback()
-    cluster.start_worker("t2", "train")
-    cluster.wait_for_round(round_id, timeout=RECOVERY_BOUND_S + 60)
-    took = time.monotonic() - killed
-    print(f"\nfault 3 (train worker killed): round done {took:.1f} s after the kill")
+    cluster.wait_for_round(round_id, timeout=RECOVERY_BOUND_S + 90)
     assert_like_clean(cluster, round_id, variants=("hybrid", "weak"))
-    assert took < RECOVERY_BOUND_S, took
+    # That job's message died with the first worker: the reconciliation sent it again.
+    report("fault 3 (train worker killed)", recovery_s(cluster, stranded, over), time.monotonic() - killed)
 
 
 def test_start_with_broker_unreachable_is_left_to_reconciliation(cluster, broker):
@@ -232,13 +257,12 @@ def test_start_with_broker_unreachable_is_left_to_reconciliation(cluster, broker
     assert again.returncode != 0 and "round 1 " in again.stderr, again.stderr
     with cluster.session() as session:
         assert session.scalar(select(text("count(*)")).select_from(Round)) == 1
+    stranded = queued_ids(cluster, 1)
     broker.start()
-    back = time.monotonic()
-    cluster.wait_for_round(1, timeout=RECOVERY_BOUND_S + 60)
-    took = time.monotonic() - back
-    print(f"\nfault 4 (start with the broker down): round done {took:.1f} s after the broker came back")
+    back, over = time.monotonic(), datetime.now(timezone.utc)
+    cluster.wait_for_round(1, timeout=RECOVERY_BOUND_S + 90)
     assert_like_clean(cluster, 1)
-    assert took < RECOVERY_BOUND_S, took
+    report("fault 4 (start with the broker down)", recovery_s(cluster, stranded, over), time.monotonic() - back)
     third = cluster.w2sctl(*args)
     assert "round 1" in third.stdout and "already" in third.stdout, third.stdout
 
@@ -255,13 +279,12 @@ def test_flushed_broker_is_noticed_and_refilled(cluster, broker):
     cluster.wait_until(lambda: cluster.running_job("w@"), "a generation job to run")
     client = redis.Redis.from_url(broker.url)
     assert client.llen("weak") + client.llen("strong") >= 1, "nothing queued to lose"
+    stranded = queued_ids(cluster, round_id)
     client.flushall()
-    flushed = time.monotonic()
-    cluster.wait_for_round(round_id, timeout=RECOVERY_BOUND_S + 60)
-    took = time.monotonic() - flushed
-    print(f"\nfault 5 (FLUSHALL): round done {took:.1f} s after the flush")
+    flushed, over = time.monotonic(), datetime.now(timezone.utc)
+    cluster.wait_for_round(round_id, timeout=RECOVERY_BOUND_S + 90)
     assert_like_clean(cluster, round_id)
-    assert took < RECOVERY_BOUND_S + 8, took  # the remaining jobs (about 8 s of replay) included
+    report("fault 5 (FLUSHALL)", recovery_s(cluster, stranded, over), time.monotonic() - flushed)
     # Logged with its time, and counted where the worker's metrics endpoint reads.
     resent = [line for line in worker.log().splitlines() if "had no message for the grace period; sent again" in line]
     assert resent and resent[0][:4].isdigit(), worker.log()[-3000:]
