@@ -24,6 +24,8 @@ from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Evaluation, Generation, Job, Question, Round, utcnow
 from services.config import QUEUES
+from services.contracts import (JobKey, JobKind, JobState, ResolvedPreference, ResolvedSFT, RoundState, StepName,
+                                resolved_of)
 from services.errors import InputError, NotFound, W2SError
 
 LOG_TAIL_BYTES = 64 * 1024
@@ -58,7 +60,7 @@ def oldest_waiting(session: Session, now: datetime | None = None) -> dict[str, d
     """queue → queued jobs in the database and the age in seconds of the one waiting longest."""
     now = now or utcnow()
     out: dict[str, dict[str, Any]] = {q: {"queued_jobs": 0, "oldest_waiting_s": None, "oldest_job": None} for q in QUEUES}
-    for job in session.scalars(select(Job).where(Job.state == "queued")):
+    for job in session.scalars(select(Job).where(Job.state == JobState.QUEUED)):
         entry = out.setdefault(job.queue, {"queued_jobs": 0, "oldest_waiting_s": None, "oldest_job": None})
         entry["queued_jobs"] += 1
         age = _seconds(waiting_since(job), now)
@@ -280,8 +282,8 @@ def job_detail(session: Session, job_id: int, tail_lines: int = 40) -> dict[str,
         "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
         "heartbeat_at": job.heartbeat_at,
         "waited_s": _seconds(job.created_at, job.started_at),
-        "ran_s": _seconds(job.started_at, job.finished_at or (now if job.state == "running" else None)),
-        "heartbeat_age_s": _seconds(job.heartbeat_at, now) if job.state == "running" else None,
+        "ran_s": _seconds(job.started_at, job.finished_at or (now if job.state == JobState.RUNNING else None)),
+        "heartbeat_age_s": _seconds(job.heartbeat_at, now) if job.state == JobState.RUNNING else None,
         "error": job.error, "payload": _brief_payload(job.payload or {}), "result": job.result,
         "log_path": job.log_path, "log_tail": log_tail(job.log_path, tail_lines),
     }
@@ -298,16 +300,16 @@ def job_throughput(session: Session, job_id: int) -> dict[str, Any]:
     out: dict[str, Any] = {"queue": job.queue, "kind": job.kind}
     seconds = _seconds(job.started_at, job.finished_at)
     result = job.result or {}
-    if job.kind == "generate" and job.state == "done":
+    if job.kind == JobKind.GENERATE and job.state == JobState.DONE:
         tokens = session.scalar(select(func.coalesce(func.sum(Generation.output_tokens), 0)).where(
             Generation.job_id == job.id, Generation.created_at >= job.started_at)) or 0
         out["generated_tokens"] = int(tokens)
         out["generation_tokens_per_s"] = tokens / seconds if seconds else None
-    elif job.kind == "evaluate" and job.state == "done" and result.get("evaluation_id") and not result.get("reused"):
+    elif job.kind == JobKind.EVALUATE and job.state == JobState.DONE and result.get("evaluation_id") and not result.get("reused"):
         evaluation = session.get(Evaluation, result["evaluation_id"])
         out["generated_tokens"] = evaluation.output_tokens
         out["generation_tokens_per_s"] = evaluation.output_tokens / evaluation.wall_s if evaluation.wall_s else None
-    elif job.kind == "train" and job.state == "done":
+    elif job.kind == JobKind.TRAIN and job.state == JobState.DONE:
         out["training_tokens_per_s"] = (result.get("train") or {}).get("tokens_per_s")
     return out
 
@@ -372,10 +374,6 @@ def estimate(completed: float, total: float | None, elapsed_s: float | None) -> 
     return rate, eta
 
 
-def _step_of(job: Job) -> str:
-    return job.step if job.kind == "generate" else job.key
-
-
 def last_training_step(log_path: str | None) -> dict[str, Any] | None:
     """The newest `{"step", "loss", "total_steps", ...}` line the training ranks printed."""
     from workers.launch import parse_progress
@@ -391,14 +389,14 @@ def round_progress(session: Session, round_: Round, now: datetime | None = None)
     now = now or utcnow()
     jobs: dict[str, list[Job]] = defaultdict(list)
     for job in session.scalars(select(Job).where(Job.round_id == round_.id).order_by(Job.id)):
-        jobs[_step_of(job)].append(job)
+        jobs[str(JobKey.parse(job.key).display_step)].append(job)
     steps = expected_steps(round_.stage, round_.config)
     steps += [s for s in jobs if s not in steps]
     generated = {voter: (count, tokens) for voter, count, tokens in session.execute(
         select(Generation.voter, func.count(), func.coalesce(func.sum(Generation.output_tokens), 0))
         .where(Generation.round_id == round_.id).group_by(Generation.voter))}
-    skipped_variants = {job.key.split(":", 1)[1] for job in jobs_of(jobs, "train:")
-                        if job.state == "done" and (job.result or {}).get("skipped")}
+    skipped_variants = {key.subject for key, job in ((JobKey.parse(job.key), job) for group in jobs.values() for job in group)
+                        if key.kind == JobKind.TRAIN and job.state == JobState.DONE and (job.result or {}).get("skipped")}
     out = []
     for step in steps:
         step_jobs = jobs.get(step, [])
@@ -411,20 +409,23 @@ def round_progress(session: Session, round_: Round, now: datetime | None = None)
         elapsed = _seconds(first, last)
         progress = StepProgress(step, "jobs", sum(s == "done" for s in states), len(step_jobs) or None, state,
                                 len(step_jobs), elapsed)
-        kind, _, name = step.partition(":")
-        if kind == "generate":
-            samples = int(round_.config.get("sampling", {}).get("samples", 1)) if name == "student" else 1
-            count, tokens = generated.get(name, (0, 0))
-            progress.unit = "samples" if name == "student" else "questions"
-            progress.total = len(round_.resolved.get("question_ids", [])) * samples
+        name = StepName.parse(step)
+        kind, subject = name.kind, name.subject
+        if kind == JobKind.GENERATE:
+            samples = int(round_.config.get("sampling", {}).get("samples", 1)) if subject == "student" else 1
+            count, tokens = generated.get(subject, (0, 0))
+            progress.unit = "samples" if subject == "student" else "questions"
+            resolved = resolved_of(round_)
+            pool = resolved.question_ids if isinstance(resolved, (ResolvedSFT, ResolvedPreference)) else []
+            progress.total = len(pool) * samples
             progress.completed = count
             progress.tokens_per_s = tokens / elapsed if elapsed and tokens else None
-        elif kind == "train" and step_jobs:
+        elif kind == JobKind.TRAIN and step_jobs:
             _train_progress(progress, step_jobs[-1], now)
-        elif kind == "train" and round_.state == "done":
+        elif kind == JobKind.TRAIN and round_.state == RoundState.DONE:
             progress.state = "skipped"  # planned for a variant the round never trained
-        elif kind == "evaluate":
-            if name.rsplit(":", 1)[-1] in skipped_variants or (not step_jobs and round_.state == "done"):
+        elif kind == JobKind.EVALUATE:
+            if subject in skipped_variants or (not step_jobs and round_.state == RoundState.DONE):
                 progress.state = "skipped"  # no candidate to evaluate
             elif step_jobs:
                 _evaluate_progress(session, progress, step_jobs[-1])
@@ -442,8 +443,8 @@ def round_notices(session: Session, round_: Round, census: MessageCensus | None,
     (with the error), and, given the broker's census, a queue no worker consumes and jobs queued
     with no message (with what the reconciliation will do about them, and when)."""
     queued: dict[str, list[Job]] = defaultdict(list)
-    for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.state == "queued").order_by(Job.id)):
-        queued[_step_of(job)].append(job)
+    for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.state == JobState.QUEUED).order_by(Job.id)):
+        queued[str(JobKey.parse(job.key).display_step)].append(job)
     notices: dict[str, list[str]] = {}
     for step, jobs in queued.items():
         lines = [f"job {job.id} backing off after attempt {job.attempts} of {job.max_attempts}: {_first_line(job.error)}"
@@ -468,10 +469,6 @@ def round_notices(session: Session, round_: Round, census: MessageCensus | None,
 def _first_line(text: str | None, limit: int = 160) -> str:
     line = (text or "").strip().splitlines()[0] if (text or "").strip() else "no reason recorded"
     return line if len(line) <= limit else line[:limit] + "…"
-
-
-def jobs_of(jobs: dict[str, list[Job]], prefix: str) -> list[Job]:
-    return [job for step, group in jobs.items() if step.startswith(prefix) for job in group]
 
 
 def _train_progress(progress: StepProgress, job: Job, now: datetime) -> None:
@@ -516,8 +513,8 @@ def known_metrics(session: Session, round_: Round) -> dict[str, Any]:
     from services.report import round_report
 
     report = round_.report or round_report(session, round_)
-    evaluations = {job.key.split(":", 1)[1]: (job.result or {}).get("accuracy") for job in session.scalars(
-        select(Job).where(Job.round_id == round_.id, Job.kind == "evaluate", Job.state == "done"))}
+    evaluations = {JobKey.parse(job.key).display_step.detail: (job.result or {}).get("accuracy") for job in session.scalars(
+        select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.EVALUATE, Job.state == JobState.DONE))}
     return {"report": report, "eval_accuracy": evaluations}
 
 
@@ -550,11 +547,12 @@ def round_summary(session: Session, round_: Round) -> dict[str, Any]:
 
     report = round_.report or round_report(session, round_)
     evaluation_ids = {}
-    for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == "evaluate", Job.state == "done")):
+    for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.EVALUATE, Job.state == JobState.DONE)):
         if not (job.payload or {}).get("pass_at") and (job.result or {}).get("evaluation_id"):
             evaluation_ids[job.payload["checkpoint_id"]] = job.result["evaluation_id"]
-    eval_id = round_.resolved.get("eval_id")
-    baseline = session.get(Checkpoint, round_.resolved.get("baseline_id"))
+    resolved = resolved_of(round_)
+    eval_id = resolved.eval_id
+    baseline = session.get(Checkpoint, resolved.baseline_id)
     candidates = [_entry(c.name, c.status, _evaluation(session, c.id, eval_id, evaluation_ids), variant=c.variant)
                   for c in session.scalars(select(Checkpoint).where(Checkpoint.round_id == round_.id).order_by(Checkpoint.id))]
     return {
@@ -573,7 +571,8 @@ def lineage(session: Session, summaries: list[dict[str, Any]], first_round: Roun
     """The checkpoints along the rounds, in order: the first round's baseline with the registered
     models it descends from, then each round's candidates, each with its eval accuracy."""
     chain: list[dict[str, Any]] = []
-    baseline = session.get(Checkpoint, first_round.resolved.get("baseline_id"))
+    first_resolved = resolved_of(first_round)
+    baseline = session.get(Checkpoint, first_resolved.baseline_id)
     ancestors = []
     seen = set()
     parent = session.get(Checkpoint, baseline.parent_id) if baseline is not None and baseline.parent_id else None
@@ -581,7 +580,7 @@ def lineage(session: Session, summaries: list[dict[str, Any]], first_round: Roun
         seen.add(parent.id)
         ancestors.append(parent)
         parent = session.get(Checkpoint, parent.parent_id) if parent.parent_id else None
-    eval_id = first_round.resolved.get("eval_id")
+    eval_id = first_resolved.eval_id
     first = summaries[0]["baseline"] if summaries else None
     for ancestor in reversed(ancestors):
         chain.append(_entry(ancestor.name, ancestor.status, _evaluation(

@@ -145,7 +145,7 @@ def advance_pipeline(session: Session, pipeline_id: int) -> list[int]:
         return []
     new = insert_ignore(session, Round, [{
         "stage": round_config.stage, "iteration": getattr(round_config, "iteration", 1), "state": "running",
-        "config": round_config.model_dump(mode="json"), "resolved": resolved, "pipeline_id": pipeline_id,
+        "config": round_config.model_dump(mode="json"), "resolved": resolved.stored(), "pipeline_id": pipeline_id,
         "pipeline_step": step, "created_at": utcnow()}])
     return advance(session, new[0]) if new else []
 

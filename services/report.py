@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Generation, Job, PreferencePair, Question, Round, TrainingExample
 from models.answers import answers_match, extract_answer
+from services.contracts import JobKey, JobKind, JobState, ResolvedPreference, ResolvedSFT, resolved_of
 from services.selection import Vote, accuracy, dropped_by_step_score, min_step_score, stage1_vote
 
 STEP_ORDER = ("generate:weak", "generate:strong", "generate:student", "vote", "pairs", "train", "evaluate", "promote")
@@ -29,16 +30,15 @@ def job_counts(session: Session, round_id: int) -> dict[str, dict[str, int]]:
 
 def round_report(session: Session, round_: Round, promotion: dict[str, Any] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"round": round_.id, "stage": round_.stage, "iteration": round_.iteration}
-    resolved = round_.resolved
-    task = resolved["task"]
+    task = resolved_of(round_).task
     if round_.stage == "sft":
         report.update(_vote_figures(session, round_, task))
     elif round_.stage == "preference":
         report.update(_pair_figures(session, round_, task))
     report["variants"] = _variants(session, round_)
     if promotion is None:
-        promote = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == "promote"))
-        promotion = promote.result if promote is not None and promote.state == "done" else None
+        promote = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == str(JobKey.single(JobKind.PROMOTE))))
+        promotion = promote.result if promote is not None and promote.state == JobState.DONE else None
     if promotion:
         report["student_before"] = {"name": promotion["baseline"], "accuracy": promotion["baseline_accuracy"]}
         report["outcome"] = promotion["outcome"]
@@ -48,7 +48,7 @@ def round_report(session: Session, round_: Round, promotion: dict[str, Any] | No
 
 
 def _vote_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
-    question_ids = round_.resolved["question_ids"]
+    question_ids = resolved_of(round_, ResolvedSFT).question_ids
     gold = dict(session.execute(select(Question.id, Question.gold_answer).where(Question.id.in_(question_ids))).all())
     answers: dict[str, dict[int, str]] = {"weak": {}, "strong": {}}
     lowest: dict[str, dict[int, float | None]] = {"weak": {}, "strong": {}}
@@ -81,10 +81,10 @@ def _vote_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
 
 
 def _pair_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
-    question_ids = round_.resolved["question_ids"]
+    question_ids = resolved_of(round_, ResolvedPreference).question_ids
     gold = dict(session.execute(select(Question.id, Question.gold_answer).where(Question.id.in_(question_ids))).all())
     pairs = session.scalars(select(PreferencePair).where(PreferencePair.round_id == round_.id)).all()
-    pairs_job = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == "pairs"))
+    pairs_job = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == str(JobKey.single(JobKind.PAIRS))))
     result = (pairs_job.result or {}) if pairs_job is not None else {}
     figures: dict[str, Any] = {
         "sampled_questions": len(question_ids),
@@ -93,10 +93,10 @@ def _pair_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
         "pairs_by_case": dict(Counter(p.case for p in pairs)),
         "has_gold": any(gold.values()),
     }
-    for key, job in ((j.key, j) for j in session.scalars(select(Job).where(
-            Job.round_id == round_.id, Job.key.like("evaluate:pass-at-k:%")))):
-        if job.state == "done" and job.result:
-            figures.setdefault("pass_at_k", {"k": job.payload["pass_at"]})[key.rsplit(":", 1)[1]] = job.result["accuracy"]
+    for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.EVALUATE).order_by(Job.id)):
+        key = JobKey.parse(job.key)
+        if key.pass_at_k and job.state == JobState.DONE and job.result:
+            figures.setdefault("pass_at_k", {"k": job.payload["pass_at"]})[key.subject] = job.result["accuracy"]
     if figures["has_gold"] and pairs:
         def correct(text: str, qid: int) -> bool:
             return bool(gold.get(qid)) and answers_match(extract_answer(text, task), gold[qid], task)
@@ -122,7 +122,7 @@ def _variants(session: Session, round_: Round) -> dict[str, Any]:
     if round_.stage == "preference":  # one training set: the pairs, named after the loss
         examples = Counter({round_.config["training"]["loss"]: len(session.scalars(
             select(PreferencePair.id).where(PreferencePair.round_id == round_.id)).all())})
-    for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == "train").order_by(Job.id)):
+    for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.TRAIN).order_by(Job.id)):
         variant = job.payload["variant"]
         entry: dict[str, Any] = {"examples": examples.get(variant, 0), "state": job.state}
         result = job.result or {}
@@ -131,7 +131,7 @@ def _variants(session: Session, round_: Round) -> dict[str, Any]:
             entry.update(checkpoint=checkpoint.name, status=checkpoint.status,
                          accuracy=(checkpoint.metrics or {}).get("eval_accuracy"),
                          train_loss=(result.get("train") or {}).get("final_loss"))
-            evaluation = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == f"evaluate:{variant}"))
+            evaluation = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == str(JobKey.evaluate(variant))))
             if evaluation is not None and evaluation.result:
                 entry["accuracy"] = evaluation.result.get("accuracy")
         elif result.get("skipped"):

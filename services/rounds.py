@@ -31,22 +31,24 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.schema import Checkpoint, Generation, Job, Question, Round, utcnow
+from db.schema import Generation, Job, Question, Round, utcnow
 from db.session import insert_ignore
+from services.contracts import (TERMINAL_ROUND_STATES, AnyResolved, CheckpointStatus, JobKey, JobKind, JobState,
+                                ResolvedPreference, ResolvedSFT, ResolvedWeakSFT, RoundState, resolved_of)
 from services.config import AnyRoundConfig, PreferenceRoundConfig, SFTRoundConfig, WeakSFTRoundConfig, parse_round_config
 from services.errors import InputError, NotFound, StateError
 from services.registry import current_student, get_checkpoint, get_dataset, lineage_root
 from workers.delivery import load_delivery
 
-TERMINAL_ROUND_STATES = ("done", "failed", "cancelled")
-
-
 @dataclass(frozen=True)
 class JobSpec:
-    key: str
-    kind: str
+    key: JobKey
     queue: str
     payload: dict[str, Any]
+
+    @property
+    def kind(self) -> JobKind:
+        return self.key.kind
 
 
 # --- start ---------------------------------------------------------------------------------------
@@ -71,10 +73,10 @@ def start_round(session: Session, config: AnyRoundConfig, *, name: str | None = 
     round_ = Round(
         stage=config.stage,
         iteration=getattr(config, "iteration", 1),
-        state="running",
+        state=RoundState.RUNNING,
         name=name,
         config=config.model_dump(mode="json"),
-        resolved=resolved,
+        resolved=resolved.stored(),
     )
     session.add(round_)
     try:
@@ -89,7 +91,7 @@ def named_round(session: Session, name: str) -> Round | None:
     return session.scalar(select(Round).where(Round.name == name))
 
 
-def resolve(session: Session, config: AnyRoundConfig) -> dict[str, Any]:
+def resolve(session: Session, config: AnyRoundConfig) -> AnyResolved:
     """Names → ids, with every check that needs the database. Raises before anything is written."""
     eval_set = get_dataset(session, config.eval.dataset)
     if not eval_set.labelled:
@@ -104,8 +106,8 @@ def resolve(session: Session, config: AnyRoundConfig) -> dict[str, Any]:
         if train_set.task != eval_set.task:
             raise InputError(f"train is a {train_set.task} dataset but eval.dataset is {eval_set.task}")
         baseline = current_student(session, weak)
-        return {"task": train_set.task, "student_id": weak.id, "baseline_id": baseline.id,
-                "lineage_root_id": lineage_root(weak), "train_id": train_set.id, "eval_id": eval_set.id}
+        return ResolvedWeakSFT(task=train_set.task, student_id=weak.id, baseline_id=baseline.id,
+                               lineage_root_id=lineage_root(weak), train_id=train_set.id, eval_id=eval_set.id)
 
     weak, strong = get_checkpoint(session, config.weak), get_checkpoint(session, config.strong)
     student = get_checkpoint(session, config.student) if config.student else strong
@@ -120,23 +122,23 @@ def resolve(session: Session, config: AnyRoundConfig) -> dict[str, Any]:
     if config.demonstrations > len(question_ids):
         raise InputError(f"demonstrations: {config.demonstrations} is more than the pool's {len(question_ids)} questions")
     baseline = current_student(session, student)
-    return {"task": pool.task, "weak_id": weak.id, "strong_id": strong.id, "student_id": student.id,
-            "baseline_id": baseline.id, "lineage_root_id": lineage_root(student), "pool_id": pool.id,
-            "eval_id": eval_set.id, "question_ids": list(question_ids)}
+    return ResolvedSFT(task=pool.task, weak_id=weak.id, strong_id=strong.id, student_id=student.id,
+                       baseline_id=baseline.id, lineage_root_id=lineage_root(student), pool_id=pool.id,
+                       eval_id=eval_set.id, question_ids=list(question_ids))
 
 
-def resolve_preference(session: Session, config: PreferenceRoundConfig, eval_set) -> dict[str, Any]:
+def resolve_preference(session: Session, config: PreferenceRoundConfig, eval_set) -> ResolvedPreference:
     student, weak = get_checkpoint(session, config.student), get_checkpoint(session, config.weak)
-    if student.status not in ("promoted", "candidate"):
+    if student.status not in (CheckpointStatus.PROMOTED, CheckpointStatus.CANDIDATE):
         raise InputError(f"student {student.name!r} is a {student.status} checkpoint: stage II starts from a "
                          "promoted or candidate stage I checkpoint (M_plus)")
     pool = get_dataset(session, config.pool)
     if pool.task != eval_set.task:
         raise InputError(f"pool is a {pool.task} dataset but eval.dataset is {eval_set.task}")
     # The weak side of every pair is the weak model's original stage I response on the pool.
-    stage1 = [r for r in session.scalars(select(Round).where(Round.stage == "sft", Round.state == "done")
+    stage1 = [r for r in session.scalars(select(Round).where(Round.stage == "sft", Round.state == RoundState.DONE)
                                          .order_by(Round.iteration, Round.id.desc()))
-              if r.resolved.get("pool_id") == pool.id and r.resolved.get("weak_id") == weak.id]
+              if (ids := resolved_of(r, ResolvedSFT)).pool_id == pool.id and ids.weak_id == weak.id]
     if not stage1:
         raise InputError(f"pool {pool.name!r} has no stage I outputs of weak model {weak.name!r}: "
                          "run a stage I round with that weak voter on that pool first")
@@ -148,9 +150,9 @@ def resolve_preference(session: Session, config: PreferenceRoundConfig, eval_set
     if not question_ids:
         raise InputError(f"pool {pool.name!r}: none of the selected questions has a weak answer in round {weak_round.id}")
     baseline = current_student(session, student)
-    return {"task": pool.task, "student_id": student.id, "weak_id": weak.id, "weak_round_id": weak_round.id,
-            "baseline_id": baseline.id, "lineage_root_id": lineage_root(student), "pool_id": pool.id,
-            "eval_id": eval_set.id, "question_ids": question_ids}
+    return ResolvedPreference(task=pool.task, student_id=student.id, weak_id=weak.id, weak_round_id=weak_round.id,
+                              baseline_id=baseline.id, lineage_root_id=lineage_root(student), pool_id=pool.id,
+                              eval_id=eval_set.id, question_ids=question_ids)
 
 
 def load_config(round_: Round) -> AnyRoundConfig:
@@ -172,11 +174,11 @@ def advance(session: Session, round_id: int) -> list[int]:
     if round_.state in TERMINAL_ROUND_STATES:
         return []
     requeued = expire_leases(session, round_id)
-    jobs = {job.key: job for job in session.scalars(select(Job).where(Job.round_id == round_id))}
+    jobs = {JobKey.parse(job.key): job for job in session.scalars(select(Job).where(Job.round_id == round_id))}
 
-    failed = [job for job in jobs.values() if job.state == "failed"]
+    failed = [job for job in jobs.values() if job.state == JobState.FAILED]
     if failed:
-        round_.state, round_.finished_at = "failed", utcnow()
+        round_.state, round_.finished_at = RoundState.FAILED, utcnow()
         round_.error = "; ".join(f"job {job.id} ({job.key}) failed: {job.error or 'no reason recorded'}" for job in failed)
         return _next_in_pipeline(session, round_)
 
@@ -191,13 +193,13 @@ def advance(session: Session, round_id: int) -> list[int]:
     new_ids = requeued + insert_ignore(
         session,
         Job,
-        [{"round_id": round_id, "key": spec.key, "step": step_of(spec.key), "kind": spec.kind, "queue": spec.queue,
-          "state": "queued", "payload": spec.payload, "max_attempts": max_attempts}
+        [{"round_id": round_id, "key": str(spec.key), "step": spec.key.step, "kind": spec.kind, "queue": spec.queue,
+          "state": JobState.QUEUED, "payload": spec.payload, "max_attempts": max_attempts}
          for spec in plan if spec.key not in jobs],
     )
-    promote = jobs.get("promote")
-    if promote is not None and promote.state == "done":
-        round_.state, round_.finished_at = "done", utcnow()
+    promote = jobs.get(JobKey.single(JobKind.PROMOTE))
+    if promote is not None and promote.state == JobState.DONE:
+        round_.state, round_.finished_at = RoundState.DONE, utcnow()
         round_.outcome = (promote.result or {}).get("outcome")
         new_ids += _next_in_pipeline(session, round_)
     return new_ids
@@ -213,22 +215,22 @@ def expire_leases(session: Session, round_id: int) -> list[int]:
     delivery = load_delivery()
     now = utcnow()
     requeued = []
-    for kind in sorted(set(session.scalars(select(Job.kind).where(Job.round_id == round_id, Job.state == "running")))):
+    for kind in sorted(set(session.scalars(select(Job.kind).where(Job.round_id == round_id, Job.state == JobState.RUNNING)))):
         cutoff = now - timedelta(seconds=delivery.lease(kind))
         stale = session.execute(select(Job.id, Job.attempts, Job.max_attempts, Job.owner, Job.heartbeat_at).where(
-            Job.round_id == round_id, Job.kind == kind, Job.state == "running", Job.heartbeat_at < cutoff)).all()
+            Job.round_id == round_id, Job.kind == kind, Job.state == JobState.RUNNING, Job.heartbeat_at < cutoff)).all()
         for job_id, attempts, max_attempts, owner, heartbeat_at in stale:
             lost = f"attempt {attempts} lost: its worker {owner} stopped heart-beating at {heartbeat_at:%Y-%m-%d %H:%M:%S}"
             if attempts >= max_attempts:
-                values = {"state": "failed", "finished_at": now,
+                values = {"state": JobState.FAILED, "finished_at": now,
                           "error": f"{lost}; gave up after {attempts} attempts (does the job kill its worker, "
                                    "e.g. by running out of memory?)"}
             else:
-                values = {"state": "queued", "error": lost}
+                values = {"state": JobState.QUEUED, "error": lost}
             changed = session.execute(update(Job).where(
-                Job.id == job_id, Job.state == "running", Job.attempts == attempts, Job.heartbeat_at < cutoff,
+                Job.id == job_id, Job.state == JobState.RUNNING, Job.attempts == attempts, Job.heartbeat_at < cutoff,
             ).values(**values).execution_options(synchronize_session=False)).rowcount
-            if changed and values["state"] == "queued":
+            if changed and values["state"] == JobState.QUEUED:
                 requeued.append(job_id)
     return requeued
 
@@ -243,45 +245,41 @@ def _next_in_pipeline(session: Session, round_: Round) -> list[int]:
     return advance_pipeline(session, round_.pipeline_id)
 
 
-def step_of(key: str) -> str:
-    """`generate:weak:0003` → `generate:weak`; `train:icl` → `train`."""
-    parts = key.split(":")
-    return ":".join(parts[:2]) if parts[0] == "generate" else parts[0]
-
-
-def _done(jobs: dict[str, Job], prefix: str) -> bool:
-    matching = [job for key, job in jobs.items() if key == prefix or key.startswith(prefix + ":")]
-    return bool(matching) and all(job.state == "done" for job in matching)
+def _done(jobs: dict[JobKey, Job], step: str) -> bool:
+    """Every job of a step is done: `generate:weak` (all its chunks), `vote`, `train:icl`, ..."""
+    matching = [job for key, job in jobs.items() if str(key.display_step) == step]
+    return bool(matching) and all(job.state == JobState.DONE for job in matching)
 
 
 def _evaluate(checkpoint_id: int, eval_id: int, config: AnyRoundConfig) -> dict[str, Any]:
     return {"checkpoint_id": checkpoint_id, "dataset_id": eval_id, "limit": config.eval.limit}
 
 
-def _candidates(jobs: dict[str, Job]) -> dict[str, int]:
+def _candidates(jobs: dict[JobKey, Job]) -> dict[str, int]:
     """variant → candidate checkpoint id, for train jobs that produced one (a set with no examples trains nothing)."""
     out = {}
     for key, job in jobs.items():
-        if key.startswith("train:") and job.state == "done" and (job.result or {}).get("checkpoint_id"):
-            out[key.split(":", 1)[1]] = job.result["checkpoint_id"]
+        if key.kind == JobKind.TRAIN and job.state == JobState.DONE and (job.result or {}).get("checkpoint_id"):
+            out[key.subject] = job.result["checkpoint_id"]
     return out
 
 
-def _tail(jobs: dict[str, Job], variants: list[str], resolved: dict[str, Any]) -> list[JobSpec]:
+def _tail(jobs: dict[JobKey, Job], variants: list[str], resolved: AnyResolved) -> list[JobSpec]:
     """evaluate each candidate once its training is done, then promote once everything is in."""
     plan = []
     candidates = _candidates(jobs)
     for variant, checkpoint_id in candidates.items():
-        plan.append(JobSpec(f"evaluate:{variant}", "evaluate", "strong",
-                            {"checkpoint_id": checkpoint_id, "dataset_id": resolved["eval_id"], "limit": None}))
-    trained = all(_done(jobs, f"train:{variant}") for variant in variants)
-    evaluated = all(_done(jobs, f"evaluate:{variant}") for variant in candidates) and _done(jobs, "evaluate:baseline")
+        plan.append(JobSpec(JobKey.evaluate(variant), "strong",
+                            {"checkpoint_id": checkpoint_id, "dataset_id": resolved.eval_id, "limit": None}))
+    trained = all(_done(jobs, str(JobKey.train(variant))) for variant in variants)
+    evaluated = all(_done(jobs, str(JobKey.evaluate(variant))) for variant in candidates) \
+        and _done(jobs, str(JobKey.evaluate("baseline")))
     # Extra evaluations (pass@k) finish before the round does; they are planned with the candidates.
-    evaluated = evaluated and all(job.state == "done" for key, job in jobs.items() if key.startswith("evaluate:"))
-    evaluated = evaluated and all(f"evaluate:pass-at-k:{variant}" in jobs for variant in candidates
-                                  if "evaluate:pass-at-k:student" in jobs)
+    evaluated = evaluated and all(job.state == JobState.DONE for key, job in jobs.items() if key.kind == JobKind.EVALUATE)
+    evaluated = evaluated and all(JobKey.evaluate(variant, pass_at_k=True) in jobs for variant in candidates
+                                  if JobKey.evaluate("student", pass_at_k=True) in jobs)
     if trained and evaluated:
-        plan.append(JobSpec("promote", "promote", "control", {"candidates": candidates}))
+        plan.append(JobSpec(JobKey.single(JobKind.PROMOTE), "control", {"candidates": candidates}))
     return plan
 
 
@@ -289,63 +287,63 @@ def _chunks(question_ids: list[int], size: int) -> list[list[int]]:
     return [question_ids[i : i + size] for i in range(0, len(question_ids), size)]
 
 
-def plan_sft(session: Session, round_: Round, config: SFTRoundConfig, jobs: dict[str, Job]) -> list[JobSpec]:
-    resolved = round_.resolved
-    chunks = _chunks(resolved["question_ids"], config.generation.chunk_size)
-    plan = [JobSpec("evaluate:baseline", "evaluate", "strong", _evaluate(resolved["baseline_id"], resolved["eval_id"], config))]
-    plan += [JobSpec(f"generate:weak:{i:04d}", "generate", "weak", {"voter": "weak", "question_ids": chunk})
+def plan_sft(session: Session, round_: Round, config: SFTRoundConfig, jobs: dict[JobKey, Job]) -> list[JobSpec]:
+    resolved = resolved_of(round_, ResolvedSFT)
+    chunks = _chunks(resolved.question_ids, config.generation.chunk_size)
+    plan = [JobSpec(JobKey.evaluate("baseline"), "strong", _evaluate(resolved.baseline_id, resolved.eval_id, config))]
+    plan += [JobSpec(JobKey.generate("weak", i), "weak", {"voter": "weak", "question_ids": chunk})
              for i, chunk in enumerate(chunks)]
 
     # The strong voter's few-shot demonstrations come from the weak voter's own outputs: one fixed
     # set per round, so it can only be chosen once every weak answer is in.
     if config.demonstrations == 0 or _done(jobs, "generate:weak"):
-        if "demonstration_ids" not in resolved:
-            resolved = {**resolved, "demonstration_ids": choose_demonstrations(session, round_, config)}
-            round_.resolved = resolved
-        plan += [JobSpec(f"generate:strong:{i:04d}", "generate", "strong", {"voter": "strong", "question_ids": chunk})
+        if resolved.demonstration_ids is None:
+            resolved = resolved.model_copy(update={"demonstration_ids": choose_demonstrations(session, round_, config)})
+            round_.resolved = resolved.stored()
+        plan += [JobSpec(JobKey.generate("strong", i), "strong", {"voter": "strong", "question_ids": chunk})
                  for i, chunk in enumerate(chunks)]
 
     if _done(jobs, "generate:weak") and _done(jobs, "generate:strong"):
-        plan.append(JobSpec("vote", "vote", "control", {}))
+        plan.append(JobSpec(JobKey.single(JobKind.VOTE), "control", {}))
     if _done(jobs, "vote"):
-        plan += [JobSpec(f"train:{variant}", "train", "train", {"variant": variant}) for variant in config.variants]
+        plan += [JobSpec(JobKey.train(variant), "train", {"variant": variant}) for variant in config.variants]
         plan += _tail(jobs, list(config.variants), resolved)
     # A candidate's eval uses the round's eval limit too (same questions as the baseline).
     return [_with_limit(spec, config) for spec in plan]
 
 
-def plan_preference(round_: Round, config: PreferenceRoundConfig, jobs: dict[str, Job]) -> list[JobSpec]:
-    resolved = round_.resolved
+def plan_preference(round_: Round, config: PreferenceRoundConfig, jobs: dict[JobKey, Job]) -> list[JobSpec]:
+    resolved = resolved_of(round_, ResolvedPreference)
     # pass@k (k = the samples per question) of the starting student and of the candidate, for the report.
     pass_at = {"pass_at": config.sampling.samples, "temperature": config.sampling.temperature, "top_p": config.sampling.top_p}
-    plan = [JobSpec("evaluate:baseline", "evaluate", "strong", _evaluate(resolved["baseline_id"], resolved["eval_id"], config)),
-            JobSpec("evaluate:pass-at-k:student", "evaluate", "strong",
-                    {**_evaluate(resolved["student_id"], resolved["eval_id"], config), **pass_at})]
+    plan = [JobSpec(JobKey.evaluate("baseline"), "strong", _evaluate(resolved.baseline_id, resolved.eval_id, config)),
+            JobSpec(JobKey.evaluate("student", pass_at_k=True), "strong",
+                    {**_evaluate(resolved.student_id, resolved.eval_id, config), **pass_at})]
     for variant, checkpoint_id in _candidates(jobs).items():
-        plan.append(JobSpec(f"evaluate:pass-at-k:{variant}", "evaluate", "strong",
-                            {**_evaluate(checkpoint_id, resolved["eval_id"], config), **pass_at}))
-    plan += [JobSpec(f"generate:student:{i:04d}", "generate", "strong", {"voter": "student", "question_ids": chunk})
-             for i, chunk in enumerate(_chunks(resolved["question_ids"], config.generation.chunk_size))]
+        plan.append(JobSpec(JobKey.evaluate(variant, pass_at_k=True), "strong",
+                            {**_evaluate(checkpoint_id, resolved.eval_id, config), **pass_at}))
+    plan += [JobSpec(JobKey.generate("student", i), "strong", {"voter": "student", "question_ids": chunk})
+             for i, chunk in enumerate(_chunks(resolved.question_ids, config.generation.chunk_size))]
     if _done(jobs, "generate:student"):
-        plan.append(JobSpec("pairs", "pairs", "control", {}))
+        plan.append(JobSpec(JobKey.single(JobKind.PAIRS), "control", {}))
     if _done(jobs, "pairs"):
-        plan.append(JobSpec(f"train:{config.training.loss}", "train", "train", {"variant": config.training.loss}))
+        plan.append(JobSpec(JobKey.train(config.training.loss), "train", {"variant": config.training.loss}))
         plan += _tail(jobs, [config.training.loss], resolved)
     return [_with_limit(spec, config) for spec in plan]
 
 
-def plan_weak_sft(round_: Round, jobs: dict[str, Job]) -> list[JobSpec]:
+def plan_weak_sft(round_: Round, jobs: dict[JobKey, Job]) -> list[JobSpec]:
     config = load_config(round_)
-    resolved = round_.resolved
-    plan = [JobSpec("evaluate:baseline", "evaluate", "strong", _evaluate(resolved["baseline_id"], resolved["eval_id"], config)),
-            JobSpec("train:gold", "train", "train", {"variant": "gold"})]
+    resolved = resolved_of(round_, ResolvedWeakSFT)
+    plan = [JobSpec(JobKey.evaluate("baseline"), "strong", _evaluate(resolved.baseline_id, resolved.eval_id, config)),
+            JobSpec(JobKey.train("gold"), "train", {"variant": "gold"})]
     plan += _tail(jobs, ["gold"], resolved)
     return [_with_limit(spec, config) for spec in plan]
 
 
 def _with_limit(spec: JobSpec, config: AnyRoundConfig) -> JobSpec:
-    if spec.kind == "evaluate":
-        return JobSpec(spec.key, spec.kind, spec.queue, {**spec.payload, "limit": config.eval.limit})
+    if spec.kind == JobKind.EVALUATE:
+        return JobSpec(spec.key, spec.queue, {**spec.payload, "limit": config.eval.limit})
     return spec
 
 
@@ -384,7 +382,7 @@ def resume_round(session: Session, round_id: int) -> list[int]:
     session.flush()
     if round_.state in TERMINAL_ROUND_STATES:
         return []
-    return list(session.scalars(select(Job.id).where(Job.round_id == round_id, Job.state == "queued").order_by(Job.id)))
+    return list(session.scalars(select(Job.id).where(Job.round_id == round_id, Job.state == JobState.QUEUED).order_by(Job.id)))
 
 
 @dataclass(frozen=True)
@@ -406,19 +404,15 @@ def cancel_round(session: Session, round_id: int, reason: str = "cancelled by th
     if round_.state in TERMINAL_ROUND_STATES:
         raise StateError(f"round {round_id} is already {round_.state}")
     open_jobs = session.execute(select(Job.id, Job.state).where(
-        Job.round_id == round_id, Job.state.in_(("queued", "running"))).with_for_update()).all()
+        Job.round_id == round_id, Job.state.in_((JobState.QUEUED, JobState.RUNNING))).with_for_update()).all()
     now = utcnow()
     session.execute(update(Job).where(Job.id.in_([job_id for job_id, _ in open_jobs]))
-                    .values(state="cancelled", finished_at=now, error=reason)
+                    .values(state=JobState.CANCELLED, finished_at=now, error=reason)
                     .execution_options(synchronize_session=False))
-    round_.state, round_.finished_at, round_.error = "cancelled", now, reason
+    round_.state, round_.finished_at, round_.error = RoundState.CANCELLED, now, reason
     if round_.pipeline_id is not None:  # its chain stops here, saying why
         from services.pipeline import advance_pipeline
 
         advance_pipeline(session, round_.pipeline_id)
-    return Cancelled(queued=[j for j, state in open_jobs if state == "queued"],
-                     running=[j for j, state in open_jobs if state == "running"])
-
-
-def checkpoint_for(session: Session, round_: Round, voter: str) -> Checkpoint:
-    return session.get(Checkpoint, round_.resolved[f"{voter}_id"])
+    return Cancelled(queued=[j for j, state in open_jobs if state == JobState.QUEUED],
+                     running=[j for j, state in open_jobs if state == JobState.RUNNING])

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from db.schema import Job, Pipeline, Round
 from db.session import session_scope
 from services.config import load_settings, parse_round_config
+from services.contracts import JobKey
 from services.errors import StateError
 from services.monitor import StepProgress, estimate, expected_steps, overall_progress, report_figure, step_state
 
@@ -156,15 +157,15 @@ def _round_with_jobs(session, jobs: list[tuple[str, str, int]], *, round_state="
         session.add(pipe)
         session.flush()
     round_ = Round(stage="sft", iteration=1, state=round_state, config=config.model_dump(mode="json"),
-                   resolved={"task": "gsm8k", "question_ids": [], "baseline_id": 1, "eval_id": 1},
+                   resolved={"task": "gsm8k", "weak_id": 1, "strong_id": 1, "student_id": 1, "baseline_id": 1,
+                             "lineage_root_id": 1, "pool_id": 1, "eval_id": 1, "question_ids": []},
                    error="job 1 (evaluate:baseline) failed: boom" if round_state == "failed" else None,
                    pipeline_id=pipe.id if pipe else None, pipeline_step="iteration1" if pipe else None)
     session.add(round_)
     session.flush()
     for key, state, attempts in jobs:
-        kind = key.split(":")[0]
-        session.add(Job(round_id=round_.id, key=key, step=key if kind != "generate" else ":".join(key.split(":")[:2]),
-                        kind=kind, queue="strong", state=state, attempts=attempts, max_attempts=3,
+        parsed = JobKey.parse(key)
+        session.add(Job(round_id=round_.id, key=key, step=parsed.step, kind=parsed.kind, queue="strong", state=state, attempts=attempts, max_attempts=3,
                         payload={"checkpoint_id": 1, "dataset_id": 1, "limit": None}, error="boom" if state == "failed" else None))
     session.flush()
     return round_
@@ -261,7 +262,10 @@ def test_pipeline_report_follows_the_lineage(w2s_home, cli_runner, tmp_path):
                 ("iteration2", "round1-icl", {"kept_share": 0.3, "kept_accuracy": 0.8}))):
             r = Round(stage="sft", iteration=index + 1, state="done", config=config, pipeline_id=pipe.id,
                       pipeline_step=step, outcome="promoted", report=report,
-                      resolved={"baseline_id": ckpt[baseline].id, "eval_id": test_set.id, "question_ids": []})
+                      resolved={"task": "gsm8k", "weak_id": ckpt["weak"].id, "strong_id": ckpt["strong"].id,
+                                "student_id": ckpt[baseline].id, "baseline_id": ckpt[baseline].id,
+                                "lineage_root_id": ckpt["strong"].id, "pool_id": test_set.id, "eval_id": test_set.id,
+                                "question_ids": []})
             session.add(r)
             session.flush()
             rounds.append(r)

@@ -22,6 +22,8 @@ from models.backends import CheckpointError, default_cache
 from models.generation import generate
 from models.prompts import clean_response, few_shot, zero_shot
 from models.leco import score_steps
+from services.contracts import (CheckpointStatus, JobKey, JobKind, JobState, ResolvedPreference, ResolvedSFT,
+                                ResolvedWeakSFT, resolved_of)
 from services.config import SFTRoundConfig, StrategyConfig
 from services.evaluation import Sample, eval_label, run_evaluation, solve, step_dicts
 from services.promotion import gate
@@ -58,20 +60,21 @@ def run_generate(ctx: JobContext) -> None:
     with ctx.session() as session:
         round_ = session.get(Round, ctx.round_id)
         config = load_config(round_)
-        checkpoint = session.get(Checkpoint, round_.resolved[f"{voter}_id"])
+        resolved = resolved_of(round_)
+        checkpoint = session.get(Checkpoint, resolved.voters()[voter])
         existing = Counter(session.scalars(select(Generation.question_id).where(
             Generation.round_id == ctx.round_id, Generation.voter == voter,
             Generation.question_id.in_(ctx.payload["question_ids"]))))
         by_id = {q.id: q for q in session.scalars(select(Question).where(Question.id.in_(ctx.payload["question_ids"])))}
         questions = [by_id[qid] for qid in ctx.payload["question_ids"]]
         demonstrations = []
-        if voter == "strong" and round_.resolved.get("demonstration_ids"):
+        if voter == "strong" and isinstance(resolved, ResolvedSFT) and resolved.demonstration_ids:
             demos = session.execute(
                 select(Question.text, Generation.text).join(Generation, Generation.question_id == Question.id)
-                .where(Generation.id.in_(round_.resolved["demonstration_ids"])).order_by(Generation.id)
+                .where(Generation.id.in_(resolved.demonstration_ids)).order_by(Generation.id)
             ).all()
             demonstrations = [(q, a) for q, a in demos]
-        task = round_.resolved["task"]
+        task = resolved.task
         checkpoint_id, path, model_name = checkpoint.id, checkpoint.path, checkpoint.name
 
     sampling = getattr(config, "sampling", None) if voter == "student" else None
@@ -130,20 +133,21 @@ def run_vote(ctx: JobContext) -> None:
     with ctx.session() as session:
         round_ = session.get(Round, ctx.round_id)
         config: SFTRoundConfig = load_config(round_)
-        task = round_.resolved["task"]
+        resolved = resolved_of(round_, ResolvedSFT)
+        task = resolved.task
         rows = session.execute(
             select(Generation.id, Generation.voter, Generation.question_id, Generation.text, Generation.answer,
                    Generation.step_scores)
             .where(Generation.round_id == ctx.round_id, Generation.sample_index == 0)
         ).all()
         texts = dict(session.execute(select(Question.id, Question.text).where(
-            Question.id.in_(round_.resolved["question_ids"]))).all())
+            Question.id.in_(resolved.question_ids))).all())
 
         first = {r.question_id: r for r in rows if r.voter == "weak"}
         second = {r.question_id: r for r in rows if r.voter == "strong"}
         votes = [Vote(qid, first[qid].answer, second[qid].answer, min_step_score(first[qid].step_scores),
                       min_step_score(second[qid].step_scores))
-                 for qid in round_.resolved["question_ids"] if qid in first and qid in second]
+                 for qid in resolved.question_ids if qid in first and qid in second]
         kept = stage1_vote(votes, task, config.vote.min_step_score)
         dropped = dropped_by_step_score(votes, task, config.vote.min_step_score)
 
@@ -158,7 +162,7 @@ def run_vote(ctx: JobContext) -> None:
                                      "response": generation.text})
             counts[variant] = len(kept) * len(sources)
         insert_ignore(session, TrainingExample, examples)
-        ctx.finish(session, {"pool": len(round_.resolved["question_ids"]), "voted": len(votes), "kept": len(kept),
+        ctx.finish(session, {"pool": len(resolved.question_ids), "voted": len(votes), "kept": len(kept),
                              "dropped_by_step_score": len(dropped), "examples": counts})
 
 
@@ -171,11 +175,11 @@ def run_pairs(ctx: JobContext) -> None:
     with ctx.session() as session:
         round_ = session.get(Round, ctx.round_id)
         config = load_config(round_)
-        resolved = round_.resolved
-        question_ids = resolved["question_ids"]
+        resolved = resolved_of(round_, ResolvedPreference)
+        question_ids = resolved.question_ids
         texts = dict(session.execute(select(Question.id, Question.text).where(Question.id.in_(question_ids))).all())
         weak = {g.question_id: g for g in session.scalars(select(Generation).where(
-            Generation.round_id == resolved["weak_round_id"], Generation.voter == "weak", Generation.sample_index == 0,
+            Generation.round_id == resolved.weak_round_id, Generation.voter == "weak", Generation.sample_index == 0,
             Generation.question_id.in_(question_ids)))}
         samples: dict[int, list[Generation]] = {}
         for g in session.scalars(select(Generation).where(Generation.round_id == ctx.round_id, Generation.voter == "student")
@@ -185,7 +189,7 @@ def run_pairs(ctx: JobContext) -> None:
         rows, skipped, cases = [], Counter(), Counter()
         for qid in question_ids:
             decision = decide_pairs(
-                weak[qid].answer, weak[qid].text, [(g.answer, g.text) for g in samples[qid]], task=resolved["task"],
+                weak[qid].answer, weak[qid].text, [(g.answer, g.text) for g in samples[qid]], task=resolved.task,
                 floor=config.pairs.floor, tau=config.pairs.tau, per_question=config.pairs.pairs_per_question,
                 rng=random.Random(f"{config.seed}:{qid}"))  # per question: independent of processing order
             if decision.skipped:
@@ -223,11 +227,12 @@ def run_train(ctx: JobContext) -> None:
     with ctx.session() as session:
         round_ = session.get(Round, ctx.round_id)
         config = load_config(round_)
-        student = session.get(Checkpoint, round_.resolved["student_id"])
+        resolved = resolved_of(round_)
+        student = session.get(Checkpoint, resolved.student_id)
         if variant == "gold" and not session.scalar(select(TrainingExample.id).where(  # weak-sft: the labelled
                 TrainingExample.round_id == ctx.round_id, TrainingExample.variant == "gold").limit(1)):  # set's own
             # solutions are the targets; written once (their unique key has a NULL, so a retry would duplicate them)
-            _write_gold_examples(session, ctx.round_id, round_.resolved["train_id"], config.train_limit)
+            _write_gold_examples(session, ctx.round_id, resolved_of(round_, ResolvedWeakSFT).train_id, config.train_limit)
         if round_.stage == "preference":
             examples = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in session.scalars(
                 select(PreferencePair).where(PreferencePair.round_id == ctx.round_id).order_by(PreferencePair.id))]
@@ -236,7 +241,7 @@ def run_train(ctx: JobContext) -> None:
                 select(TrainingExample).where(TrainingExample.round_id == ctx.round_id, TrainingExample.variant == variant)
                 .order_by(TrainingExample.id))]
         student_id, student_path, student_role = student.id, student.path, student.role
-        lineage_root_id = round_.resolved["lineage_root_id"]
+        lineage_root_id = resolved.lineage_root_id
         stage, iteration = round_.stage, round_.iteration
     if not examples:
         with ctx.session() as session:
@@ -302,7 +307,7 @@ def run_train(ctx: JobContext) -> None:
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     with ctx.session() as session:
         insert_ignore(session, Checkpoint, [{
-            "name": name, "path": str(output_dir), "role": student_role, "status": "candidate",
+            "name": name, "path": str(output_dir), "role": student_role, "status": CheckpointStatus.CANDIDATE,
             "parent_id": student_id, "lineage_root_id": lineage_root_id, "round_id": ctx.round_id,
             "variant": variant, "metrics": {"train": metrics, "saved": saved}, "created_at": utcnow()}])
         checkpoint_id = session.scalar(select(Checkpoint.id).where(Checkpoint.name == name))
@@ -325,7 +330,7 @@ def _record_launch(ctx: JobContext, launch: dict[str, Any]) -> None:
     """Keep a failed attempt's launch record on the job (`jobs show` prints it), fenced like every
     job write: only while this attempt still owns the job."""
     with ctx.session() as session:
-        session.execute(update(Job).where(Job.id == ctx.job_id, Job.attempts == ctx.attempt, Job.state == "running")
+        session.execute(update(Job).where(Job.id == ctx.job_id, Job.attempts == ctx.attempt, Job.state == JobState.RUNNING)
                         .values(result={"launch": launch}))
 
 
@@ -426,25 +431,25 @@ def run_promote(ctx: JobContext) -> None:
     with ctx.session() as session:
         round_ = session.get(Round, ctx.round_id)
         config = load_config(round_)
-        jobs = {job.key: job for job in session.scalars(select(Job).where(Job.round_id == ctx.round_id))}
-        baseline = session.get(Checkpoint, round_.resolved["baseline_id"])
-        baseline_accuracy = jobs["evaluate:baseline"].result["accuracy"]
+        jobs = {JobKey.parse(job.key): job for job in session.scalars(select(Job).where(Job.round_id == ctx.round_id))}
+        baseline = session.get(Checkpoint, resolved_of(round_).baseline_id)
+        baseline_accuracy = jobs[JobKey.evaluate("baseline")].result["accuracy"]
         candidates: dict[str, float] = {}
         by_name: dict[str, Checkpoint] = {}
         for variant, checkpoint_id in ctx.payload["candidates"].items():
             checkpoint = session.get(Checkpoint, checkpoint_id)
-            candidates[checkpoint.name] = jobs[f"evaluate:{variant}"].result["accuracy"]
+            candidates[checkpoint.name] = jobs[JobKey.evaluate(variant)].result["accuracy"]
             by_name[checkpoint.name] = checkpoint
         decision = gate(baseline.name, baseline_accuracy, candidates, config.promotion.min_improvement)
 
         now = utcnow()
         for name, checkpoint in by_name.items():
             # Compare-and-set: only a candidate can become promoted or rejected, once.
-            status = "promoted" if name == decision.promoted else "rejected"
+            status = CheckpointStatus.PROMOTED if name == decision.promoted else CheckpointStatus.REJECTED
             session.execute(update_status(checkpoint.id, status, now))
             checkpoint.metrics = {**(checkpoint.metrics or {}), "eval_accuracy": candidates[name],
                                   "baseline_accuracy": baseline_accuracy}
-        result = {"outcome": "promoted" if decision.promoted else "rejected", "promoted": decision.promoted,
+        result = {"outcome": CheckpointStatus.PROMOTED if decision.promoted else CheckpointStatus.REJECTED, "promoted": decision.promoted,
                   "reason": decision.reason, "baseline": baseline.name, "baseline_accuracy": baseline_accuracy,
                   "candidates": candidates}
         session.flush()
@@ -454,18 +459,18 @@ def run_promote(ctx: JobContext) -> None:
 
 def update_status(checkpoint_id: int, status: str, now) -> Update:
     values: dict[str, Any] = {"status": status}
-    if status == "promoted":
+    if status == CheckpointStatus.PROMOTED:
         values["promoted_at"] = now
-    return update(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.status == "candidate").values(**values)
+    return update(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.status == CheckpointStatus.CANDIDATE).values(**values)
 
 
 HANDLERS = {
-    "generate": run_generate,
-    "vote": run_vote,
-    "pairs": run_pairs,
-    "train": run_train,
-    "evaluate": run_evaluate,
-    "promote": run_promote,
+    JobKind.GENERATE: run_generate,
+    JobKind.VOTE: run_vote,
+    JobKind.PAIRS: run_pairs,
+    JobKind.TRAIN: run_train,
+    JobKind.EVALUATE: run_evaluate,
+    JobKind.PROMOTE: run_promote,
 }
 
 # Keep the environment tidy for DeepSpeed subprocesses started from a Celery worker.
