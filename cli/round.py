@@ -19,6 +19,7 @@ from cli.context import App, Group, console, pass_app, print_json
 from cli.render import duration, pct, render_report
 from db.schema import Job, Round
 from services.config import ConfigError, load_round_config_file, parse_round_config
+from services.contracts.graph import job_summary
 
 
 @click.group("round", cls=Group)
@@ -124,7 +125,7 @@ def _wait_for_round(app: App, round_id: int) -> None:
                 job = session.get(Job, job_id)
                 took = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else 0
                 mark = {"done": "[green]✓[/]", "failed": "[red]✗[/]"}.get(job.state, "[yellow]↻[/]")
-                console.print(f"  {mark} round {round_id} {job.key:<22} {job.state:<8} {took:6.1f}s {_brief(job.result)}")
+                console.print(f"  {mark} round {round_id} {job.key:<22} {job.state:<8} {took:6.1f}s {job_summary(job.kind, job.result)}")
 
         drain(on_job_done=show)
         return
@@ -136,16 +137,6 @@ def _wait_for_round(app: App, round_id: int) -> None:
             time.sleep(2)
 
 
-def _brief(result: dict[str, Any] | None) -> str:
-    if not result:
-        return ""
-    keys = ("kept", "generated", "accuracy", "examples", "outcome", "skipped")
-    parts = []
-    for key in keys:
-        if key in result and result[key] is not None:
-            value = result[key]
-            parts.append(f"{key}={value:.1%}" if key == "accuracy" else f"{key}={value}")
-    return " ".join(parts)
 
 
 @round_.command("status")

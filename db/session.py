@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
@@ -160,7 +160,3 @@ def ensure_schema(url: str) -> None:
             f"the database {redact(url)} (W2S_DATABASE_URL) has schema revision {current or 'none'}, "
             f"the code needs {head}: run `w2sctl db upgrade`"
         )
-
-
-def table_names(url: str) -> list[str]:
-    return inspect(get_engine(url)).get_table_names()

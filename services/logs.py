@@ -33,10 +33,6 @@ def clear_job() -> None:
     _context.set({})
 
 
-def current_ids() -> dict[str, Any]:
-    return dict(_context.get())
-
-
 class JobContextFilter(logging.Filter):
     """Copy the bound ids onto the record; ids given with `extra=` win."""
 

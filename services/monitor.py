@@ -26,7 +26,9 @@ from db.schema import Checkpoint, Evaluation, Generation, Job, Question, Round, 
 from services.config import QUEUES
 from services.contracts import (JobKey, JobKind, JobState, ResolvedPreference, ResolvedSFT, RoundState, StepName,
                                 resolved_of)
-from services.errors import InputError, NotFound, W2SError
+from services.contracts.graph import stage_steps, variants_of
+from services.errors import InputError, W2SError
+from services.lookup import get_by_id
 
 LOG_TAIL_BYTES = 64 * 1024
 
@@ -254,10 +256,7 @@ def queue_status(session: Session, broker_url: str | None, *, timeout: float = 1
 
 
 def get_job(session: Session, job_id: int) -> Job:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise NotFound(f"job {job_id} does not exist")
-    return job
+    return get_by_id(session, Job, job_id, "job")
 
 
 def log_tail(path: str | None, lines: int = 40) -> list[str] | None:
@@ -343,16 +342,8 @@ class StepProgress:
 
 
 def expected_steps(stage: str, config: dict[str, Any]) -> list[str]:
-    """The steps a round of this stage goes through, in display order."""
-    if stage == "preference":
-        loss = config["training"]["loss"]
-        return ["evaluate:baseline", "evaluate:pass-at-k:student", "generate:student", "pairs", f"train:{loss}",
-                f"evaluate:{loss}", f"evaluate:pass-at-k:{loss}", "promote"]
-    if stage == "weak-sft":
-        return ["evaluate:baseline", "train:gold", "evaluate:gold", "promote"]
-    variants = config.get("variants") or []
-    return (["evaluate:baseline", "generate:weak", "generate:strong", "vote"] + [f"train:{v}" for v in variants]
-            + [f"evaluate:{v}" for v in variants] + ["promote"])
+    """The steps a round of this stage goes through, in display order (the step graph's)."""
+    return [str(step) for step in stage_steps(stage, variants_of(stage, config))]
 
 
 def step_state(states: list[str]) -> str:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from db.schema import Pipeline, Round, utcnow
 from services.config import ConfigError, EvalConfig, _merge, _Strict, parse_round_config
-from services.errors import NotFound
+from services.lookup import get_by_id
 
 STEPS = ("weak-sft", "iteration1", "iteration2", "preference")
 
@@ -160,10 +160,7 @@ def _outcome(session: Session, round_: Round) -> StepOutcome:
 
 
 def get_pipeline(session: Session, pipeline_id: int) -> Pipeline:
-    pipeline = session.get(Pipeline, pipeline_id)
-    if pipeline is None:
-        raise NotFound(f"pipeline {pipeline_id} does not exist")
-    return pipeline
+    return get_by_id(session, Pipeline, pipeline_id, "pipeline")
 
 
 def pipeline_rounds(session: Session, pipeline_id: int) -> list[Round]:

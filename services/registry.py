@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Dataset, Question
 from models.backends import CheckpointError, check_checkpoint_dir
 from services.dataset_files import (TASKS, FieldMapping, export_format, parse_questions, read_records,
                                     write_records)
-from services.errors import InputError, NotFound
+from services.errors import InputError
+from services.lookup import get_by_name
 
 ROLES = ("weak", "strong")
 
@@ -80,18 +81,12 @@ def validate_name(name: str, what: str) -> None:
 
 
 def get_dataset(session: Session, name: str) -> Dataset:
-    dataset = session.scalar(select(Dataset).where(Dataset.name == name))
-    if dataset is None:
-        known = session.scalars(select(Dataset.name).order_by(Dataset.name)).all()
-        raise NotFound(f"unknown dataset {name!r}" + (f" (known: {', '.join(known)})" if known else " (none imported yet)"))
+    dataset: Dataset = get_by_name(session, Dataset, name, "dataset", "none imported yet")
     return dataset
 
 
 def get_checkpoint(session: Session, name: str) -> Checkpoint:
-    checkpoint = session.scalar(select(Checkpoint).where(Checkpoint.name == name))
-    if checkpoint is None:
-        known = session.scalars(select(Checkpoint.name).order_by(Checkpoint.name)).all()
-        raise NotFound(f"unknown model {name!r}" + (f" (known: {', '.join(known)})" if known else " (none registered yet)"))
+    checkpoint: Checkpoint = get_by_name(session, Checkpoint, name, "model", "none registered yet")
     return checkpoint
 
 
@@ -109,7 +104,3 @@ def current_student(session: Session, checkpoint: Checkpoint) -> Checkpoint:
         .limit(1)
     )
     return promoted or session.get(Checkpoint, root)
-
-
-def question_count(session: Session, dataset: Dataset) -> int:
-    return session.scalar(select(func.count()).select_from(Question).where(Question.dataset_id == dataset.id)) or 0

@@ -11,12 +11,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.schema import Checkpoint, Generation, Job, PreferencePair, Question, Round, TrainingExample
+from db.schema import Checkpoint, Job, PreferencePair, Question, Round, TrainingExample
 from models.answers import answers_match, extract_answer
 from services.contracts import JobKey, JobKind, JobState, ResolvedPreference, ResolvedSFT, resolved_of
-from services.selection import Vote, accuracy, dropped_by_step_score, min_step_score, stage1_vote
+from services.contracts.graph import JOB_STEP_ORDER
+from services.selection import accuracy
+from services.voting import round_vote
 
-STEP_ORDER = ("generate:weak", "generate:strong", "generate:student", "vote", "pairs", "train", "evaluate", "promote")
+STEP_ORDER = JOB_STEP_ORDER
 
 
 def job_counts(session: Session, round_id: int) -> dict[str, dict[str, int]]:
@@ -50,25 +52,16 @@ def round_report(session: Session, round_: Round, promotion: dict[str, Any] | No
 def _vote_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
     question_ids = resolved_of(round_, ResolvedSFT).question_ids
     gold = dict(session.execute(select(Question.id, Question.gold_answer).where(Question.id.in_(question_ids))).all())
-    answers: dict[str, dict[int, str]] = {"weak": {}, "strong": {}}
-    lowest: dict[str, dict[int, float | None]] = {"weak": {}, "strong": {}}
-    for voter, qid, answer, step_scores in session.execute(
-        select(Generation.voter, Generation.question_id, Generation.answer, Generation.step_scores)
-        .where(Generation.round_id == round_.id, Generation.sample_index == 0)
-    ):
-        answers[voter][qid] = answer
-        lowest[voter][qid] = min_step_score(step_scores)
-    votes = [Vote(q, answers["weak"][q], answers["strong"][q], lowest["weak"][q], lowest["strong"][q])
-             for q in question_ids if q in answers["weak"] and q in answers["strong"]]
-    threshold = (round_.config.get("vote") or {}).get("min_step_score")
-    kept = stage1_vote(votes, task, threshold)
+    vote = round_vote(session, round_.id, question_ids, task, (round_.config.get("vote") or {}).get("min_step_score"))
+    answers = {"weak": {q: g.answer for q, g in vote.first.items()}, "strong": {q: g.answer for q, g in vote.second.items()}}
+    kept = vote.kept
     kept_weak = {q: answers["weak"][q] for q in kept}
     figures = {
         "pool": len(question_ids),
         "weak_answered": sum(1 for a in answers["weak"].values() if a),
         "strong_answered": sum(1 for a in answers["strong"].values() if a),
         "kept": len(kept),
-        "dropped_by_step_score": len(dropped_by_step_score(votes, task, threshold)),
+        "dropped_by_step_score": len(vote.dropped_by_step_score),
         "kept_share": len(kept) / len(question_ids) if question_ids else 0.0,
         "has_gold": any(gold.values()),
     }

@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import timedelta
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select, update
@@ -33,22 +34,27 @@ from sqlalchemy.orm import Session
 
 from db.schema import Generation, Job, Question, Round, utcnow
 from db.session import insert_ignore
-from services.contracts import (TERMINAL_ROUND_STATES, AnyResolved, CheckpointStatus, JobKey, JobKind, JobState,
-                                ResolvedPreference, ResolvedSFT, ResolvedWeakSFT, RoundState, resolved_of)
+from services.contracts import (TERMINAL_ROUND_STATES, AnyResolved, CheckpointStatus, JobKey, JobKind, JobState, Queue,
+                                ResolvedPreference, ResolvedSFT, ResolvedWeakSFT, RoundState, Stage, resolved_of)
+from services.contracts.graph import order_plan, queue_of, variants_of
 from services.config import AnyRoundConfig, PreferenceRoundConfig, SFTRoundConfig, WeakSFTRoundConfig, parse_round_config
-from services.errors import InputError, NotFound, StateError
+from services.errors import InputError, StateError
+from services.lookup import get_by_id
 from services.registry import current_student, get_checkpoint, get_dataset, lineage_root
 from workers.delivery import load_delivery
 
 @dataclass(frozen=True)
 class JobSpec:
     key: JobKey
-    queue: str
     payload: dict[str, Any]
 
     @property
     def kind(self) -> JobKind:
         return self.key.kind
+
+    @property
+    def queue(self) -> Queue:
+        return queue_of(self.key)
 
 
 # --- start ---------------------------------------------------------------------------------------
@@ -168,9 +174,7 @@ def advance(session: Session, round_id: int) -> list[int]:
     Takes a row lock on the round (PostgreSQL) so concurrent callers plan one after the other;
     the unique job keys make a second planner's inserts no-ops either way.
     """
-    round_ = session.scalar(select(Round).where(Round.id == round_id).with_for_update())
-    if round_ is None:
-        raise NotFound(f"round {round_id} does not exist")
+    round_ = get_by_id(session, Round, round_id, "round", lock=True)
     if round_.state in TERMINAL_ROUND_STATES:
         return []
     requeued = expire_leases(session, round_id)
@@ -182,13 +186,7 @@ def advance(session: Session, round_id: int) -> list[int]:
         round_.error = "; ".join(f"job {job.id} ({job.key}) failed: {job.error or 'no reason recorded'}" for job in failed)
         return _next_in_pipeline(session, round_)
 
-    config = load_config(round_)
-    if isinstance(config, WeakSFTRoundConfig):
-        plan = plan_weak_sft(round_, jobs)
-    elif isinstance(config, PreferenceRoundConfig):
-        plan = plan_preference(round_, config, jobs)
-    else:
-        plan = plan_sft(session, round_, config, jobs)
+    plan = plan_round(session, round_, load_config(round_), jobs)
     max_attempts = load_delivery().max_attempts
     new_ids = requeued + insert_ignore(
         session,
@@ -269,7 +267,7 @@ def _tail(jobs: dict[JobKey, Job], variants: list[str], resolved: AnyResolved) -
     plan = []
     candidates = _candidates(jobs)
     for variant, checkpoint_id in candidates.items():
-        plan.append(JobSpec(JobKey.evaluate(variant), "strong",
+        plan.append(JobSpec(JobKey.evaluate(variant),
                             {"checkpoint_id": checkpoint_id, "dataset_id": resolved.eval_id, "limit": None}))
     trained = all(_done(jobs, str(JobKey.train(variant))) for variant in variants)
     evaluated = all(_done(jobs, str(JobKey.evaluate(variant))) for variant in candidates) \
@@ -279,7 +277,7 @@ def _tail(jobs: dict[JobKey, Job], variants: list[str], resolved: AnyResolved) -
     evaluated = evaluated and all(JobKey.evaluate(variant, pass_at_k=True) in jobs for variant in candidates
                                   if JobKey.evaluate("student", pass_at_k=True) in jobs)
     if trained and evaluated:
-        plan.append(JobSpec(JobKey.single(JobKind.PROMOTE), "control", {"candidates": candidates}))
+        plan.append(JobSpec(JobKey.single(JobKind.PROMOTE), {"candidates": candidates}))
     return plan
 
 
@@ -290,8 +288,8 @@ def _chunks(question_ids: list[int], size: int) -> list[list[int]]:
 def plan_sft(session: Session, round_: Round, config: SFTRoundConfig, jobs: dict[JobKey, Job]) -> list[JobSpec]:
     resolved = resolved_of(round_, ResolvedSFT)
     chunks = _chunks(resolved.question_ids, config.generation.chunk_size)
-    plan = [JobSpec(JobKey.evaluate("baseline"), "strong", _evaluate(resolved.baseline_id, resolved.eval_id, config))]
-    plan += [JobSpec(JobKey.generate("weak", i), "weak", {"voter": "weak", "question_ids": chunk})
+    plan = [JobSpec(JobKey.evaluate("baseline"), _evaluate(resolved.baseline_id, resolved.eval_id, config))]
+    plan += [JobSpec(JobKey.generate("weak", i), {"voter": "weak", "question_ids": chunk})
              for i, chunk in enumerate(chunks)]
 
     # The strong voter's few-shot demonstrations come from the weak voter's own outputs: one fixed
@@ -300,50 +298,69 @@ def plan_sft(session: Session, round_: Round, config: SFTRoundConfig, jobs: dict
         if resolved.demonstration_ids is None:
             resolved = resolved.model_copy(update={"demonstration_ids": choose_demonstrations(session, round_, config)})
             round_.resolved = resolved.stored()
-        plan += [JobSpec(JobKey.generate("strong", i), "strong", {"voter": "strong", "question_ids": chunk})
+        plan += [JobSpec(JobKey.generate("strong", i), {"voter": "strong", "question_ids": chunk})
                  for i, chunk in enumerate(chunks)]
 
     if _done(jobs, "generate:weak") and _done(jobs, "generate:strong"):
-        plan.append(JobSpec(JobKey.single(JobKind.VOTE), "control", {}))
+        plan.append(JobSpec(JobKey.single(JobKind.VOTE), {}))
     if _done(jobs, "vote"):
-        plan += [JobSpec(JobKey.train(variant), "train", {"variant": variant}) for variant in config.variants]
+        plan += [JobSpec(JobKey.train(variant), {"variant": variant}) for variant in config.variants]
         plan += _tail(jobs, list(config.variants), resolved)
     # A candidate's eval uses the round's eval limit too (same questions as the baseline).
     return [_with_limit(spec, config) for spec in plan]
 
 
-def plan_preference(round_: Round, config: PreferenceRoundConfig, jobs: dict[JobKey, Job]) -> list[JobSpec]:
+def plan_preference(session: Session, round_: Round, config: PreferenceRoundConfig,
+                    jobs: dict[JobKey, Job]) -> list[JobSpec]:
     resolved = resolved_of(round_, ResolvedPreference)
     # pass@k (k = the samples per question) of the starting student and of the candidate, for the report.
     pass_at = {"pass_at": config.sampling.samples, "temperature": config.sampling.temperature, "top_p": config.sampling.top_p}
-    plan = [JobSpec(JobKey.evaluate("baseline"), "strong", _evaluate(resolved.baseline_id, resolved.eval_id, config)),
-            JobSpec(JobKey.evaluate("student", pass_at_k=True), "strong",
+    plan = [JobSpec(JobKey.evaluate("baseline"), _evaluate(resolved.baseline_id, resolved.eval_id, config)),
+            JobSpec(JobKey.evaluate("student", pass_at_k=True),
                     {**_evaluate(resolved.student_id, resolved.eval_id, config), **pass_at})]
     for variant, checkpoint_id in _candidates(jobs).items():
-        plan.append(JobSpec(JobKey.evaluate(variant, pass_at_k=True), "strong",
+        plan.append(JobSpec(JobKey.evaluate(variant, pass_at_k=True),
                             {**_evaluate(checkpoint_id, resolved.eval_id, config), **pass_at}))
-    plan += [JobSpec(JobKey.generate("student", i), "strong", {"voter": "student", "question_ids": chunk})
+    plan += [JobSpec(JobKey.generate("student", i), {"voter": "student", "question_ids": chunk})
              for i, chunk in enumerate(_chunks(resolved.question_ids, config.generation.chunk_size))]
     if _done(jobs, "generate:student"):
-        plan.append(JobSpec(JobKey.single(JobKind.PAIRS), "control", {}))
+        plan.append(JobSpec(JobKey.single(JobKind.PAIRS), {}))
     if _done(jobs, "pairs"):
-        plan.append(JobSpec(JobKey.train(config.training.loss), "train", {"variant": config.training.loss}))
+        plan.append(JobSpec(JobKey.train(config.training.loss), {"variant": config.training.loss}))
         plan += _tail(jobs, [config.training.loss], resolved)
     return [_with_limit(spec, config) for spec in plan]
 
 
-def plan_weak_sft(round_: Round, jobs: dict[JobKey, Job]) -> list[JobSpec]:
-    config = load_config(round_)
+def plan_weak_sft(session: Session, round_: Round, config: WeakSFTRoundConfig,
+                  jobs: dict[JobKey, Job]) -> list[JobSpec]:
     resolved = resolved_of(round_, ResolvedWeakSFT)
-    plan = [JobSpec(JobKey.evaluate("baseline"), "strong", _evaluate(resolved.baseline_id, resolved.eval_id, config)),
-            JobSpec(JobKey.train("gold"), "train", {"variant": "gold"})]
+    plan = [JobSpec(JobKey.evaluate("baseline"), _evaluate(resolved.baseline_id, resolved.eval_id, config)),
+            JobSpec(JobKey.train("gold"), {"variant": "gold"})]
     plan += _tail(jobs, ["gold"], resolved)
     return [_with_limit(spec, config) for spec in plan]
 
 
+# How each stage is planned: which of its steps are ready, given the jobs so far.
+PLANNERS: dict[Stage, Callable[[Session, Round, Any, dict[JobKey, Job]], list[JobSpec]]] = {
+    Stage.SFT: plan_sft,
+    Stage.WEAK_SFT: plan_weak_sft,
+    Stage.PREFERENCE: plan_preference,
+}
+
+
+def plan_round(session: Session, round_: Round, config: AnyRoundConfig, jobs: dict[JobKey, Job]) -> list[JobSpec]:
+    """Every job of the round that is ready, given the jobs so far (planned before or not), in the
+    step graph's order, so rows and job ids follow the round's display order. A job whose step the
+    graph does not have for this stage is an error (StepGraphError), not a silent extra."""
+    specs: dict[JobKey, JobSpec] = {}
+    for spec in PLANNERS[Stage(config.stage)](session, round_, config, jobs):
+        specs.setdefault(spec.key, spec)
+    return [specs[key] for key in order_plan(config.stage, variants_of(config.stage, round_.config), list(specs))]
+
+
 def _with_limit(spec: JobSpec, config: AnyRoundConfig) -> JobSpec:
     if spec.kind == JobKind.EVALUATE:
-        return JobSpec(spec.key, spec.queue, {**spec.payload, "limit": config.eval.limit})
+        return JobSpec(spec.key, {**spec.payload, "limit": config.eval.limit})
     return spec
 
 
@@ -367,10 +384,7 @@ def choose_demonstrations(session: Session, round_: Round, config: SFTRoundConfi
 
 
 def get_round(session: Session, round_id: int) -> Round:
-    round_ = session.get(Round, round_id)
-    if round_ is None:
-        raise NotFound(f"round {round_id} does not exist")
-    return round_
+    return get_by_id(session, Round, round_id, "round")
 
 
 def resume_round(session: Session, round_id: int) -> list[int]:
@@ -398,9 +412,7 @@ def cancel_round(session: Session, round_id: int, reason: str = "cancelled by th
     anything (every write of a running attempt is fenced on the job being running), and `advance`
     plans nothing more. Stopping the running attempts' processes is the caller's part.
     """
-    round_ = session.scalar(select(Round).where(Round.id == round_id).with_for_update())
-    if round_ is None:
-        raise NotFound(f"round {round_id} does not exist")
+    round_ = get_by_id(session, Round, round_id, "round", lock=True)
     if round_.state in TERMINAL_ROUND_STATES:
         raise StateError(f"round {round_id} is already {round_.state}")
     open_jobs = session.execute(select(Job.id, Job.state).where(

@@ -208,19 +208,3 @@ def decide_pairs(
         return decision([], "too_easy")
     return decision([Pair(text, weak_response, "weak_rejected") for text in chosen])
 
-
-def preference_pairs(
-    weak_answer: str,
-    weak_response: str,
-    samples: list[tuple[str, str]],
-    *,
-    task: str = "gsm8k",
-    floor: float = 0.6,
-    tau: float = 0.8,
-    per_question: int = 1,
-    rng: random.Random,
-) -> list[Pair]:
-    """The preference pairs of one question under the stage II rules (see `decide_pairs`)."""
-    return decide_pairs(
-        weak_answer, weak_response, samples, task=task, floor=floor, tau=tau, per_question=per_question, rng=rng
-    ).pairs

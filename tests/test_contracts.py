@@ -136,3 +136,85 @@ def test_accessor_checks_the_stage_and_names_the_round():
     Row.stage = "stage-iv"
     with pytest.raises(InputError, match="round 12: unknown stage 'stage-iv'"):
         resolved_of(Row())
+
+
+# --- the step graph ------------------------------------------------------------------------------
+
+def _round(stage: str, **fields):
+    from db.schema import Round
+    from services.config import parse_round_config
+
+    config = parse_round_config({"stage": stage, "eval": {"dataset": "test"}, **fields}, "test")
+    return Round(id=1, stage=stage, iteration=1, state="running", config=config.model_dump(mode="json"),
+                 resolved=STORED[stage]), config
+
+
+def _run_planning(stage: str, **fields) -> list[str]:
+    """Plan a round to the end, every job finishing as soon as it is planned (each train job with a
+    candidate); the steps in the order they were first planned."""
+    from db.schema import Job
+    from services.rounds import plan_round
+
+    round_, config = _round(stage, **fields)
+    jobs, seen = {}, []
+    for _ in range(20):
+        new = [spec for spec in plan_round(None, round_, config, jobs) if spec.key not in jobs]
+        if not new:
+            return seen
+        for spec in new:
+            result = {"checkpoint_id": 100 + len(jobs)} if spec.kind == JobKind.TRAIN else {"accuracy": 0.5}
+            jobs[spec.key] = Job(key=str(spec.key), kind=spec.kind, queue=spec.queue, state="done", result=result,
+                                 payload=spec.payload)
+            if str(spec.key.display_step) not in seen:
+                seen.append(str(spec.key.display_step))
+    raise AssertionError(f"planning did not settle: {seen}")
+
+
+@pytest.mark.parametrize("stage, fields", [
+    ("sft", {"weak": "w", "strong": "s", "pool": "p", "variants": ["hybrid", "icl"], "demonstrations": 0}),
+    ("weak-sft", {"weak": "w", "train": "t"}),
+    ("preference", {"student": "s", "weak": "w", "pool": "p", "training": {"loss": "orpo"}}),
+])
+def test_each_stage_plans_its_steps_in_the_graphs_order(stage, fields):
+    from services.contracts.graph import stage_steps, variants_of
+    from services.monitor import expected_steps
+
+    round_, _ = _round(stage, **fields)
+    graph = [str(step) for step in stage_steps(stage, variants_of(stage, round_.config))]
+    assert _run_planning(stage, **fields) == graph
+    assert expected_steps(stage, round_.config) == graph  # the progress view shows the same steps
+
+
+def test_a_planned_job_the_graph_does_not_have_is_an_error(monkeypatch):
+    from services.contracts import graph
+
+    without_vote = tuple(step for step in graph.STAGE_STEPS[graph.Stage.SFT] if step != "vote")
+    monkeypatch.setitem(graph.STAGE_STEPS, graph.Stage.SFT, without_vote)
+    with pytest.raises(graph.StepGraphError, match="step graph of a sft round has no step for job vote"):
+        _run_planning("sft", weak="w", strong="s", pool="p", demonstrations=0)
+
+
+def test_queues_and_delivery_defaults_come_from_the_graph():
+    from services.contracts.graph import KINDS, JOB_STEP_ORDER, job_summary, queue_of
+    from services.report import STEP_ORDER
+    from workers.delivery import JOB_KINDS, load_delivery
+
+    assert set(KINDS) == set(JobKind)  # every kind has its row
+    delivery = load_delivery({})
+    assert JOB_KINDS == tuple(KINDS) and delivery.lease("train") == 600.0 and delivery.time_limit("vote") == 3600.0
+    assert [queue_of(JobKey.parse(k)) for k in ("generate:weak:0000", "generate:student:0001", "train:icl",
+                                                "evaluate:baseline", "vote", "promote")] == \
+        ["weak", "strong", "train", "strong", "control", "control"]
+    with pytest.raises(JobKeyError, match="unknown voter 'judge'"):
+        queue_of(JobKey.generate("judge", 0))
+    assert STEP_ORDER == JOB_STEP_ORDER == ("generate:weak", "generate:strong", "generate:student", "vote", "pairs",
+                                            "train", "evaluate", "promote")
+    assert job_summary("evaluate", {"accuracy": 0.41, "reused": False}) == "accuracy=41.0%"
+    assert job_summary("vote", {"kept": 3, "examples": {"icl": 3}, "pool": 9}) == "kept=3 examples={'icl': 3}"
+    assert job_summary("train", {"checkpoint_id": None, "skipped": "no pairs"}) == "skipped=no pairs"
+
+
+def test_every_kind_in_the_graph_has_a_handler():
+    from workers.steps import HANDLERS
+
+    assert set(HANDLERS) == set(JobKind)

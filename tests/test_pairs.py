@@ -6,7 +6,13 @@ import random
 
 import pytest
 
-from services.selection import Pair, PairDecision, decide_pairs, preference_pairs
+from services.selection import Pair, PairDecision, decide_pairs
+
+
+def preference_pairs(*args, **kwargs) -> list[Pair]:
+    """The pairs alone, for the tests that look at nothing else."""
+    return decide_pairs(*args, **kwargs).pairs
+
 
 WEAK = "weak says #### 72"
 

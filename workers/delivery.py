@@ -26,17 +26,13 @@ from collections.abc import Mapping
 from pydantic import BaseModel, Field, ValidationError
 
 from services.config import ConfigError
+from services.contracts.graph import KINDS
 
-JOB_KINDS = ("generate", "vote", "pairs", "train", "evaluate", "promote")
-
-# Per kind: how long a job may run before Celery's soft limit stops it (the job is then retried
-# or failed), and how long its lease lasts without a heartbeat.
-DEFAULT_TIME_LIMIT_S = {"generate": 6 * 3600, "vote": 3600, "pairs": 3600, "train": 24 * 3600,
-                        "evaluate": 6 * 3600, "promote": 3600}
-# Heartbeats come from a thread, not from the job's own progress, so a lease only has to outlive a
-# few missed heartbeats (a database fail-over, a long GC pause), whatever the job's length.
-DEFAULT_LEASE_S = {"generate": 300.0, "vote": 300.0, "pairs": 300.0, "train": 600.0, "evaluate": 300.0,
-                   "promote": 300.0}
+# Per kind, from the step graph: how long a job may run before Celery's soft limit stops it (the
+# job is then retried or failed), and how long its lease lasts without a heartbeat.
+JOB_KINDS = tuple(str(kind) for kind in KINDS)
+DEFAULT_TIME_LIMIT_S = {str(kind): spec.time_limit_s for kind, spec in KINDS.items()}
+DEFAULT_LEASE_S = {str(kind): spec.lease_s for kind, spec in KINDS.items()}
 
 
 class DeliverySettings(BaseModel):

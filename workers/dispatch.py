@@ -92,7 +92,3 @@ def drain(on_job_done: Callable[[int], None] | None = None) -> int:
         if on_job_done:
             on_job_done(job_id)
     return ran
-
-
-def pending_local() -> int:
-    return len(_local_queue)

@@ -29,9 +29,9 @@ from services.evaluation import Sample, eval_label, run_evaluation, solve, step_
 from services.promotion import gate
 from services.report import round_report
 from services.rounds import load_config
-from services.selection import (Vote, decide_pairs, dropped_by_step_score, min_step_score, stage1_vote,
-                                variant_sources)
+from services.selection import decide_pairs, variant_sources
 from services.store import checkpoint_path
+from services.voting import round_vote
 from workers.runner import JobContext
 
 GREEDY = "greedy"
@@ -134,22 +134,10 @@ def run_vote(ctx: JobContext) -> None:
         round_ = session.get(Round, ctx.round_id)
         config: SFTRoundConfig = load_config(round_)
         resolved = resolved_of(round_, ResolvedSFT)
-        task = resolved.task
-        rows = session.execute(
-            select(Generation.id, Generation.voter, Generation.question_id, Generation.text, Generation.answer,
-                   Generation.step_scores)
-            .where(Generation.round_id == ctx.round_id, Generation.sample_index == 0)
-        ).all()
+        vote = round_vote(session, ctx.round_id, resolved.question_ids, resolved.task, config.vote.min_step_score)
+        first, second, kept = vote.first, vote.second, vote.kept
         texts = dict(session.execute(select(Question.id, Question.text).where(
             Question.id.in_(resolved.question_ids))).all())
-
-        first = {r.question_id: r for r in rows if r.voter == "weak"}
-        second = {r.question_id: r for r in rows if r.voter == "strong"}
-        votes = [Vote(qid, first[qid].answer, second[qid].answer, min_step_score(first[qid].step_scores),
-                      min_step_score(second[qid].step_scores))
-                 for qid in resolved.question_ids if qid in first and qid in second]
-        kept = stage1_vote(votes, task, config.vote.min_step_score)
-        dropped = dropped_by_step_score(votes, task, config.vote.min_step_score)
 
         examples, counts = [], {}
         for variant in config.variants:
@@ -162,8 +150,8 @@ def run_vote(ctx: JobContext) -> None:
                                      "response": generation.text})
             counts[variant] = len(kept) * len(sources)
         insert_ignore(session, TrainingExample, examples)
-        ctx.finish(session, {"pool": len(resolved.question_ids), "voted": len(votes), "kept": len(kept),
-                             "dropped_by_step_score": len(dropped), "examples": counts})
+        ctx.finish(session, {"pool": len(resolved.question_ids), "voted": len(vote.votes), "kept": len(kept),
+                             "dropped_by_step_score": len(vote.dropped_by_step_score), "examples": counts})
 
 
 # --- pairs (stage II) ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from services.contracts.graph import KINDS
 from workers.app import app
 from workers.delivery import load_delivery
 from workers.dispatch import enqueue
@@ -25,7 +26,7 @@ HARD_LIMIT_GRACE_S = 300
 # message unacknowledged until they end, so the broker also redelivers them. A worker takes no
 # further message while its processes are busy (worker_disable_prefetch, workers.app), so a train
 # worker killed mid-run strands no other job's message in its reservation.
-ACK_ON_START = {"train"}
+ACK_ON_START = {str(kind) for kind, spec in KINDS.items() if spec.ack_on_start}  # from the step graph
 
 
 # A message whose job could not even be read (the database is down) is sent back with back-off,
