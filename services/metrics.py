@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from db.schema import Job, Round
 from db.session import session_scope
 from services.config import QUEUES, Settings
+from services.contracts import EvaluatePayload, EvaluateResult, payload_of, result_of
 from services.monitor import (jobs_by_state_and_queue, overall_progress, oldest_waiting, round_progress)
 
 log = logging.getLogger("w2s.metrics")
@@ -98,9 +99,9 @@ class ServiceCollector:
                     family.add_metric([label, entry.step], entry.tokens_per_s)
             for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == "evaluate",
                                                          Job.state == "done")):
-                if not (job.payload or {}).get("pass_at") and (job.result or {}).get("accuracy") is not None:
-                    accuracy.add_metric([label, _checkpoint_name(session, job.payload["checkpoint_id"])],
-                                        job.result["accuracy"])
+                payload, result = payload_of(job, EvaluatePayload), result_of(job, EvaluateResult)
+                if not payload.pass_at and result is not None:
+                    accuracy.add_metric([label, _checkpoint_name(session, payload.checkpoint_id)], result.accuracy)
         yield from (progress, steps, generation, training, accuracy)
 
     def _broker_metrics(self, GaugeMetricFamily) -> Iterator[Any]:

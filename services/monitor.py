@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Evaluation, Generation, Job, Question, Round, utcnow
 from services.config import QUEUES
-from services.contracts import (JobKey, JobKind, JobState, ResolvedPreference, ResolvedSFT, RoundState, StepName,
-                                resolved_of)
+from services.contracts import (EvaluatePayload, EvaluateResult, JobKey, JobKind, JobState, ResolvedPreference,
+                                ResolvedSFT, RoundState, StepName, TrainResult, payload_of, resolved_of, result_of)
 from services.contracts.graph import stage_steps, variants_of
 from services.errors import InputError, W2SError
 from services.lookup import get_by_id
@@ -298,19 +298,26 @@ def job_throughput(session: Session, job_id: int) -> dict[str, Any]:
     job = get_job(session, job_id)
     out: dict[str, Any] = {"queue": job.queue, "kind": job.kind}
     seconds = _seconds(job.started_at, job.finished_at)
-    result = job.result or {}
     if job.kind == JobKind.GENERATE and job.state == JobState.DONE:
         tokens = session.scalar(select(func.coalesce(func.sum(Generation.output_tokens), 0)).where(
             Generation.job_id == job.id, Generation.created_at >= job.started_at)) or 0
         out["generated_tokens"] = int(tokens)
         out["generation_tokens_per_s"] = tokens / seconds if seconds else None
-    elif job.kind == JobKind.EVALUATE and job.state == JobState.DONE and result.get("evaluation_id") and not result.get("reused"):
-        evaluation = session.get(Evaluation, result["evaluation_id"])
+    elif job.kind == JobKind.EVALUATE and job.state == JobState.DONE and (evaluation := _fresh_evaluation(session, job)):
         out["generated_tokens"] = evaluation.output_tokens
         out["generation_tokens_per_s"] = evaluation.output_tokens / evaluation.wall_s if evaluation.wall_s else None
     elif job.kind == JobKind.TRAIN and job.state == JobState.DONE:
-        out["training_tokens_per_s"] = (result.get("train") or {}).get("tokens_per_s")
+        trained = result_of(job, TrainResult)
+        out["training_tokens_per_s"] = ((trained.train if trained else None) or {}).get("tokens_per_s")
     return out
+
+
+def _fresh_evaluation(session: Session, job: Job) -> Evaluation | None:
+    """The evaluation a done evaluate job ran itself (None when it reused an earlier one)."""
+    result = result_of(job, EvaluateResult)
+    if result is None or result.reused:
+        return None
+    return session.get(Evaluation, result.evaluation_id)
 
 
 # --- round progress ------------------------------------------------------------------------------
@@ -387,7 +394,8 @@ def round_progress(session: Session, round_: Round, now: datetime | None = None)
         select(Generation.voter, func.count(), func.coalesce(func.sum(Generation.output_tokens), 0))
         .where(Generation.round_id == round_.id).group_by(Generation.voter))}
     skipped_variants = {key.subject for key, job in ((JobKey.parse(job.key), job) for group in jobs.values() for job in group)
-                        if key.kind == JobKind.TRAIN and job.state == JobState.DONE and (job.result or {}).get("skipped")}
+                        if key.kind == JobKind.TRAIN and job.state == JobState.DONE
+                        and (result_of(job, TrainResult) or TrainResult()).skipped}
     out = []
     for step in steps:
         step_jobs = jobs.get(step, [])
@@ -464,12 +472,12 @@ def _first_line(text: str | None, limit: int = 160) -> str:
 
 def _train_progress(progress: StepProgress, job: Job, now: datetime) -> None:
     progress.unit = "steps"
-    result = job.result or {}
-    if job.state == "done":
-        if result.get("skipped"):
+    result = result_of(job, TrainResult) or TrainResult()
+    if job.state == JobState.DONE:
+        if result.skipped:
             progress.state, progress.completed, progress.total = "skipped", 0, 0
             return
-        train = result.get("train") or {}
+        train = result.train or {}
         progress.completed = progress.total = train.get("steps") or 0
         progress.tokens_per_s = train.get("tokens_per_s")
         return
@@ -480,14 +488,13 @@ def _train_progress(progress: StepProgress, job: Job, now: datetime) -> None:
 
 
 def _evaluate_progress(session: Session, progress: StepProgress, job: Job) -> None:
-    payload = job.payload or {}
-    size = session.scalar(select(func.count()).select_from(Question).where(Question.dataset_id == payload.get("dataset_id"))) or 0
-    total = min(size, payload["limit"]) if payload.get("limit") else size
+    payload = payload_of(job, EvaluatePayload)
+    size = session.scalar(select(func.count()).select_from(Question).where(Question.dataset_id == payload.dataset_id)) or 0
+    total = min(size, payload.limit) if payload.limit else size
     progress.unit, progress.total = "questions", total
-    progress.completed = total if job.state == "done" else round(job.progress * total)
-    result = job.result or {}
-    if job.state == "done" and result.get("evaluation_id") and not result.get("reused"):
-        evaluation = session.get(Evaluation, result["evaluation_id"])
+    progress.completed = total if job.state == JobState.DONE else round(job.progress * total)
+    if job.state == JobState.DONE:
+        evaluation = _fresh_evaluation(session, job)
         if evaluation is not None and evaluation.wall_s:
             progress.tokens_per_s = evaluation.output_tokens / evaluation.wall_s
 
@@ -504,9 +511,14 @@ def known_metrics(session: Session, round_: Round) -> dict[str, Any]:
     from services.report import round_report
 
     report = round_.report or round_report(session, round_)
-    evaluations = {JobKey.parse(job.key).display_step.detail: (job.result or {}).get("accuracy") for job in session.scalars(
+    evaluations = {JobKey.parse(job.key).display_step.detail: _accuracy(job) for job in session.scalars(
         select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.EVALUATE, Job.state == JobState.DONE))}
     return {"report": report, "eval_accuracy": evaluations}
+
+
+def _accuracy(job: Job) -> float | None:
+    result = result_of(job, EvaluateResult)
+    return None if result is None else result.accuracy
 
 
 # --- reports, lineage, plot ----------------------------------------------------------------------
@@ -539,8 +551,9 @@ def round_summary(session: Session, round_: Round) -> dict[str, Any]:
     report = round_.report or round_report(session, round_)
     evaluation_ids = {}
     for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.EVALUATE, Job.state == JobState.DONE)):
-        if not (job.payload or {}).get("pass_at") and (job.result or {}).get("evaluation_id"):
-            evaluation_ids[job.payload["checkpoint_id"]] = job.result["evaluation_id"]
+        payload, result = payload_of(job, EvaluatePayload), result_of(job, EvaluateResult)
+        if not payload.pass_at and result is not None:
+            evaluation_ids[payload.checkpoint_id] = result.evaluation_id
     resolved = resolved_of(round_)
     eval_id = resolved.eval_id
     baseline = session.get(Checkpoint, resolved.baseline_id)

@@ -13,7 +13,9 @@ from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Job, PreferencePair, Question, Round, TrainingExample
 from models.answers import answers_match, extract_answer
-from services.contracts import JobKey, JobKind, JobState, ResolvedPreference, ResolvedSFT, resolved_of
+from services.contracts import (EvaluatePayload, EvaluateResult, JobKey, JobKind, JobState, PairsResult, PromoteResult,
+                                ResolvedPreference, ResolvedSFT, TrainPayload, TrainResult, payload_of, resolved_of,
+                                result_of)
 from services.contracts.graph import JOB_STEP_ORDER
 from services.selection import accuracy
 from services.voting import round_vote
@@ -30,7 +32,7 @@ def job_counts(session: Session, round_id: int) -> dict[str, dict[str, int]]:
     return {step: dict(counts[step]) for step in ordered}
 
 
-def round_report(session: Session, round_: Round, promotion: dict[str, Any] | None = None) -> dict[str, Any]:
+def round_report(session: Session, round_: Round, promotion: PromoteResult | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"round": round_.id, "stage": round_.stage, "iteration": round_.iteration}
     task = resolved_of(round_).task
     if round_.stage == "sft":
@@ -40,12 +42,12 @@ def round_report(session: Session, round_: Round, promotion: dict[str, Any] | No
     report["variants"] = _variants(session, round_)
     if promotion is None:
         promote = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == str(JobKey.single(JobKind.PROMOTE))))
-        promotion = promote.result if promote is not None and promote.state == JobState.DONE else None
+        promotion = result_of(promote, PromoteResult) if promote is not None and promote.state == JobState.DONE else None
     if promotion:
-        report["student_before"] = {"name": promotion["baseline"], "accuracy": promotion["baseline_accuracy"]}
-        report["outcome"] = promotion["outcome"]
-        report["promoted"] = promotion["promoted"]
-        report["reason"] = promotion["reason"]
+        report["student_before"] = {"name": promotion.baseline, "accuracy": promotion.baseline_accuracy}
+        report["outcome"] = promotion.outcome
+        report["promoted"] = promotion.promoted
+        report["reason"] = promotion.reason
     return report
 
 
@@ -78,18 +80,19 @@ def _pair_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
     gold = dict(session.execute(select(Question.id, Question.gold_answer).where(Question.id.in_(question_ids))).all())
     pairs = session.scalars(select(PreferencePair).where(PreferencePair.round_id == round_.id)).all()
     pairs_job = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == str(JobKey.single(JobKind.PAIRS))))
-    result = (pairs_job.result or {}) if pairs_job is not None else {}
+    result = result_of(pairs_job, PairsResult) if pairs_job is not None else None
     figures: dict[str, Any] = {
         "sampled_questions": len(question_ids),
-        "skipped": result.get("skipped", {}),
+        "skipped": result.skipped if result is not None else {},
         "pairs": len(pairs),
         "pairs_by_case": dict(Counter(p.case for p in pairs)),
         "has_gold": any(gold.values()),
     }
     for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.EVALUATE).order_by(Job.id)):
         key = JobKey.parse(job.key)
-        if key.pass_at_k and job.state == JobState.DONE and job.result:
-            figures.setdefault("pass_at_k", {"k": job.payload["pass_at"]})[key.subject] = job.result["accuracy"]
+        evaluated = result_of(job, EvaluateResult)
+        if key.pass_at_k and job.state == JobState.DONE and evaluated is not None:
+            figures.setdefault("pass_at_k", {"k": payload_of(job, EvaluatePayload).pass_at})[key.subject] = evaluated.accuracy
     if figures["has_gold"] and pairs:
         def correct(text: str, qid: int) -> bool:
             return bool(gold.get(qid)) and answers_match(extract_answer(text, task), gold[qid], task)
@@ -116,18 +119,19 @@ def _variants(session: Session, round_: Round) -> dict[str, Any]:
         examples = Counter({round_.config["training"]["loss"]: len(session.scalars(
             select(PreferencePair.id).where(PreferencePair.round_id == round_.id)).all())})
     for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.TRAIN).order_by(Job.id)):
-        variant = job.payload["variant"]
+        variant = payload_of(job, TrainPayload).variant
         entry: dict[str, Any] = {"examples": examples.get(variant, 0), "state": job.state}
-        result = job.result or {}
-        if result.get("checkpoint_id"):
-            checkpoint = session.get(Checkpoint, result["checkpoint_id"])
+        result = result_of(job, TrainResult) or TrainResult()
+        if result.checkpoint_id:
+            checkpoint = session.get(Checkpoint, result.checkpoint_id)
             entry.update(checkpoint=checkpoint.name, status=checkpoint.status,
                          accuracy=(checkpoint.metrics or {}).get("eval_accuracy"),
-                         train_loss=(result.get("train") or {}).get("final_loss"))
+                         train_loss=(result.train or {}).get("final_loss"))
             evaluation = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == str(JobKey.evaluate(variant))))
-            if evaluation is not None and evaluation.result:
-                entry["accuracy"] = evaluation.result.get("accuracy")
-        elif result.get("skipped"):
-            entry["skipped"] = result["skipped"]
+            evaluated = result_of(evaluation, EvaluateResult) if evaluation is not None else None
+            if evaluated is not None:
+                entry["accuracy"] = evaluated.accuracy
+        elif result.skipped:
+            entry["skipped"] = result.skipped
         out[variant] = entry
     return out

@@ -35,7 +35,10 @@ from sqlalchemy.orm import Session
 from db.schema import Generation, Job, Question, Round, utcnow
 from db.session import insert_ignore
 from services.contracts import (TERMINAL_ROUND_STATES, AnyResolved, CheckpointStatus, JobKey, JobKind, JobState, Queue,
-                                ResolvedPreference, ResolvedSFT, ResolvedWeakSFT, RoundState, Stage, resolved_of)
+                                PromoteResult, ResolvedPreference, ResolvedSFT, ResolvedWeakSFT, RoundState, Stage,
+                                TrainResult, resolved_of, result_of)
+from services.contracts.jobs import (PAYLOADS, EvaluatePayload, GeneratePayload, PairsPayload, Payload, PromotePayload,
+                                     TrainPayload, VotePayload)
 from services.contracts.graph import order_plan, queue_of, variants_of
 from services.config import AnyRoundConfig, PreferenceRoundConfig, SFTRoundConfig, WeakSFTRoundConfig, parse_round_config
 from services.errors import InputError, StateError
@@ -46,7 +49,11 @@ from workers.delivery import load_delivery
 @dataclass(frozen=True)
 class JobSpec:
     key: JobKey
-    payload: dict[str, Any]
+    payload: Payload
+
+    def __post_init__(self) -> None:
+        if type(self.payload) is not PAYLOADS[self.key.kind]:
+            raise TypeError(f"job {self.key}: a {type(self.payload).__name__} is not a {self.key.kind} job's payload")
 
     @property
     def kind(self) -> JobKind:
@@ -192,13 +199,14 @@ def advance(session: Session, round_id: int) -> list[int]:
         session,
         Job,
         [{"round_id": round_id, "key": str(spec.key), "step": spec.key.step, "kind": spec.kind, "queue": spec.queue,
-          "state": JobState.QUEUED, "payload": spec.payload, "max_attempts": max_attempts}
+          "state": JobState.QUEUED, "payload": spec.payload.stored(), "max_attempts": max_attempts}
          for spec in plan if spec.key not in jobs],
     )
     promote = jobs.get(JobKey.single(JobKind.PROMOTE))
     if promote is not None and promote.state == JobState.DONE:
         round_.state, round_.finished_at = RoundState.DONE, utcnow()
-        round_.outcome = (promote.result or {}).get("outcome")
+        promoted = result_of(promote, PromoteResult)
+        round_.outcome = promoted.outcome if promoted else None
         new_ids += _next_in_pipeline(session, round_)
     return new_ids
 
@@ -249,16 +257,17 @@ def _done(jobs: dict[JobKey, Job], step: str) -> bool:
     return bool(matching) and all(job.state == JobState.DONE for job in matching)
 
 
-def _evaluate(checkpoint_id: int, eval_id: int, config: AnyRoundConfig) -> dict[str, Any]:
-    return {"checkpoint_id": checkpoint_id, "dataset_id": eval_id, "limit": config.eval.limit}
+def _evaluate(checkpoint_id: int, eval_id: int, config: AnyRoundConfig, **pass_at: Any) -> EvaluatePayload:
+    return EvaluatePayload(checkpoint_id=checkpoint_id, dataset_id=eval_id, limit=config.eval.limit, **pass_at)
 
 
 def _candidates(jobs: dict[JobKey, Job]) -> dict[str, int]:
     """variant → candidate checkpoint id, for train jobs that produced one (a set with no examples trains nothing)."""
     out = {}
     for key, job in jobs.items():
-        if key.kind == JobKind.TRAIN and job.state == JobState.DONE and (job.result or {}).get("checkpoint_id"):
-            out[key.subject] = job.result["checkpoint_id"]
+        trained = result_of(job, TrainResult) if key.kind == JobKind.TRAIN and job.state == JobState.DONE else None
+        if trained is not None and trained.checkpoint_id and key.subject is not None:
+            out[key.subject] = trained.checkpoint_id
     return out
 
 
@@ -268,7 +277,7 @@ def _tail(jobs: dict[JobKey, Job], variants: list[str], resolved: AnyResolved) -
     candidates = _candidates(jobs)
     for variant, checkpoint_id in candidates.items():
         plan.append(JobSpec(JobKey.evaluate(variant),
-                            {"checkpoint_id": checkpoint_id, "dataset_id": resolved.eval_id, "limit": None}))
+                            EvaluatePayload(checkpoint_id=checkpoint_id, dataset_id=resolved.eval_id, limit=None)))
     trained = all(_done(jobs, str(JobKey.train(variant))) for variant in variants)
     evaluated = all(_done(jobs, str(JobKey.evaluate(variant))) for variant in candidates) \
         and _done(jobs, str(JobKey.evaluate("baseline")))
@@ -277,7 +286,7 @@ def _tail(jobs: dict[JobKey, Job], variants: list[str], resolved: AnyResolved) -
     evaluated = evaluated and all(JobKey.evaluate(variant, pass_at_k=True) in jobs for variant in candidates
                                   if JobKey.evaluate("student", pass_at_k=True) in jobs)
     if trained and evaluated:
-        plan.append(JobSpec(JobKey.single(JobKind.PROMOTE), {"candidates": candidates}))
+        plan.append(JobSpec(JobKey.single(JobKind.PROMOTE), PromotePayload(candidates=candidates)))
     return plan
 
 
@@ -289,7 +298,7 @@ def plan_sft(session: Session, round_: Round, config: SFTRoundConfig, jobs: dict
     resolved = resolved_of(round_, ResolvedSFT)
     chunks = _chunks(resolved.question_ids, config.generation.chunk_size)
     plan = [JobSpec(JobKey.evaluate("baseline"), _evaluate(resolved.baseline_id, resolved.eval_id, config))]
-    plan += [JobSpec(JobKey.generate("weak", i), {"voter": "weak", "question_ids": chunk})
+    plan += [JobSpec(JobKey.generate("weak", i), GeneratePayload(voter="weak", question_ids=chunk))
              for i, chunk in enumerate(chunks)]
 
     # The strong voter's few-shot demonstrations come from the weak voter's own outputs: one fixed
@@ -298,13 +307,13 @@ def plan_sft(session: Session, round_: Round, config: SFTRoundConfig, jobs: dict
         if resolved.demonstration_ids is None:
             resolved = resolved.model_copy(update={"demonstration_ids": choose_demonstrations(session, round_, config)})
             round_.resolved = resolved.stored()
-        plan += [JobSpec(JobKey.generate("strong", i), {"voter": "strong", "question_ids": chunk})
+        plan += [JobSpec(JobKey.generate("strong", i), GeneratePayload(voter="strong", question_ids=chunk))
                  for i, chunk in enumerate(chunks)]
 
     if _done(jobs, "generate:weak") and _done(jobs, "generate:strong"):
-        plan.append(JobSpec(JobKey.single(JobKind.VOTE), {}))
+        plan.append(JobSpec(JobKey.single(JobKind.VOTE), VotePayload()))
     if _done(jobs, "vote"):
-        plan += [JobSpec(JobKey.train(variant), {"variant": variant}) for variant in config.variants]
+        plan += [JobSpec(JobKey.train(variant), TrainPayload(variant=variant)) for variant in config.variants]
         plan += _tail(jobs, list(config.variants), resolved)
     # A candidate's eval uses the round's eval limit too (same questions as the baseline).
     return [_with_limit(spec, config) for spec in plan]
@@ -317,16 +326,16 @@ def plan_preference(session: Session, round_: Round, config: PreferenceRoundConf
     pass_at = {"pass_at": config.sampling.samples, "temperature": config.sampling.temperature, "top_p": config.sampling.top_p}
     plan = [JobSpec(JobKey.evaluate("baseline"), _evaluate(resolved.baseline_id, resolved.eval_id, config)),
             JobSpec(JobKey.evaluate("student", pass_at_k=True),
-                    {**_evaluate(resolved.student_id, resolved.eval_id, config), **pass_at})]
+                    _evaluate(resolved.student_id, resolved.eval_id, config, **pass_at))]
     for variant, checkpoint_id in _candidates(jobs).items():
         plan.append(JobSpec(JobKey.evaluate(variant, pass_at_k=True),
-                            {**_evaluate(checkpoint_id, resolved.eval_id, config), **pass_at}))
-    plan += [JobSpec(JobKey.generate("student", i), {"voter": "student", "question_ids": chunk})
+                            _evaluate(checkpoint_id, resolved.eval_id, config, **pass_at)))
+    plan += [JobSpec(JobKey.generate("student", i), GeneratePayload(voter="student", question_ids=chunk))
              for i, chunk in enumerate(_chunks(resolved.question_ids, config.generation.chunk_size))]
     if _done(jobs, "generate:student"):
-        plan.append(JobSpec(JobKey.single(JobKind.PAIRS), {}))
+        plan.append(JobSpec(JobKey.single(JobKind.PAIRS), PairsPayload()))
     if _done(jobs, "pairs"):
-        plan.append(JobSpec(JobKey.train(config.training.loss), {"variant": config.training.loss}))
+        plan.append(JobSpec(JobKey.train(config.training.loss), TrainPayload(variant=config.training.loss)))
         plan += _tail(jobs, [config.training.loss], resolved)
     return [_with_limit(spec, config) for spec in plan]
 
@@ -335,7 +344,7 @@ def plan_weak_sft(session: Session, round_: Round, config: WeakSFTRoundConfig,
                   jobs: dict[JobKey, Job]) -> list[JobSpec]:
     resolved = resolved_of(round_, ResolvedWeakSFT)
     plan = [JobSpec(JobKey.evaluate("baseline"), _evaluate(resolved.baseline_id, resolved.eval_id, config)),
-            JobSpec(JobKey.train("gold"), {"variant": "gold"})]
+            JobSpec(JobKey.train("gold"), TrainPayload(variant="gold"))]
     plan += _tail(jobs, ["gold"], resolved)
     return [_with_limit(spec, config) for spec in plan]
 
@@ -360,7 +369,7 @@ def plan_round(session: Session, round_: Round, config: AnyRoundConfig, jobs: di
 
 def _with_limit(spec: JobSpec, config: AnyRoundConfig) -> JobSpec:
     if spec.kind == JobKind.EVALUATE:
-        return JobSpec(spec.key, {**spec.payload, "limit": config.eval.limit})
+        return JobSpec(spec.key, spec.payload.model_copy(update={"limit": config.eval.limit}))
     return spec
 
 

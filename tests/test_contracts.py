@@ -7,7 +7,8 @@ import json
 import pytest
 
 from services.contracts import (CheckpointStatus, JobKey, JobKeyError, JobKind, JobState, ResolvedPreference,
-                                ResolvedSFT, ResolvedWeakSFT, RoundState, StepName, parse_resolved, resolved_of)
+                                ResolvedSFT, ResolvedWeakSFT, RoundState, StepName, TrainPayload, TrainResult,
+                                parse_resolved, payload_of, resolved_of, result_of)
 from services.errors import InputError
 
 EVERY_FORM = ["generate:weak:0000", "generate:strong:0012", "generate:student:12345", "vote", "pairs", "promote",
@@ -218,3 +219,57 @@ def test_every_kind_in_the_graph_has_a_handler():
     from workers.steps import HANDLERS
 
     assert set(HANDLERS) == set(JobKind)
+
+
+# --- payloads and results ------------------------------------------------------------------------
+
+# JSON objects jobs stored before the models existed, per kind: (payload, result).
+STORED_JOBS = {
+    "generate": ({"voter": "weak", "question_ids": [1, 2]}, {"generated": 2, "questions": 2, "samples_per_question": 1}),
+    "vote": ({}, {"pool": 3, "voted": 3, "kept": 2, "dropped_by_step_score": 0, "examples": {"weak": 2, "icl": 2}}),
+    "pairs": ({}, {"questions": 2, "pairs": 1, "by_case": {"weak_chosen": 1}, "skipped": {"below_floor": 1}}),
+    "train": ({"variant": "icl"}, {"checkpoint_id": 7, "examples": 2, "train": {"final_loss": 1.5, "steps": 2},
+                                   "saved": {"tensors": 10}}),
+    "evaluate": ({"checkpoint_id": 2, "dataset_id": 2, "limit": None, "pass_at": 4, "temperature": 1.0, "top_p": 1.0},
+                 {"evaluation_id": 3, "accuracy": 0.25, "reused": False}),
+    "promote": ({"candidates": {"icl": 7}}, {"outcome": "rejected", "promoted": None, "reason": "no gain",
+                                             "baseline": "strong", "baseline_accuracy": 0.5, "candidates": {"r1-icl": 0.25}}),
+}
+
+
+class _JobRow:
+    def __init__(self, kind, payload, result, id=5):
+        self.id, self.kind, self.payload, self.result = id, kind, payload, result
+
+
+@pytest.mark.parametrize("kind", sorted(STORED_JOBS))
+def test_payloads_and_results_read_and_write_the_stored_shape(kind):
+    payload, result = STORED_JOBS[kind]
+    job = _JobRow(kind, payload, result)
+    assert payload_of(job).stored() == payload
+    assert result_of(job).stored() == result
+
+
+def test_results_of_jobs_that_have_none_yet_and_train_records():
+    assert result_of(_JobRow("train", {"variant": "icl"}, None)) is None
+    skipped = result_of(_JobRow("train", {"variant": "icl"}, {"checkpoint_id": None, "skipped": "no examples"}), TrainResult)
+    assert skipped.checkpoint_id is None and skipped.skipped == "no examples"
+    launch_only = {"launch": {"failure": "rank 0 exited 1"}}  # a failed attempt's record, while it is retried
+    assert result_of(_JobRow("train", {"variant": "icl"}, launch_only)).stored() == launch_only
+
+
+def test_payload_and_result_errors_name_the_job():
+    with pytest.raises(InputError, match="job 5 is a vote job, not a TrainPayload's"):
+        payload_of(_JobRow("vote", {}, None), TrainPayload)
+    with pytest.raises(InputError, match="job 5 payload is not a GeneratePayload: question_ids: "):
+        payload_of(_JobRow("generate", {"voter": "weak", "question_ids": "all"}, None))
+    with pytest.raises(InputError, match="job 5 result is not a EvaluateResult: accuracy: Field required"):
+        result_of(_JobRow("evaluate", STORED_JOBS["evaluate"][0], {"evaluation_id": 3}))
+
+
+def test_a_job_spec_carries_its_kinds_payload():
+    from services.rounds import JobSpec
+
+    assert JobSpec(JobKey.train("icl"), TrainPayload(variant="icl")).queue == "train"
+    with pytest.raises(TypeError, match="job vote: a TrainPayload is not a vote job's payload"):
+        JobSpec(JobKey.single(JobKind.VOTE), TrainPayload(variant="icl"))

@@ -22,8 +22,10 @@ from models.backends import CheckpointError, default_cache
 from models.generation import generate
 from models.prompts import clean_response, few_shot, zero_shot
 from models.leco import score_steps
-from services.contracts import (CheckpointStatus, JobKey, JobKind, JobState, ResolvedPreference, ResolvedSFT,
-                                ResolvedWeakSFT, resolved_of)
+from services.contracts import (CheckpointStatus, EvaluateResult, GeneratePayload, GenerateResult, JobKey, JobKind,
+                                JobState, PairsResult, PromotePayload, PromoteResult, ResolvedPreference, ResolvedSFT,
+                                ResolvedWeakSFT, TrainPayload, TrainResult, VoteResult, resolved_of, result_of)
+from services.contracts.jobs import parse_contract
 from services.config import SFTRoundConfig, StrategyConfig
 from services.evaluation import Sample, eval_label, run_evaluation, solve, step_dicts
 from services.promotion import gate
@@ -56,7 +58,8 @@ def _batches(items: list, size: int) -> list[list]:
 
 def run_generate(ctx: JobContext) -> None:
     """Answer a chunk of questions: greedy for the stage I voters, n samples for the stage II student."""
-    voter = ctx.payload["voter"]
+    payload = parse_contract(GeneratePayload, ctx.payload, f"job {ctx.job_id} payload")
+    voter = payload.voter
     with ctx.session() as session:
         round_ = session.get(Round, ctx.round_id)
         config = load_config(round_)
@@ -64,9 +67,9 @@ def run_generate(ctx: JobContext) -> None:
         checkpoint = session.get(Checkpoint, resolved.voters()[voter])
         existing = Counter(session.scalars(select(Generation.question_id).where(
             Generation.round_id == ctx.round_id, Generation.voter == voter,
-            Generation.question_id.in_(ctx.payload["question_ids"]))))
-        by_id = {q.id: q for q in session.scalars(select(Question).where(Question.id.in_(ctx.payload["question_ids"])))}
-        questions = [by_id[qid] for qid in ctx.payload["question_ids"]]
+            Generation.question_id.in_(payload.question_ids))))
+        by_id = {q.id: q for q in session.scalars(select(Question).where(Question.id.in_(payload.question_ids)))}
+        questions = [by_id[qid] for qid in payload.question_ids]
         demonstrations = []
         if voter == "strong" and isinstance(resolved, ResolvedSFT) and resolved.demonstration_ids:
             demos = session.execute(
@@ -117,7 +120,7 @@ def run_generate(ctx: JobContext) -> None:
             generated += len(insert_ignore(session, Generation, rows))
             ctx.progress(session, done_groups / len(groups))
     with ctx.session() as session:
-        ctx.finish(session, {"generated": generated, "questions": len(questions), "samples_per_question": n})
+        ctx.finish(session, GenerateResult(generated=generated, questions=len(questions), samples_per_question=n).stored())
 
 
 def _scored_sample(completion, task: str) -> Sample:
@@ -150,8 +153,8 @@ def run_vote(ctx: JobContext) -> None:
                                      "response": generation.text})
             counts[variant] = len(kept) * len(sources)
         insert_ignore(session, TrainingExample, examples)
-        ctx.finish(session, {"pool": len(resolved.question_ids), "voted": len(vote.votes), "kept": len(kept),
-                             "dropped_by_step_score": len(vote.dropped_by_step_score), "examples": counts})
+        ctx.finish(session, VoteResult(pool=len(resolved.question_ids), voted=len(vote.votes), kept=len(kept),
+                                       dropped_by_step_score=len(vote.dropped_by_step_score), examples=counts).stored())
 
 
 # --- pairs (stage II) ----------------------------------------------------------------------------
@@ -190,8 +193,8 @@ def run_pairs(ctx: JobContext) -> None:
                              "chosen": pair.chosen, "rejected": pair.rejected,
                              "chosen_generation_id": source[pair.chosen], "rejected_generation_id": source[pair.rejected]})
         insert_ignore(session, PreferencePair, rows)
-        ctx.finish(session, {"questions": len(question_ids), "pairs": len(rows), "by_case": dict(cases),
-                             "skipped": dict(skipped)})
+        ctx.finish(session, PairsResult(questions=len(question_ids), pairs=len(rows), by_case=dict(cases),
+                                        skipped=dict(skipped)).stored())
 
 
 # --- train ---------------------------------------------------------------------------------------
@@ -211,7 +214,7 @@ def run_train(ctx: JobContext) -> None:
     from models.train.checkpoint import CheckpointMismatch, verify_checkpoint
     from workers.launch import ClusterSpec, default_num_ranks, launch_training, prepare_state_dir
 
-    variant = ctx.payload["variant"]
+    variant = parse_contract(TrainPayload, ctx.payload, f"job {ctx.job_id} payload").variant
     with ctx.session() as session:
         round_ = session.get(Round, ctx.round_id)
         config = load_config(round_)
@@ -235,7 +238,7 @@ def run_train(ctx: JobContext) -> None:
         with ctx.session() as session:
             why = "no preference pairs: every question was skipped" if stage == "preference" else \
                 "no training examples: the vote kept no question"
-            ctx.finish(session, {"checkpoint_id": None, "skipped": why})
+            ctx.finish(session, TrainResult(checkpoint_id=None, skipped=why).stored())
         return
 
     store = ctx.settings.checkpoint_dir
@@ -299,8 +302,8 @@ def run_train(ctx: JobContext) -> None:
             "parent_id": student_id, "lineage_root_id": lineage_root_id, "round_id": ctx.round_id,
             "variant": variant, "metrics": {"train": metrics, "saved": saved}, "created_at": utcnow()}])
         checkpoint_id = session.scalar(select(Checkpoint.id).where(Checkpoint.name == name))
-        ctx.finish(session, {"checkpoint_id": checkpoint_id, "examples": len(examples), "train": metrics,
-                             "saved": saved, **({"launch": launch} if launch else {})})
+        ctx.finish(session, TrainResult(checkpoint_id=checkpoint_id, examples=len(examples), train=metrics, saved=saved,
+                                        **({"launch": launch} if launch else {})).stored())
     shutil.rmtree(state_dir, ignore_errors=True)  # registered: nothing left to resume
 
 
@@ -421,12 +424,12 @@ def run_promote(ctx: JobContext) -> None:
         config = load_config(round_)
         jobs = {JobKey.parse(job.key): job for job in session.scalars(select(Job).where(Job.round_id == ctx.round_id))}
         baseline = session.get(Checkpoint, resolved_of(round_).baseline_id)
-        baseline_accuracy = jobs[JobKey.evaluate("baseline")].result["accuracy"]
+        baseline_accuracy = _accuracy(jobs[JobKey.evaluate("baseline")])
         candidates: dict[str, float] = {}
         by_name: dict[str, Checkpoint] = {}
-        for variant, checkpoint_id in ctx.payload["candidates"].items():
+        for variant, checkpoint_id in parse_contract(PromotePayload, ctx.payload, f"job {ctx.job_id} payload").candidates.items():
             checkpoint = session.get(Checkpoint, checkpoint_id)
-            candidates[checkpoint.name] = jobs[JobKey.evaluate(variant)].result["accuracy"]
+            candidates[checkpoint.name] = _accuracy(jobs[JobKey.evaluate(variant)])
             by_name[checkpoint.name] = checkpoint
         decision = gate(baseline.name, baseline_accuracy, candidates, config.promotion.min_improvement)
 
@@ -437,12 +440,20 @@ def run_promote(ctx: JobContext) -> None:
             session.execute(update_status(checkpoint.id, status, now))
             checkpoint.metrics = {**(checkpoint.metrics or {}), "eval_accuracy": candidates[name],
                                   "baseline_accuracy": baseline_accuracy}
-        result = {"outcome": CheckpointStatus.PROMOTED if decision.promoted else CheckpointStatus.REJECTED, "promoted": decision.promoted,
-                  "reason": decision.reason, "baseline": baseline.name, "baseline_accuracy": baseline_accuracy,
-                  "candidates": candidates}
+        result = PromoteResult(outcome=CheckpointStatus.PROMOTED if decision.promoted else CheckpointStatus.REJECTED,
+                               promoted=decision.promoted, reason=decision.reason, baseline=baseline.name,
+                               baseline_accuracy=baseline_accuracy, candidates=candidates)
         session.flush()
         round_.report = round_report(session, round_, promotion=result)
-        ctx.finish(session, result)
+        ctx.finish(session, result.stored())
+
+
+def _accuracy(evaluation: Job) -> float:
+    """A done evaluate job's accuracy (promote runs only once every evaluation is done)."""
+    result = result_of(evaluation, EvaluateResult)
+    if result is None:
+        raise RuntimeError(f"job {evaluation.id} ({evaluation.key}) has no result to promote on")
+    return result.accuracy
 
 
 def update_status(checkpoint_id: int, status: str, now) -> Update:

@@ -2,6 +2,20 @@
 payload and result are. Rows store them as plain strings and JSON; these types are how code
 reads and writes them. Nothing here touches the database or imports workers."""
 
+from services.contracts.jobs import (
+    EvaluatePayload,
+    EvaluateResult,
+    GeneratePayload,
+    GenerateResult,
+    PairsResult,
+    PromotePayload,
+    PromoteResult,
+    TrainPayload,
+    TrainResult,
+    VoteResult,
+    payload_of,
+    result_of,
+)
 from services.contracts.keys import JobKey, JobKeyError, StepName
 from services.contracts.resolved import (
     AnyResolved,
@@ -21,7 +35,9 @@ from services.contracts.states import (
     Stage,
 )
 
-__all__ = ["AnyResolved", "ResolvedPreference", "ResolvedSFT", "ResolvedWeakSFT", "parse_resolved", "resolved_of",
+__all__ = ["EvaluatePayload", "EvaluateResult", "GeneratePayload", "GenerateResult", "PairsResult", "PromotePayload",
+           "PromoteResult", "TrainPayload", "TrainResult", "VoteResult", "payload_of", "result_of",
+           "AnyResolved", "ResolvedPreference", "ResolvedSFT", "ResolvedWeakSFT", "parse_resolved", "resolved_of",
            "TERMINAL_ROUND_STATES", "CheckpointStatus", "JobKey", "JobKeyError", "JobKind", "JobState", "Queue",
            "RoundState", "Stage",
            "StepName"]
