@@ -215,10 +215,11 @@ def test_queues_and_delivery_defaults_come_from_the_graph():
     assert job_summary("train", {"checkpoint_id": None, "skipped": "no pairs"}) == "skipped=no pairs"
 
 
-def test_every_kind_in_the_graph_has_a_handler():
+def test_every_kind_has_a_handler_and_its_contracts():
+    from services.contracts.jobs import PAYLOADS, RESULTS
     from workers.steps import HANDLERS
 
-    assert set(HANDLERS) == set(JobKind)
+    assert set(HANDLERS) == set(PAYLOADS) == set(RESULTS) == set(JobKind)
 
 
 # --- payloads and results ------------------------------------------------------------------------
