@@ -24,19 +24,19 @@ from sqlalchemy import func, select
 from db.schema import Job, Round
 from db.session import session_scope
 from services.config import QUEUES, Settings
-from services.contracts import EvaluatePayload, EvaluateResult, payload_of, result_of
+from services.contracts import EvaluatePayload, EvaluateResult, JobKind, JobState, RoundState, payload_of, result_of
 from services.monitor import (jobs_by_state_and_queue, overall_progress, oldest_waiting, round_progress)
 
 log = logging.getLogger("w2s.metrics")
 
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
-ROUND_STATES = ("running", "done", "failed", "cancelled")
+JOB_STATES = tuple(str(state) for state in JobState)
+ROUND_STATES = tuple(str(state) for state in RoundState)
 RECENT_ROUNDS = 10  # besides the running ones: finished rounds stay visible a while
 
 
 def rounds_to_export(session) -> list[Round]:
     recent = select(Round.id).order_by(Round.id.desc()).limit(RECENT_ROUNDS)
-    return list(session.scalars(select(Round).where((Round.state == "running") | Round.id.in_(recent)).order_by(Round.id)))
+    return list(session.scalars(select(Round).where((Round.state == RoundState.RUNNING) | Round.id.in_(recent)).order_by(Round.id)))
 
 
 class ServiceCollector:
@@ -97,8 +97,8 @@ class ServiceCollector:
                 if entry.tokens_per_s is not None:
                     family = training if entry.step.startswith("train:") else generation
                     family.add_metric([label, entry.step], entry.tokens_per_s)
-            for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == "evaluate",
-                                                         Job.state == "done")):
+            for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.EVALUATE,
+                                                         Job.state == JobState.DONE)):
                 payload, result = payload_of(job, EvaluatePayload), result_of(job, EvaluateResult)
                 if not payload.pass_at and result is not None:
                     accuracy.add_metric([label, _checkpoint_name(session, payload.checkpoint_id)], result.accuracy)

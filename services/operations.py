@@ -13,6 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.schema import Job, Pipeline, Round
+from services.contracts import JobState, RoundState
 from services.errors import InputError, StateError
 from services.monitor import get_job
 
@@ -25,21 +26,21 @@ def retry_job(session: Session, job_id: int, extra_attempts: int = 1) -> list[in
     if extra_attempts < 1:
         raise InputError(f"--attempts: {extra_attempts} must be at least 1")
     job = get_job(session, job_id)
-    if job.state != "failed":
+    if job.state != JobState.FAILED:
         hint = {"done": "it finished", "running": "it is running", "queued": "it is already waiting for a worker",
                 "cancelled": "it was cancelled with its round"}.get(job.state, "")
         raise StateError(f"job {job_id} ({job.key}, round {job.round_id}) is {job.state}"
                          + (f": {hint}" if hint else "") + "; only a failed job can be retried")
     round_ = session.scalar(select(Round).where(Round.id == job.round_id).with_for_update())
-    if round_.state == "cancelled":
+    if round_.state == RoundState.CANCELLED:
         raise StateError(f"job {job_id}: its round {round_.id} was cancelled; start a new round instead")
     # Conditional: a second `retry` racing this one finds the job queued and changes nothing.
-    changed = session.execute(update(Job).where(Job.id == job_id, Job.state == "failed").values(
-        state="queued", max_attempts=Job.attempts + extra_attempts, progress=0.0, owner=None,
+    changed = session.execute(update(Job).where(Job.id == job_id, Job.state == JobState.FAILED).values(
+        state=JobState.QUEUED, max_attempts=Job.attempts + extra_attempts, progress=0.0, owner=None,
         heartbeat_at=None, started_at=None, finished_at=None)).rowcount
     if changed != 1:
         raise StateError(f"job {job_id} changed while retrying it; look again with `w2sctl jobs show {job_id}`")
-    if round_.state == "failed":
+    if round_.state == RoundState.FAILED:
         _reopen(session, round_)
     session.flush()
     return resume_round(session, round_.id)
@@ -47,9 +48,9 @@ def retry_job(session: Session, job_id: int, extra_attempts: int = 1) -> list[in
 
 def _reopen(session: Session, round_: Round) -> None:
     """The round failed because of this job: it runs again, with the jobs its failure cancelled."""
-    round_.state, round_.error, round_.finished_at = "running", None, None
-    session.execute(update(Job).where(Job.round_id == round_.id, Job.state == "cancelled").values(
-        state="queued", finished_at=None, owner=None))
+    round_.state, round_.error, round_.finished_at = RoundState.RUNNING, None, None
+    session.execute(update(Job).where(Job.round_id == round_.id, Job.state == JobState.CANCELLED).values(
+        state=JobState.QUEUED, finished_at=None, owner=None))
     if round_.pipeline_id is not None:
         pipeline = session.get(Pipeline, round_.pipeline_id)
         newer = session.scalar(select(Round.id).where(Round.pipeline_id == pipeline.id, Round.id > round_.id).limit(1))

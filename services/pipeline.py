@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from db.schema import Pipeline, Round, utcnow
 from services.config import ConfigError, EvalConfig, _merge, _Strict, parse_round_config
+from services.contracts import CheckpointStatus, RoundState
 from services.lookup import get_by_id
 
 STEPS = ("weak-sft", "iteration1", "iteration2", "preference")
@@ -60,9 +61,9 @@ class StepOutcome:
 def next_step(config: PipelineConfig, finished: list[StepOutcome]) -> tuple[str, dict[str, Any]] | str:
     """The next round's (step, round config), or the reason the chain ends."""
     for outcome in finished:
-        if outcome.state != "done":
+        if outcome.state != RoundState.DONE:
             return f"{outcome.step} round {outcome.state}"
-        if outcome.outcome != "promoted":
+        if outcome.outcome != CheckpointStatus.PROMOTED:
             return f"{outcome.step} round rejected: its candidate did not beat the student"
     steps = config.steps()
     if len(finished) == len(steps):
@@ -101,7 +102,7 @@ def parse_pipeline_config(data: dict[str, Any], source: str = "pipeline config")
     finished: list[StepOutcome] = []
     if config.weak_sft is not None:
         parse_round_config(next_step(config, [])[1], f"{source}: weak_sft")
-        finished = [StepOutcome("weak-sft", "done", "promoted", {}, config.weak)]
+        finished = [StepOutcome("weak-sft", RoundState.DONE, CheckpointStatus.PROMOTED, {}, config.weak)]
     parse_round_config(next_step(config, finished)[1], f"{source}: iteration1")
     return config
 
@@ -128,7 +129,7 @@ def advance_pipeline(session: Session, pipeline_id: int) -> list[int]:
     if pipeline is None or pipeline.state != "running":
         return []
     rounds = session.scalars(select(Round).where(Round.pipeline_id == pipeline_id).order_by(Round.id)).all()
-    if any(r.state == "running" for r in rounds):
+    if any(r.state == RoundState.RUNNING for r in rounds):
         return []
     config = PipelineConfig.model_validate(pipeline.config)
     decision = next_step(config, [_outcome(session, r) for r in rounds])
@@ -144,7 +145,7 @@ def advance_pipeline(session: Session, pipeline_id: int) -> list[int]:
         pipeline.state, pipeline.reason, pipeline.finished_at = "failed", f"{step}: {exc}", utcnow()
         return []
     new = insert_ignore(session, Round, [{
-        "stage": round_config.stage, "iteration": getattr(round_config, "iteration", 1), "state": "running",
+        "stage": round_config.stage, "iteration": getattr(round_config, "iteration", 1), "state": RoundState.RUNNING,
         "config": round_config.model_dump(mode="json"), "resolved": resolved.stored(), "pipeline_id": pipeline_id,
         "pipeline_step": step, "created_at": utcnow()}])
     return advance(session, new[0]) if new else []
@@ -155,7 +156,7 @@ def _outcome(session: Session, round_: Round) -> StepOutcome:
 
     candidates = {c.variant: c.name for c in session.scalars(select(Checkpoint).where(Checkpoint.round_id == round_.id))}
     promoted = next((c.name for c in session.scalars(select(Checkpoint).where(
-        Checkpoint.round_id == round_.id, Checkpoint.status == "promoted"))), None)
+        Checkpoint.round_id == round_.id, Checkpoint.status == CheckpointStatus.PROMOTED))), None)
     return StepOutcome(round_.pipeline_step, round_.state, round_.outcome, candidates, promoted)
 
 

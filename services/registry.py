@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Dataset, Question
 from models.backends import CheckpointError, check_checkpoint_dir
+from services.contracts import CheckpointStatus
 from services.dataset_files import (TASKS, FieldMapping, export_format, parse_questions, read_records,
                                     write_records)
 from services.errors import InputError
@@ -70,7 +71,7 @@ def register_model(session: Session, *, name: str, path: Path, role: str) -> Che
         resolved = check_checkpoint_dir(path)
     except CheckpointError as exc:
         raise InputError(str(exc)) from None
-    checkpoint = Checkpoint(name=name, path=str(Path(resolved).resolve()), role=role, status="base", metrics={})
+    checkpoint = Checkpoint(name=name, path=str(Path(resolved).resolve()), role=role, status=CheckpointStatus.BASE, metrics={})
     session.add(checkpoint)
     return checkpoint
 
@@ -99,7 +100,7 @@ def current_student(session: Session, checkpoint: Checkpoint) -> Checkpoint:
     root = lineage_root(checkpoint)
     promoted = session.scalar(
         select(Checkpoint)
-        .where(Checkpoint.lineage_root_id == root, Checkpoint.status == "promoted")
+        .where(Checkpoint.lineage_root_id == root, Checkpoint.status == CheckpointStatus.PROMOTED)
         .order_by(Checkpoint.promoted_at.desc(), Checkpoint.id.desc())
         .limit(1)
     )
