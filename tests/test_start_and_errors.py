@@ -115,10 +115,24 @@ def test_database_not_created_or_not_migrated_is_one_line(postgres_url, w2s_home
 
 
 @pytest.fixture
-def weak_copy(demo_assets, tmp_path):
-    import shutil
+def weak_copy(tmp_path) -> Path:
+    """A checkpoint directory shaped like a small Llama (2 layers, vocabulary 32, hidden size 8),
+    written with safetensors' numpy API: the checks read headers only, so no model is needed."""
+    import json
 
-    return Path(shutil.copytree(demo_assets.weak_model, tmp_path / "weak-copy"))
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "weak-copy"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 32, "hidden_size": 8,
+                                                  "num_hidden_layers": 2}))
+    (path / "tokenizer.json").write_text("{}")
+    tensors = {"model.embed_tokens.weight": np.zeros((32, 8), np.float32), "lm_head.weight": np.zeros((32, 8), np.float32)}
+    for layer in range(2):
+        tensors[f"model.layers.{layer}.mlp.up_proj.weight"] = np.ones((16, 8), np.float32)
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
 
 
 def test_register_refuses_a_truncated_safetensors_file(w2s_home, weak_copy, cli_runner):
@@ -166,9 +180,11 @@ def test_a_model_that_does_not_load_is_named_in_the_job_error(weak_copy):
     from models.backends import CheckpointError
     from workers.steps import load_named
 
-    (weak_copy / "tokenizer.json").write_text("{ not json")
-    (weak_copy / "tokenizer_config.json").unlink()
+    weights = weak_copy / "model.safetensors"  # registered whole, truncated since (a disk filled up)
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
     with pytest.raises(CheckpointError) as caught:
         load_named("weak-teacher", str(weak_copy))
     message = str(caught.value)
     assert "'weak-teacher' does not load" in message and str(weak_copy) in message and "\n" not in message, message
+    assert "model.safetensors" in message and "incomplete or corrupt" in message, message
