@@ -236,3 +236,19 @@ class Evaluation(Base):
     output_tokens: Mapped[int] = mapped_column(Integer)
     wall_s: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TrackingRun(Base):
+    """The experiment-tracking run (MLflow or TensorBoard) of a pipeline or a round, so that every
+    process logs into the same run and a training job's run nests under its round's."""
+
+    __tablename__ = "tracking_runs"
+    __table_args__ = (UniqueConstraint("owner", "owner_id", "target"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner: Mapped[str] = mapped_column(String(20))  # pipeline | round
+    owner_id: Mapped[int] = mapped_column(Integer)
+    target: Mapped[str] = mapped_column(Text)  # "<backend> <uri> <experiment>": a run id means something there only
+    run_id: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column()  # set once, by whoever logged the end

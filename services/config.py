@@ -22,6 +22,17 @@ class ConfigError(InputError):
 # --- settings ------------------------------------------------------------------------------------
 
 
+class TrackingConfig(BaseModel):
+    """Experiment tracking: where rounds and training jobs log their runs (models.tracking)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["mlflow", "tensorboard", "none"] = Field("none", description="none: no tracking")
+    uri: str | None = Field(None, description="an MLflow tracking URI or a TensorBoard log directory; "
+                            "null: the embedded store under W2S_HOME (mlflow.db, tensorboard/)")
+    experiment: str = Field("w2s", min_length=1, description="MLflow experiment the runs go in")
+
+
 class Settings(BaseModel):
     """Where the service keeps its state. Nothing set: everything embedded under W2S_HOME."""
 
@@ -29,6 +40,7 @@ class Settings(BaseModel):
     database_url: str
     broker_url: str | None  # None: tasks run in-process (embedded mode)
     checkpoint_dir: Path
+    tracking: TrackingConfig = TrackingConfig()  # the default of rounds whose config has no `tracking:`
 
     @property
     def embedded(self) -> bool:
@@ -60,7 +72,17 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         database_url=env.get("W2S_DATABASE_URL") or f"sqlite:///{home / 'w2s.sqlite'}",
         broker_url=env.get("W2S_BROKER_URL") or None,
         checkpoint_dir=Path(env.get("W2S_CHECKPOINT_DIR") or home / "checkpoints").absolute(),
+        tracking=_tracking_from_env(env),
     )
+
+
+def _tracking_from_env(env) -> TrackingConfig:
+    values = {field: env[f"W2S_TRACKING_{field.upper()}"] for field in ("backend", "uri", "experiment")
+              if env.get(f"W2S_TRACKING_{field.upper()}")}
+    try:
+        return TrackingConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError("W2S_TRACKING_*: " + _describe(exc)) from None
 
 
 # --- round configs -------------------------------------------------------------------------------
@@ -170,6 +192,7 @@ class SFTRoundConfig(_Strict):
     vote: VoteConfig = VoteConfig()
     training: TrainingConfig = TrainingConfig()
     promotion: PromotionConfig = PromotionConfig()
+    tracking: TrackingConfig | None = Field(None, description="experiment tracking; null: the settings' default")
 
     @model_validator(mode="after")
     def _distinct_variants(self) -> SFTRoundConfig:
@@ -190,6 +213,7 @@ class WeakSFTRoundConfig(_Strict):
     generation: GenerationConfig = GenerationConfig()
     training: TrainingConfig = TrainingConfig()
     promotion: PromotionConfig = PromotionConfig()
+    tracking: TrackingConfig | None = Field(None, description="experiment tracking; null: the settings' default")
 
 
 class SamplingConfig(_Strict):
@@ -235,6 +259,7 @@ class PreferenceRoundConfig(_Strict):
     generation: GenerationConfig = GenerationConfig()
     training: PreferenceTrainingConfig = PreferenceTrainingConfig()
     promotion: PromotionConfig = PromotionConfig()
+    tracking: TrackingConfig | None = Field(None, description="experiment tracking; null: the settings' default")
 
 
 RoundConfig = Annotated[Union[SFTRoundConfig, WeakSFTRoundConfig, PreferenceRoundConfig], Field(discriminator="stage")]

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.schema import Pipeline, Round, utcnow
-from services.config import ConfigError, EvalConfig, _merge, _Strict, parse_round_config
+from services.config import ConfigError, EvalConfig, TrackingConfig, _merge, _Strict, parse_round_config
 from services.contracts import CheckpointStatus, RoundState
 from services.lookup import get_by_id
 
@@ -30,6 +30,7 @@ class PipelineConfig(_Strict):
     pool: str
     eval: EvalConfig
     seed: int = 0
+    tracking: TrackingConfig | None = Field(None, description="experiment tracking of the pipeline and its rounds")
     weak_sft: dict[str, Any] | None = Field(None, description="fine-tune the weak model first; needs `train`")
     iteration1: dict[str, Any] = Field(default_factory=dict)
     iteration2: dict[str, Any] | None = Field(default_factory=dict, description="null: skip iteration 2")
@@ -71,9 +72,11 @@ def next_step(config: PipelineConfig, finished: list[StepOutcome]) -> tuple[str,
     step = steps[len(finished)]
     by_step = {o.step: o for o in finished}
     weak = by_step["weak-sft"].promoted if "weak-sft" in by_step else config.weak
-    shared = {"pool": config.pool, "eval": config.eval.model_dump(), "seed": config.seed}
+    tracking = {"tracking": config.tracking.model_dump()} if config.tracking else {}
+    shared = {"pool": config.pool, "eval": config.eval.model_dump(), "seed": config.seed, **tracking}
     if step == "weak-sft":
-        base = {"stage": "weak-sft", "weak": config.weak, "eval": config.eval.model_dump(), "seed": config.seed}
+        base = {"stage": "weak-sft", "weak": config.weak, "eval": config.eval.model_dump(), "seed": config.seed,
+                **tracking}
         return step, _merge(base, config.weak_sft or {})
     if step == "iteration1":
         return step, _merge({"stage": "sft", "iteration": 1, "weak": weak, "strong": config.strong, **shared},

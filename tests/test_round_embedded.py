@@ -29,9 +29,7 @@ def embedded_round(tmp_path_factory, demo_assets):
 
     home = tmp_path_factory.mktemp("embedded") / "home"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("W2S_HOME", str(home))
-        for var in ("W2S_DATABASE_URL", "W2S_BROKER_URL", "W2S_CHECKPOINT_DIR"):
-            patch.delenv(var, raising=False)
+        _embedded_env(patch, home)
         dispatch._local_queue.clear()
         cli_runner = invoke_cli
         cli_runner("dataset", "import", demo_assets.pool, "--name", "pool", "--unlabelled")
@@ -42,14 +40,39 @@ def embedded_round(tmp_path_factory, demo_assets):
         yield result, home
 
 
+def _embedded_env(patch: pytest.MonkeyPatch, home) -> None:
+    """The shared rounds' home, embedded; their runs are logged to MLflow's embedded store there
+    (test_rounds_are_tracked_in_mlflow reads them back)."""
+    patch.setenv("W2S_HOME", str(home))
+    patch.setenv("W2S_TRACKING_BACKEND", "mlflow")
+    for var in ("W2S_DATABASE_URL", "W2S_BROKER_URL", "W2S_CHECKPOINT_DIR", "W2S_TRACKING_URI"):
+        patch.delenv(var, raising=False)
+
+
 @pytest.fixture
 def in_round_home(embedded_round, monkeypatch):
     """Point this test's environment at the shared round's home."""
-    _, home = embedded_round
-    monkeypatch.setenv("W2S_HOME", str(home))
-    for var in ("W2S_DATABASE_URL", "W2S_BROKER_URL", "W2S_CHECKPOINT_DIR"):
-        monkeypatch.delenv(var, raising=False)
+    _embedded_env(monkeypatch, embedded_round[1])
     return embedded_round[0]
+
+
+@pytest.fixture(scope="module")
+def preference_round(embedded_round) -> int:
+    """A DPO round from round 1's candidate, shared by the tests that look at it. Returns its id."""
+    from db.schema import Round
+
+    with pytest.MonkeyPatch.context() as patch:
+        _embedded_env(patch, embedded_round[1])
+        url = load_settings().database_url
+        with session_scope(url) as session:
+            student = _a_student_from_round_1(session)
+            before = session.scalar(select(func.count()).select_from(Round))
+        invoke_cli("round", "start", "--stage", "preference", "--student", student, "--weak", "weak", "--pool", "pool",
+                   "--pool-limit", 40, "--eval", "test", "--eval-limit", 30, "--samples", 4, "--loss", "dpo",
+                   "--set", "sampling.temperature=0.7", "--set", "pairs.floor=0.5", "--set", "pairs.tau=0.75",
+                   "--set", "generation.max_new_tokens=48", "--set", "training.learning_rate=1e-4",
+                   "--set", "training.max_seq_len=128")
+    return before + 1
 
 
 def test_stage1_round_embedded(in_round_home, cli_runner):
@@ -91,20 +114,37 @@ def test_rerunning_a_job_writes_nothing_twice(in_round_home):
 
 
 def test_iteration_2_round_votes_with_the_fine_tuned_students(in_round_home, cli_runner):
-    """Iteration 2: the students of iteration 1 vote zero-shot; the student restarts from the base."""
+    """Iteration 2: the students of iteration 1 vote zero-shot; the student restarts from the base.
+    Its tracking server cannot be reached: the round goes on, the job logs say so, the counter counts."""
+    from prometheus_client import REGISTRY
+
+    import workers.telemetry  # noqa: F401  (the worker's counter of tracking failures)
     from db.schema import Checkpoint, Round
+    from tests.test_tracking import closed_port
+
+    def tracking_failures() -> float:
+        return REGISTRY.get_sample_value("w2s_worker_tracking_failures_total", {"backend": "mlflow"}) or 0.0
 
     url = load_settings().database_url
     with session_scope(url) as session:
         candidate = session.scalar(select(Checkpoint).where(Checkpoint.round_id == 1))
         candidate_name = candidate.name
+    failures_before = tracking_failures()
+    unreachable = f"http://127.0.0.1:{closed_port()}"
     cli_runner("round", "start", "--stage", "sft", "--iteration", 2, "--weak", candidate_name, "--strong", "strong",
                "--student", "strong", "--pool", "pool", "--eval", "test", "--pool-limit", 40, "--eval-limit", 60,
                "--demonstrations", 0, "--variants", "hybrid", "--set", "generation.max_new_tokens=48",
-               "--set", "training.epochs=1", "--set", "training.max_seq_len=128")
+               "--set", "training.epochs=1", "--set", "training.max_seq_len=128",
+               "--set", "tracking.backend=mlflow", "--set", f"tracking.uri={unreachable}")
     with session_scope(url) as session:
         round_ = session.get(Round, 2)
         assert round_.state == "done", round_.error
+        train = session.scalar(select(Job).where(Job.round_id == 2, Job.key == "train:hybrid"))
+        assert train.state == "done", train.error
+        training_log = open(train.log_path).read()
+        assert f"tracking (mlflow at {unreachable}) failed to open run 'train:hybrid" in training_log, training_log[-3000:]
+        # The worker's side: opening the round's run for the training job, and again at the round's end.
+        assert tracking_failures() >= failures_before + 2
         assert round_.iteration == 2
         assert round_.resolved["weak_id"] == candidate.id
         # The gate compares with the newest promoted student of the lineage, not always the base.
@@ -184,20 +224,12 @@ def test_preference_round_bad_input(in_round_home, cli_runner):
                             "--student", student], "has no stage I outputs of weak model 'strong'")
 
 
-def test_preference_round_embedded(in_round_home, cli_runner, tmp_path):
+def test_preference_round_embedded(in_round_home, preference_round, cli_runner, tmp_path):
     from db.schema import Checkpoint, Evaluation, PreferencePair, Round
     from services.selection import decide_pairs
 
     url = load_settings().database_url
-    with session_scope(url) as session:
-        student = _a_student_from_round_1(session)
-        before = session.scalar(select(func.count()).select_from(Round))
-    cli_runner("round", "start", "--stage", "preference", "--student", student, "--weak", "weak", "--pool", "pool",
-               "--pool-limit", 40, "--eval", "test", "--eval-limit", 30, "--samples", 4, "--loss", "dpo",
-               "--set", "sampling.temperature=0.7", "--set", "pairs.floor=0.5", "--set", "pairs.tau=0.75",
-               "--set", "generation.max_new_tokens=48", "--set", "training.learning_rate=1e-4",
-               "--set", "training.max_seq_len=128")
-    round_id = before + 1
+    round_id = preference_round
     with session_scope(url) as session:
         round_ = session.get(Round, round_id)
         assert round_.state == "done", round_.error
@@ -268,3 +300,64 @@ def test_preference_round_embedded(in_round_home, cli_runner, tmp_path):
             select(Generation).where(Generation.round_id == round_id, Generation.question_id.in_(
                 {q for q, _ in original})))}
         assert again == original
+
+
+def test_rounds_are_tracked_in_mlflow(in_round_home, preference_round):
+    """The stage I round and the DPO round, read back with MLflow's own client: each round's run
+    has its config, figures, decision and lineage; its training job's run is nested under it with
+    the loss, learning rate, gradient norm, tokens/s (and DPO's rewards) of every logged step."""
+    from mlflow.tracking import MlflowClient
+
+    from db.schema import Checkpoint, Round, TrackingRun
+
+    settings = load_settings()
+    client = MlflowClient(f"sqlite:///{settings.home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("w2s")
+    runs = {run.info.run_id: run for run in client.search_runs([experiment.experiment_id], max_results=1000)}
+    with session_scope(settings.database_url) as session:
+        round_runs = {t.owner_id: t.run_id for t in session.scalars(select(TrackingRun).where(TrackingRun.owner == "round"))}
+        assert set(round_runs) >= {1, preference_round}
+        for round_id, variant in ((1, "hybrid"), (preference_round, "dpo")):
+            round_ = session.get(Round, round_id)
+            report = round_.report
+            run = runs[round_runs[round_id]]
+            params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+            assert run.info.status == "FINISHED"
+            assert params["stage"] == round_.stage
+            assert params["training.learning_rate"] == str(round_.config["training"]["learning_rate"])
+            assert params["seed"] == "0" and params["eval.dataset"] == "test"
+            student = session.get(Checkpoint, round_.resolved["student_id"])
+            candidate = session.scalar(select(Checkpoint).where(Checkpoint.round_id == round_id))
+            assert candidate is not None, f"round {round_id} trained no candidate: {report}"
+            assert tags["w2s.round_id"] == str(round_id) and tags["w2s.student"] == student.name
+            assert tags["w2s.decision"] == round_.outcome == report["outcome"]
+            assert tags[f"w2s.candidate.{variant}"] == candidate.name
+            assert metrics["promoted"] == (1.0 if round_.outcome == "promoted" else 0.0)
+            assert metrics[f"candidate.{variant}.accuracy"] == pytest.approx(report["variants"][variant]["accuracy"])
+            assert metrics["student_before.accuracy"] == pytest.approx(report["student_before"]["accuracy"])
+            if variant == "hybrid":
+                assert metrics["kept_share"] == pytest.approx(report["kept_share"])
+                assert metrics["kept"] == report["kept"] > 0
+                assert metrics["pseudo_label_accuracy"] == pytest.approx(report["kept_accuracy"])
+            else:
+                assert metrics["pairs"] == report["pairs"] > 0
+                for case, count in report["pairs_by_case"].items():
+                    assert metrics[f"pairs.{case}"] == count
+
+            children = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+            assert len(children) == 1, f"round {round_id}: {len(children)} training runs nested under its run"
+            job = children[0]
+            assert job.info.status == "FINISHED"
+            assert job.data.tags["w2s.checkpoint"] == candidate.name
+            assert job.data.tags["w2s.parent_checkpoint"] == student.name
+            assert job.data.params["learning_rate"] == str(round_.config["training"]["learning_rate"])
+            train = candidate.metrics["train"]
+            keys = ["loss", "lr", "grad_norm", "tokens_per_s"] + (["reward_margin", "reward_accuracy"]
+                                                                  if variant == "dpo" else [])
+            for key in keys:
+                history = client.get_metric_history(job.info.run_id, key)
+                assert history and history[-1].step == train["steps"], f"{key}: {history}"
+            losses = client.get_metric_history(job.info.run_id, "loss")
+            assert losses[-1].value == pytest.approx(train["final_loss"])
+            assert all(m.value > 0 for m in client.get_metric_history(job.info.run_id, "grad_norm"))
+            assert job.data.metrics["final/tokens"] == train["tokens"]

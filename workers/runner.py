@@ -33,6 +33,7 @@ from db.session import session_scope
 from models.stopping import StopSignal, Stopped, stopping
 from services.config import Settings, load_settings
 from services.rounds import TERMINAL_ROUND_STATES, advance
+from services.tracking import record_round_end
 from workers.delivery import load_delivery
 
 log = logging.getLogger("w2s.worker")
@@ -216,6 +217,7 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, enqueue: Call
 
     with session_scope(settings.database_url) as session:
         new_ids = advance(session, ctx.round_id)
+    record_round_end(settings, ctx.round_id)  # a round that just ended: its figures to experiment tracking
     enqueue(new_ids)
     if outcome == "retry":  # back off: transient causes (a busy GPU, a network blip) get time to clear
         enqueue([job_id], countdown=delivery.retry_backoff_s * 2 ** (ctx.attempt - 1))

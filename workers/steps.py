@@ -33,6 +33,7 @@ from services.report import round_report
 from services.rounds import load_config
 from services.selection import decide_pairs, variant_sources
 from services.store import checkpoint_path
+from services.tracking import training_run_spec
 from services.voting import round_vote
 from workers.runner import JobContext
 
@@ -259,6 +260,9 @@ def run_train(ctx: JobContext) -> None:
                                                      "training": training, "seed": config.seed, "stage": stage})
         status_dir = job_dir / f"ranks-attempt{ctx.attempt}"
         job_file = job_dir / "job.json"
+        with ctx.session() as session:  # rank 0 logs its steps in a run nested under the round's, if tracking is on
+            tracking = training_run_spec(session, ctx.settings, ctx.round_id, variant=variant, job_id=ctx.job_id,
+                                         attempt=ctx.attempt, checkpoint=name)
         job_file.write_text(json.dumps({
             "base_model": student_path,
             "train_file": str(train_file),
@@ -271,6 +275,7 @@ def run_train(ctx: JobContext) -> None:
             "seed": config.seed,
             "state_dir": str(state_dir),
             "status_dir": str(status_dir),
+            **({"tracking": tracking} if tracking else {}),
         }, indent=2))
         log_path = job_dir / f"attempt{ctx.attempt}.log"
         ctx.set_log_path(str(log_path))

@@ -3,7 +3,8 @@
 - logs: the worker's logging set up by `services.logs` (W2S_LOG_FORMAT=json for JSON lines), with
   the round and job ids on every line of a job;
 - metrics: with W2S_METRICS_PORT set, a Prometheus endpoint on that port: jobs run by kind, queue
-  and outcome, job durations, jobs running now, generation and training tokens/s;
+  and outcome, job durations, jobs running now, generation and training tokens/s, failed
+  experiment-tracking calls;
 - `w2s_info`: an inspect command `w2sctl queues` asks every worker for its GPUs.
 
 A prefork worker runs jobs in child processes, so the metrics use prometheus_client's
@@ -25,6 +26,7 @@ from typing import Any
 from celery.signals import setup_logging, task_postrun, task_prerun, worker_init, worker_process_shutdown
 from celery.worker.control import inspect_command
 
+from models import tracking
 from services.logs import bind_job, clear_job, configure_logging
 
 log = logging.getLogger("w2s.telemetry")
@@ -96,7 +98,17 @@ def worker_metrics() -> dict[str, Any]:
         "training_tps": Gauge("w2s_worker_training_tokens_per_second",
                               "Training tokens per second (all ranks) of this worker's last finished training job",
                               ["queue"], multiprocess_mode="mostrecent"),
+        "tracking_failures": Counter("w2s_worker_tracking_failures",
+                                     "Experiment-tracking calls that failed (the jobs went on without them)",
+                                     ["backend"]),
     }
+
+
+def _count_tracking_failure(backend: str, _exc: BaseException) -> None:
+    worker_metrics()["tracking_failures"].labels(backend).inc()
+
+
+tracking.on_failure(_count_tracking_failure)
 
 
 def _kind(task: Any) -> str | None:

@@ -21,11 +21,12 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.tracking import Run, TrackingTarget, end_open_runs, flatten, open_run
 from models.train.options import LoraOptions, Offload
 
 # Name of the file with w2s metadata (lineage, resolved config) inside every checkpoint directory.
@@ -34,6 +35,19 @@ W2S_METADATA_FILE = "w2s.json"
 DS_CONFIG_DIR = Path(__file__).with_name("ds_configs")
 # Where each rank writes its exit record (``rank<N>.json``) when the job names a status_dir.
 RANK_RECORD = "rank{rank}.json"
+
+
+class TrainingRunSpec(BaseModel):
+    """Where rank 0 logs the job: a tracking target, the run it nests under, and its name and tags."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["mlflow", "tensorboard"]
+    uri: str
+    experiment: str = "w2s"
+    parent_run_id: str | None = None
+    run_name: str = "train"
+    tags: dict[str, str] = Field(default_factory=dict)
 
 
 class TrainJobConfig(BaseModel):
@@ -75,6 +89,9 @@ class TrainJobConfig(BaseModel):
     )
     save_every_steps: int = Field(0, ge=0, description="optimiser steps between saved states; 0: never")
     status_dir: Path | None = Field(None, description="each rank writes rank<N>.json here as it exits")
+
+    # -- experiment tracking (models.tracking) ---------------------------------------------------
+    tracking: TrainingRunSpec | None = Field(None, description="rank 0 logs each step to this run; None: off")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -190,6 +207,7 @@ class DeepSpeedStrategy:
         self.offload_params = offload_params
         self.lora = False  # set by prepare_model: the checkpoint is then an adapter
         self.engine: Any = None  # deepspeed.DeepSpeedEngine after setup()
+        self.run: Run = Run(None)  # the job's tracking run (rank 0, when the job file asks for one)
 
     # -- process group -------------------------------------------------------------------------
 
@@ -388,6 +406,7 @@ class DeepSpeedStrategy:
             weight_decay=cfg.weight_decay,
             lr_lambda=partial(linear_warmup_decay, warmup_steps=warmup_steps, total_steps=total_steps),
         )
+        self.open_tracking(cfg)
         return engine, total_steps, self.load_state(cfg.state_dir) or {}
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -404,6 +423,34 @@ class DeepSpeedStrategy:
 
     def current_lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    def grad_norm(self) -> float | None:
+        """The global gradient norm of the last optimiser step, before clipping (DeepSpeed's)."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    # -- experiment tracking -------------------------------------------------------------------
+
+    def open_tracking(self, cfg: TrainJobConfig) -> None:
+        """Rank 0 opens the job's run (nested under its round's) and logs the job's config once."""
+        if cfg.tracking is None or not self.is_rank0():
+            return
+        spec = cfg.tracking
+        self.run = open_run(TrackingTarget(spec.backend, spec.uri, spec.experiment), name=spec.run_name,
+                            parent_run_id=spec.parent_run_id, tags=spec.tags)
+        self.run.log_params(flatten(cfg.model_dump(mode="json", exclude={"tracking", "lineage"})))
+
+    def log_step(self, record: dict[str, Any]) -> None:
+        """A logged step: one JSON line for the supervisor, and the step's figures to the run."""
+        self.log_json(**record)
+        if self.is_rank0():
+            self.run.log_metrics({k: v for k, v in record.items() if k not in ("step", "total_steps")},
+                                 step=record["step"])
+
+    def finish_tracking(self, metrics: Mapping[str, Any]) -> None:
+        """The job's totals (as ``final/<name>``) and the run's end."""
+        self.run.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=metrics.get("steps"))
+        self.run.end("FINISHED")
 
     # -- resumable state -----------------------------------------------------------------------
 
@@ -586,6 +633,7 @@ def run_rank(train: Callable[[Any], Any], cfg: TrainJobConfig) -> None:
         train(cfg)
     except BaseException as exc:
         record.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000], out_of_memory=is_out_of_memory(exc))
+        end_open_runs("FAILED")
         raise
     else:
         record.update(status="ok")

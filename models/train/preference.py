@@ -226,6 +226,7 @@ def train(cfg: PreferenceConfig) -> dict[str, Any]:
     window: dict[str, list[float]] = {}  # micro-batch values since the last log line
     tokens = 0  # non-pad tokens seen by this rank
     t0 = time.perf_counter()
+    logged_at, tokens_at_log = t0, 0  # when the last log line was written, and the tokens seen by then
     engine.train()
     skip = step * cfg.gradient_accumulation_steps
     for epoch, i, batch in resume_batches(loader, sampler.set_epoch, epochs=cfg.epochs, skip=skip):
@@ -263,11 +264,14 @@ def train(cfg: PreferenceConfig) -> dict[str, Any]:
                 "loss": means.pop("loss"),
                 "epoch": round(epoch + (i + 1) / len(loader), 4),
                 "lr": lr,
+                "grad_norm": strategy.grad_norm(),
+                "tokens_per_s": strategy.all_reduce_sum(tokens - tokens_at_log) / (time.perf_counter() - logged_at),
                 "total_steps": total_steps,
                 **means,
             }
-            strategy.log_json(**record)
+            strategy.log_step(record)
             logged.append(record)
+            logged_at, tokens_at_log = time.perf_counter(), tokens
             window = {}
         if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps:
             strategy.save_state(cfg.state_dir, step, {"logged": logged, "ref_logps": saved_ref})
@@ -306,10 +310,11 @@ def train(cfg: PreferenceConfig) -> dict[str, Any]:
         tokenizer,
         cfg.output_dir,
         lineage=cfg.lineage,
-        config={"method": cfg.loss, **cfg.model_dump(mode="json")},
+        config={"method": cfg.loss, **cfg.model_dump(mode="json", exclude={"tracking"})},
         extra_files={"metrics.json": metrics},
     )
     strategy.log_json(event="saved", output_dir=str(cfg.output_dir), **metrics)
+    strategy.finish_tracking(metrics)
     return metrics
 
 

@@ -139,6 +139,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     window: list[float] = []  # micro-batch losses since the last log line
     tokens = 0  # non-pad tokens seen by this rank
     t0 = time.perf_counter()
+    logged_at, tokens_at_log = t0, 0  # when the last log line was written, and the tokens seen by then
     engine.train()
     skip = step * cfg.gradient_accumulation_steps
     for epoch, i, batch in resume_batches(loader, sampler.set_epoch, epochs=cfg.epochs, skip=skip):
@@ -157,10 +158,13 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
                 "loss": strategy.all_reduce_mean(sum(window) / len(window)),
                 "epoch": round(epoch + (i + 1) / len(loader), 4),
                 "lr": lr,
+                "grad_norm": strategy.grad_norm(),
+                "tokens_per_s": strategy.all_reduce_sum(tokens - tokens_at_log) / (time.perf_counter() - logged_at),
                 "total_steps": total_steps,
             }
-            strategy.log_json(**record)
+            strategy.log_step(record)
             logged.append(record)
+            logged_at, tokens_at_log = time.perf_counter(), tokens
             window = []
         if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps:
             strategy.save_state(cfg.state_dir, step, {"logged": logged})
@@ -190,10 +194,11 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
         tokenizer,
         cfg.output_dir,
         lineage=cfg.lineage,
-        config={"method": "sft", **cfg.model_dump(mode="json")},
+        config={"method": "sft", **cfg.model_dump(mode="json", exclude={"tracking"})},
         extra_files={"metrics.json": metrics},
     )
     strategy.log_json(event="saved", output_dir=str(cfg.output_dir), **metrics)
+    strategy.finish_tracking(metrics)
     return metrics
 
 
