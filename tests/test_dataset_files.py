@@ -157,3 +157,45 @@ def test_import_then_export_keeps_ids(w2s_home, tmp_path):
                                        .where(Question.dataset_id == d).order_by(Question.index)).all())
                  for d in (dataset.id, again.id)]
         assert texts[0] == texts[1]
+
+
+# --- the commands --------------------------------------------------------------------------------
+
+
+def test_svamp_imports_with_one_command_and_exports(w2s_home, cli_runner, tmp_path):
+    result = cli_runner("dataset", "import", SVAMP, "--name", "svamp", "--question", "{Body} {Question}",
+                        "--answer", "Answer", "--id", "ID")
+    assert "imported 1000 questions as dataset 'svamp'" in result.output
+    out = tmp_path / "svamp.jsonl"
+    assert "wrote 1000 questions" in cli_runner("dataset", "export", "svamp", "--out", out).output
+    first = json.loads(out.read_text().splitlines()[0])
+    assert first["id"] == "chal-1" and first["answer"] == "51" and first["question"].endswith("each pack?")
+    cli_runner("dataset", "export", "svamp", "--out", tmp_path / "saved", "--format", "disk")
+    assert "imported 1000" in cli_runner("dataset", "import", tmp_path / "saved", "--name", "svamp-again").output
+
+
+@pytest.mark.parametrize("options, fragments", [
+    (["--question", "{Body} {Query}", "--answer", "Answer"], [": item 0: missing field 'Query'", "--question"]),
+    (["--question", "", "--answer", "Answer"], ["--question: the template is empty"]),
+    (["--question", "{Body}", "--answer", "Type"], [": item 0: the gold answer 'Subtraction' is not a number",
+                                                    "--answer 'Type'"]),
+    (["--question", "{Body}", "--answer", "Answer", "--id", "Type"], ["duplicate id 'Subtraction' at",
+                                                                      "item 0", "item 1"]),
+])
+def test_bad_mappings_name_the_row_and_field_and_import_nothing(w2s_home, cli_runner, options, fragments):
+    from tests.test_bad_input import fails_with
+
+    fails_with(cli_runner, ["dataset", "import", SVAMP, "--name", "svamp", *options], *fragments)
+
+
+def test_unreadable_and_duplicated_files_import_nothing(w2s_home, cli_runner, tmp_path):
+    from tests.test_bad_input import fails_with
+
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"question": "a?", "answer": "1"}\n{"question": "caf\xe9?", "answer": "2"}\n')
+    fails_with(cli_runner, ["dataset", "import", latin, "--name", "latin"], f"{latin}:2: not UTF-8 text")
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text("".join(json.dumps({"id": i % 3, "question": f"q{i}?", "answer": str(i)}) + "\n" for i in range(5)))
+    fails_with(cli_runner, ["dataset", "import", twice, "--name", "twice"],
+               f"duplicate id '0' at {twice}:1, {twice}:4 (1 more duplicated ids)")
+    fails_with(cli_runner, ["dataset", "export", "nope", "--out", tmp_path / "x.jsonl"], "unknown dataset 'nope'")

@@ -154,7 +154,7 @@ def test_an_unreachable_server_is_a_warning_and_a_count(caplog):
 
 def test_tracking_libraries_load_only_when_tracking_is_on():
     """With tracking off, a worker and a training rank import neither MLflow nor TensorBoard."""
-    code = ("import sys, services.cli, services.tracking, workers.runner, workers.steps, workers.telemetry, "
+    code = ("import sys, cli.main, services.tracking, workers.runner, workers.steps, workers.telemetry, "
             "models.train.sft, models.train.preference\n"
             "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'tensorboard') "
             "or m.startswith('torch.utils.tensorboard'))\n"

@@ -19,6 +19,7 @@ from db.schema import Job, utcnow
 from db.session import session_scope
 from services.config import Settings
 from services.rounds import cancel_round
+from services.tracking import record_round_end
 from workers.delivery import DeliverySettings, load_delivery
 
 
@@ -62,4 +63,5 @@ def cancel(settings: Settings, round_id: int) -> CancelOutcome:
         if not live or time.monotonic() > deadline:
             break
         time.sleep(min(0.2, delivery.heartbeat("generate")))
+    record_round_end(settings, round_id)  # its tracking run ends KILLED
     return CancelOutcome(queued=len(cancelled.queued), running=len(cancelled.running), unconfirmed=live)

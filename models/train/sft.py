@@ -9,7 +9,8 @@ The job file is an :class:`SFTConfig` as JSON. Reads top to bottom like nanoGPT'
 config, data, model, optimiser, one loop, save. The loss is the causal-LM cross-entropy on the
 response tokens only (prompt tokens are labelled -100); each response ends with the tokenizer's
 eos token so the student learns to stop. Rank 0 prints one JSON line per logged step,
-``{"step": .., "loss": .., "epoch": .., "lr": .., "total_steps": ..}``, for the supervisor, and at
+``{"step", "loss", "epoch", "lr", "grad_norm", "tokens_per_s", "total_steps"}``, for the supervisor
+(and to the job's tracking run, when the job file names one), and at
 the end writes the checkpoint (safetensors, tokenizer, ``w2s.json``, ``metrics.json``) atomically.
 """
 
