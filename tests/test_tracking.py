@@ -84,7 +84,8 @@ def test_pipeline_round_and_training_runs_nest(w2s_home, tmp_path):
         session.add(pipeline)
         session.flush()
         round_ = Round(stage="weak-sft", iteration=1, state="running", config=config,
-                       resolved={"task": "gsm8k"}, pipeline_id=pipeline.id, pipeline_step="weak-sft")
+                       resolved={"task": "gsm8k", "student_id": 1, "baseline_id": 1, "lineage_root_id": 1, "eval_id": 1,
+                                 "train_id": 1}, pipeline_id=pipeline.id, pipeline_step="weak-sft")
         session.add(round_)
         session.flush()
         ids = pipeline.id, round_.id
