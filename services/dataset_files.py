@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from models.answers import gold_answer_from_solution, normalize_gsm8k
+from models.jsonl import JsonlError, parse_jsonl
 from services.errors import InputError
 
 TASKS = ("gsm8k", "math")
@@ -90,16 +91,10 @@ def _read_json_text(path: Path, text: str) -> list[Record]:
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from None
         return [_record(f"{path}: item {i}", item) for i, item in enumerate(items)]
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
-        records.append(_record(f"{path}:{lineno}", item))
-    return records
+    try:
+        return [Record(f"{path}:{lineno}", item) for lineno, item in parse_jsonl(text, path)]
+    except JsonlError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _record(where: str, item: Any) -> Record:

@@ -83,13 +83,13 @@ def test_data_errors_name_file_and_line(tmp_path):
     with pytest.raises(ValueError, match=r"pairs\.jsonl:3: field 'rejected'"):
         load_pairs(path)
     path.write_text(good + "\n" + "{nope\n")
-    with pytest.raises(ValueError, match=r"pairs\.jsonl:2: not JSON"):
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:2: malformed JSON"):
         load_pairs(path)
     path.write_text(json.dumps({"prompt": "p", "chosen": 3, "rejected": "b"}) + "\n")
     with pytest.raises(ValueError, match=r"pairs\.jsonl:1: field 'chosen'"):
         load_pairs(path)
     path.write_text("[1, 2]\n")
-    with pytest.raises(ValueError, match=r"pairs\.jsonl:1: must be a JSON object"):
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:1: expected a JSON object"):
         load_pairs(path)
     path.write_text("\n")
     with pytest.raises(ValueError, match="no rows"):

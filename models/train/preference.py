@@ -29,7 +29,6 @@ before and after training, each from one no-grad pass.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -39,30 +38,21 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from models.jsonl import iter_jsonl
 from models.train.common import (DeepSpeedStrategy, TrainJobConfig, count_parameters, resume_batches, run_rank)
 from models.train.losses import dpo_loss, orpo_loss, sequence_logps
+from models.train.options import PreferenceHyperParameters
 from models.train.sft import IGNORE_INDEX, build_example, collate
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
 
-class PreferenceConfig(TrainJobConfig):
-    """One DPO or ORPO job, as written to the job file by the train task."""
+class PreferenceConfig(PreferenceHyperParameters, TrainJobConfig):
+    """One DPO or ORPO job, as written to the job file by the train task. The method (loss, beta)
+    and its optimisation defaults come from ``PreferenceHyperParameters``."""
 
     base_model: Path = Field(description="Hugging Face directory of the policy to start from (M_plus)")
     train_file: Path = Field(description='JSONL, one {"prompt", "chosen", "rejected"} per line')
-
-    # -- the method ----------------------------------------------------------------------------
-    loss: Literal["dpo", "orpo"] = Field("dpo", description="dpo: frozen reference; orpo: none")
-    # 0.1: ALGORITHMS.md stage II (DPO β); also TRL's DPOConfig and ORPOConfig default (ORPO's λ).
-    beta: float = Field(0.1, gt=0, description="DPO β (KL strength) or ORPO λ (odds-ratio weight)")
-
-    # -- optimisation: the defaults that differ from SFT's -------------------------------------
-    # 1e-6: TRL's DPOConfig/ORPOConfig default for full fine-tuning; the ref paper publishes none.
-    learning_rate: float = Field(1e-6, gt=0, description="peak AdamW learning rate")
-    epochs: int = Field(1, ge=1, description="passes over the pairs (alignment-handbook DPO: 1)")
-    micro_batch_size: int = Field(4, ge=1, description="pairs per rank per forward (2x rows)")
-    warmup_ratio: float = Field(0.1, ge=0, le=1, description="fraction of updates warming up")
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -70,21 +60,7 @@ class PreferenceConfig(TrainJobConfig):
 
 def load_pairs(path: Path) -> list[tuple[str, str, str]]:
     """(prompt, chosen, rejected) triples from a JSONL file; errors name the file, line and field."""
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not JSON ({exc})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: must be a JSON object with {', '.join(PAIR_FIELDS)}")
-            for field in PAIR_FIELDS:
-                if not isinstance(row.get(field), str):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a string")
-            pairs.append((row["prompt"], row["chosen"], row["rejected"]))
+    pairs = [(row["prompt"], row["chosen"], row["rejected"]) for _, row in iter_jsonl(path, strings=PAIR_FIELDS)]
     if not pairs:
         raise ValueError(f"train_file: {path} has no rows")
     return pairs

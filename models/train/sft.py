@@ -17,7 +17,6 @@ the end writes the checkpoint (safetensors, tokenizer, ``w2s.json``, ``metrics.j
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from models.jsonl import iter_jsonl
 from models.train.common import (DeepSpeedStrategy, TrainJobConfig, count_parameters, resume_batches, run_rank)
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's ignore_index)
@@ -36,8 +36,6 @@ class SFTConfig(TrainJobConfig):
     """One SFT job, as written to the job file by the train task."""
 
     train_file: Path = Field(description='JSONL, one {"prompt": str, "response": str} per line')
-    # 1e-4: usual for full fine-tuning of sub-billion models; lower it for 7B+ students.
-    learning_rate: float = Field(1e-4, gt=0, description="peak AdamW learning rate")
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -45,19 +43,7 @@ class SFTConfig(TrainJobConfig):
 
 def load_rows(path: Path) -> list[tuple[str, str]]:
     """(prompt, response) pairs from a JSONL file; errors name the file, line and field."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not JSON ({exc})") from None
-            for field in ("prompt", "response"):
-                if not isinstance(row.get(field), str):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a string")
-            rows.append((row["prompt"], row["response"]))
+    rows = [(row["prompt"], row["response"]) for _, row in iter_jsonl(path, strings=("prompt", "response"))]
     if not rows:
         raise ValueError(f"train_file: {path} has no rows")
     return rows
