@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.tracking import Run, TrackingTarget, end_open_runs, flatten, open_run
-from models.train.options import LoraOptions, Offload
+from models.train.options import LoraOptions, Offload, SFTHyperParameters
 
 # Name of the file with w2s metadata (lineage, resolved config) inside every checkpoint directory.
 W2S_METADATA_FILE = "w2s.json"
@@ -50,7 +50,7 @@ class TrainingRunSpec(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict)
 
 
-class TrainJobConfig(BaseModel):
+class TrainJobConfig(SFTHyperParameters):
     """The fields every training job file has; each method adds its own and its defaults."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -63,14 +63,7 @@ class TrainJobConfig(BaseModel):
         default_factory=dict, description="copied into the checkpoint's w2s.json (parent, round…)"
     )
 
-    # -- optimisation --------------------------------------------------------------------------
-    learning_rate: float = Field(1e-4, gt=0, description="peak AdamW learning rate")
-    epochs: int = Field(2, ge=1, description="passes over the training file")
-    micro_batch_size: int = Field(8, ge=1, description="examples per rank per forward pass")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per update")
-    max_seq_len: int = Field(512, ge=2, description="prompt + response tokens; longer is cut")
-    warmup_ratio: float = Field(0.03, ge=0, le=1, description="fraction of updates warming up")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices (not norms)")
+    # -- optimisation: learning rate, epochs, batch, sequence length... (SFTHyperParameters) ----
     seed: int = Field(0, description="model-independent PRNGs and the data order")
 
     # -- model ---------------------------------------------------------------------------------
