@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from models.train.options import LoraOptions
+from models.train.options import LoraOptions, PreferenceHyperParameters, SFTHyperParameters
 from services.errors import InputError
 
 QUEUES = ("weak", "strong", "train", "control")
@@ -98,16 +98,10 @@ class GenerationConfig(_Strict):
     chunk_size: int = Field(256, ge=1, le=100_000, description="questions per generation job")
 
 
-class TrainingConfig(_Strict):
-    """Fine-tuning hyper-parameters. The reference did not publish its values; these are ours."""
+class TrainingConfig(SFTHyperParameters):
+    """Fine-tuning: the hyper-parameters (learning rate, epochs, batch, sequence length; defined
+    once in ``models/train/options.py``, shared with the job file) and how the run is spread."""
 
-    learning_rate: float = Field(1e-5, gt=0, le=1.0, description="peak LR after warm-up")
-    epochs: int = Field(2, ge=1, le=100)
-    micro_batch_size: int = Field(4, ge=1, le=1024, description="per rank")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
-    max_seq_len: int = Field(1024, ge=16, le=131072)
-    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     zero_stage: Literal[2, 3] = Field(2, description="2: optimiser state and gradients sharded; 3: weights too")
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="ZeRO-Offload: optimiser state in CPU memory")
     offload_params: Literal["none", "cpu"] = Field("none", description="ZeRO-3 only: weights in CPU memory")
@@ -234,14 +228,8 @@ class PairRulesConfig(_Strict):
         return self
 
 
-class PreferenceTrainingConfig(TrainingConfig):
-    """DPO / ORPO. TRL's defaults where the reference published none."""
-
-    loss: Literal["dpo", "orpo"] = "dpo"
-    beta: float = Field(0.1, gt=0.0, le=100.0, description="DPO's β / ORPO's λ (ref: 0.1)")
-    learning_rate: float = Field(1e-6, gt=0, le=1.0, description="TRL's DPO default")
-    epochs: int = Field(1, ge=1, le=100)
-    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
+class PreferenceTrainingConfig(PreferenceHyperParameters, TrainingConfig):
+    """DPO / ORPO: the method and its defaults (``PreferenceHyperParameters``), spread as SFT's."""
 
 
 class PreferenceRoundConfig(_Strict):
