@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from models.answers import gold_answer_from_solution  # noqa: E402
 from models.backends import load_backend  # noqa: E402
 from services.config import StrategyConfig  # noqa: E402
-from services.evaluation import GoldQuestion, SolveStats, evaluate_questions  # noqa: E402
+from services.evaluation import EvalMethod, GoldQuestion, SolveStats, evaluate_questions  # noqa: E402
 
 
 def read_questions(path: Path, limit: int, task: str) -> list[GoldQuestion]:
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     stats_by_name = {}
     for name, strategy in runs:
         stats = SolveStats()
-        outcome = evaluate_questions(loaded, questions, args.task, strategy, shots=args.shots,
-                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, stats=stats)
+        method = EvalMethod(strategy, shots=args.shots, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        outcome = evaluate_questions(loaded, questions, args.task, method, stats=stats)
         stats_by_name[name] = (outcome, stats)
         n = outcome.n_questions
         print(f"{name:<26} {outcome.accuracy:>8.1%} {outcome.input_tokens:>10,} {outcome.output_tokens:>10,} "

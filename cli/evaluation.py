@@ -140,29 +140,26 @@ def eval_group() -> None:
 @pass_app
 def eval_run(app: App, model: str, dataset: str, limit: int | None, seed: int, shots: int, max_new_tokens: int,
              batch_size: int, **options: Any) -> None:
-    """Accuracy, tokens in/out and wall time of one strategy; stored as an evaluation."""
+    """Accuracy, tokens in/out and wall time of one strategy; stored as an evaluation. The same
+    evaluation as a round's gate: with the round's strategy, shots and --max-new-tokens it
+    measures the same figure."""
     from models.backends import default_cache
     from db.schema import Evaluation
-    from services.evaluation import eval_label, gold_questions, run_evaluation
+    from services.evaluation import EvalMethod, evaluate
     from services.registry import get_checkpoint, get_dataset
 
-    strategy = _strategy(**options)
     with app.session() as session:  # every check before the model loads
         checkpoint, ds = get_checkpoint(session, model), get_dataset(session, dataset)
-        total = len(gold_questions(session, ds, limit))
-        if total == 0:
-            raise InputError(f"dataset {ds.name!r} has no questions")
-        checkpoint_id, dataset_id, path = checkpoint.id, ds.id, checkpoint.path
-        max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[ds.task]
-    loaded = default_cache().get(path)
-    label = eval_label(strategy, shots)
-    with console.status(f"{label} on {total} questions") as status:
-        evaluation_id, _ = run_evaluation(
-            app.session, loaded, checkpoint_id=checkpoint_id, dataset_id=dataset_id, strategy=strategy, shots=shots,
-            limit=limit, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-            progress=lambda done: status.update(f"{label}: {done}/{total} questions"))
+        checkpoint_id, dataset_id = checkpoint.id, ds.id
+        method = EvalMethod(strategy=_strategy(**options), shots=shots, batch_size=batch_size, seed=seed,
+                            max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[ds.task])
+    label = method.label()
+    with console.status(f"{label} on {dataset}") as status:
+        figures = evaluate(app.session, lambda _name, path: default_cache().get(path), checkpoint_id=checkpoint_id, dataset_id=dataset_id,
+                           method=method, limit=limit,
+                           progress=lambda done, total: status.update(f"{label}: {done}/{total} questions"))
     with app.session() as session:
-        console.print(_compare_table(model, dataset, [session.get(Evaluation, evaluation_id)]))
+        console.print(_compare_table(model, dataset, [session.get(Evaluation, figures.evaluation_id)]))
 
 
 @eval_group.command("compare")

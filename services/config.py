@@ -120,11 +120,6 @@ class TrainingConfig(SFTHyperParameters):
         return self
 
 
-class EvalConfig(_Strict):
-    dataset: str = Field(description="a labelled dataset name")
-    limit: int | None = Field(None, ge=1, description="evaluate on the first N questions only")
-
-
 class PromotionConfig(_Strict):
     # A candidate is promoted only if it beats the current student by more than this
     # (accuracy points as a fraction); 0 means "strictly better".
@@ -153,6 +148,18 @@ class StrategyConfig(_Strict):
     def label(self) -> str:
         """The name evaluations are stored under: cot, sc@10, leco."""
         return f"sc@{self.samples}" if self.strategy == "sc" else self.strategy
+
+
+class EvalConfig(_Strict):
+    """The labelled set that decides promotion, and how the gate answers it: the same method as
+    ``w2sctl eval run --strategy S --shots N`` with the round's generation budget, stored under
+    the same label (services/evaluation.py)."""
+
+    dataset: str = Field(description="a labelled dataset name")
+    limit: int | None = Field(None, ge=1, description="evaluate on the first N questions only")
+    # cot, zero-shot: greedy on the reference's prompt, as the weak-to-strong reference evaluates.
+    strategy: StrategyConfig = Field(StrategyConfig(), description="how the gate answers: cot, sc or leco")
+    shots: int = Field(0, ge=0, le=4, description="step-by-step demonstrations in the gate's prompt (0: zero-shot)")
 
 
 class VoterStrategies(_Strict):

@@ -2,10 +2,11 @@
 
 ``solve`` is the one place a strategy turns prompts into answers, for the round workers, for
 ``w2sctl solve`` and for evaluations: every solution comes with its step scores and the tokens
-it cost. ``evaluate_questions`` grades solutions against gold; ``run_evaluation`` does that for
-a registered checkpoint on an imported labelled dataset and stores the result as an
-``Evaluation`` row (one per checkpoint, dataset, strategy label and question count: a new run
-replaces the old figures).
+it cost. ``evaluate_questions`` grades solutions against gold; ``evaluate`` does that for a
+registered checkpoint on an imported labelled dataset and stores the result as an ``Evaluation``
+row (one per checkpoint, dataset, method label and question count: a new run replaces the old
+figures). ``evaluate`` is the only evaluation there is: the promotion gate's evaluate job, ``w2sctl
+eval run`` and the demo's rounds all call it, so their accuracies are one measurement.
 
 Token accounting: ``input_tokens`` are the tokens the model actually encoded (self-consistency
 encodes the prompt once per sample: ``generate`` expands it to n rows; a LECO rethink encodes only
@@ -23,7 +24,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.schema import Dataset, Evaluation, Question, utcnow
+from db.schema import Checkpoint, Dataset, Evaluation, Question, utcnow
 from db.session import insert_ignore
 from models.answers import answers_match, extract_answer
 from models.backends import CallStats, ModelBackend
@@ -31,7 +32,7 @@ from models.generation import generate, step_generator
 from models.leco import LecoResult, Step, leco_solve, majority_index, score_steps
 from models.prompts import clean_response, step_by_step
 from services.config import StrategyConfig
-from services.errors import InputError
+from services.errors import InputError, NotFound
 from services.registry import get_checkpoint, get_dataset
 
 
@@ -152,6 +153,11 @@ def _solve_leco(loaded, prompts, task, strategy, max_new_tokens, batch_size, sta
 
 
 # --- evaluation ----------------------------------------------------------------------------------
+#
+# One path for every accuracy the project shows: the promotion gate (the evaluate job), `w2sctl eval
+# run` and `eval compare`, and the demo (which runs rounds). Whatever decides a figure (prompt,
+# strategy, generation budget, grading, seed) is in `EvalMethod`, and its label is the key the figure
+# is stored under, so two figures under one label are one measurement.
 
 
 @dataclass(frozen=True)
@@ -161,9 +167,47 @@ class GoldQuestion:
     gold: str
 
 
+@dataclass(frozen=True)
+class EvalMethod:
+    """How a checkpoint is evaluated. ``pass_at``: sample ``strategy.samples`` answers (sc) and count
+    a question right when any of them is (pass@k), instead of the majority's answer."""
+
+    strategy: StrategyConfig = StrategyConfig()  # cot: greedy, one answer
+    shots: int = 0  # step-by-step demonstrations before the question (0: the zero-shot prompt)
+    pass_at: bool = False
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pass_at and self.strategy.strategy != "sc":
+            raise ValueError(f"pass_at: needs the sc strategy (k samples), got {self.strategy.strategy}")
+
+    def label(self) -> str:
+        """The name the figures are stored under: ``cot/0-shot``, ``sc@10/4-shot``, ``pass@10/0-shot``."""
+        name = f"pass@{self.strategy.samples}" if self.pass_at else self.strategy.label()
+        return f"{name}/{self.shots}-shot"
+
+
+def round_eval_method(config: Any, *, strategy: StrategyConfig | dict[str, Any] | None = None, shots: int | None = None,
+                      pass_at: int | None = None, temperature: float = 1.0, top_p: float = 1.0) -> EvalMethod:
+    """A round's evaluation: its ``eval`` section's strategy and shots, its generation budget and
+    seed. ``pass_at=k``: k answers sampled at ``temperature``/``top_p`` (stage II's pass@k).
+    ``strategy``/``shots`` override the eval section (an evaluation job that names its own)."""
+    if pass_at:
+        strategy = StrategyConfig(strategy="sc", samples=pass_at, temperature=temperature, top_p=top_p)
+    elif strategy is None:
+        strategy = config.eval.strategy
+    elif isinstance(strategy, dict):
+        strategy = StrategyConfig.model_validate(strategy)
+    return EvalMethod(strategy=strategy, shots=config.eval.shots if shots is None else shots, pass_at=bool(pass_at),
+                      max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size,
+                      seed=config.seed)
+
+
 @dataclass
 class EvalOutcome:
-    strategy: str  # the label: cot, sc@10, leco
+    strategy: str  # the label: cot/0-shot, sc@10/0-shot, pass@10/0-shot, leco/4-shot
     n_questions: int
     correct: int
     input_tokens: int
@@ -176,39 +220,39 @@ class EvalOutcome:
         return self.correct / self.n_questions if self.n_questions else 0.0
 
 
+def grade_solution(solution: Solution, gold: str, task: str, pass_at: bool = False) -> bool:
+    """The answer given is right; with ``pass_at``, any sample's answer is."""
+    answers = [sample.answer for sample in solution.samples] if pass_at else [solution.answer]
+    return any(answers_match(answer, gold, task) for answer in answers)
+
+
 def evaluate_questions(
     loaded: ModelBackend,
     questions: Sequence[GoldQuestion],
     task: str,
-    strategy: StrategyConfig,
+    method: EvalMethod,
     *,
-    shots: int = 4,
-    max_new_tokens: int = 512,
-    batch_size: int = 16,
-    seed: int = 0,
     progress: Callable[[int], None] | None = None,
     stats: SolveStats | None = None,
 ) -> EvalOutcome:
-    """Accuracy of one strategy on labelled questions (step-by-step prompts with ``shots``
-    demonstrations), with the tokens it took and its wall time."""
+    """Accuracy of one method on labelled questions, with the tokens it took and its wall time.
+    Questions go to ``solve`` in groups of four batches; a sampling group is seeded by the method's
+    seed and its first question's id, so a question's samples do not depend on the other questions
+    asked."""
     started = time.perf_counter()
+    strategy = method.strategy
     solutions: list[Solution] = []
-    group_size = max(1, batch_size * 4 // (strategy.samples if strategy.strategy == "sc" else 1))
+    group_size = max(1, method.batch_size * 4 // (strategy.samples if strategy.strategy == "sc" else 1))
     for start in range(0, len(questions), group_size):
         group = questions[start : start + group_size]
-        prompts = [step_by_step(q.text, task, shots) for q in group]
-        solutions += solve(loaded, prompts, task, strategy, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           seed=seed + start, stats=stats)
+        prompts = [step_by_step(q.text, task, method.shots) for q in group]
+        solutions += solve(loaded, prompts, task, strategy, max_new_tokens=method.max_new_tokens,
+                           batch_size=method.batch_size, seed=method.seed * 1_000_003 + group[0].id, stats=stats)
         if progress:
             progress(len(solutions))
-    correct = sum(answers_match(s.answer, q.gold, task) for s, q in zip(solutions, questions))
-    return EvalOutcome(strategy.label(), len(questions), correct, sum(s.input_tokens for s in solutions),
+    correct = sum(grade_solution(s, q.gold, task, method.pass_at) for s, q in zip(solutions, questions))
+    return EvalOutcome(method.label(), len(questions), correct, sum(s.input_tokens for s in solutions),
                        sum(s.output_tokens for s in solutions), time.perf_counter() - started, solutions)
-
-
-def eval_label(strategy: StrategyConfig, shots: int) -> str:
-    """The strategy name an evaluation is stored under: ``cot/4-shot``, ``sc@10/0-shot``."""
-    return f"{strategy.label()}/{shots}-shot"
 
 
 def gold_questions(session: Session, dataset: Dataset, limit: int | None = None) -> list[GoldQuestion]:
@@ -225,10 +269,12 @@ def gold_questions(session: Session, dataset: Dataset, limit: int | None = None)
     return [GoldQuestion(row.id, row.text, row.gold_answer) for row in rows]
 
 
-def store_evaluation(session: Session, *, checkpoint_id: int, dataset_id: int, label: str, outcome: EvalOutcome,
+def store_evaluation(session: Session, *, checkpoint_id: int, dataset_id: int, outcome: EvalOutcome,
                      round_id: int | None = None) -> Evaluation:
-    """Write the figures (replacing an earlier evaluation under the same key). The caller commits."""
-    key = dict(checkpoint_id=checkpoint_id, dataset_id=dataset_id, strategy=label, n_questions=outcome.n_questions)
+    """Write the figures under the outcome's label (replacing an earlier evaluation under the same
+    key). The caller commits."""
+    key = dict(checkpoint_id=checkpoint_id, dataset_id=dataset_id, strategy=outcome.strategy,
+               n_questions=outcome.n_questions)
     figures = dict(correct=outcome.correct, accuracy=outcome.accuracy, input_tokens=outcome.input_tokens,
                    output_tokens=outcome.output_tokens, wall_s=outcome.wall_s, round_id=round_id, created_at=utcnow())
     existing = session.scalar(select(Evaluation).filter_by(**key))
@@ -241,35 +287,75 @@ def store_evaluation(session: Session, *, checkpoint_id: int, dataset_id: int, l
     return session.scalar(select(Evaluation).filter_by(**key))
 
 
-def run_evaluation(
+@dataclass(frozen=True)
+class EvalFigures:
+    """What an evaluation measured, as stored (``reused``: an earlier round's stored figures)."""
+
+    evaluation_id: int
+    label: str
+    n_questions: int
+    correct: int
+    accuracy: float
+    input_tokens: int
+    output_tokens: int
+    wall_s: float
+    reused: bool = False
+
+    @classmethod
+    def of(cls, evaluation: Evaluation, reused: bool = False) -> EvalFigures:
+        return cls(evaluation.id, evaluation.strategy, evaluation.n_questions, evaluation.correct, evaluation.accuracy,
+                   evaluation.input_tokens, evaluation.output_tokens, evaluation.wall_s, reused)
+
+
+def evaluate(
     session_scope: Callable[[], Any],
-    loaded: ModelBackend,
+    load: Callable[[str, str], ModelBackend],
     *,
     checkpoint_id: int,
     dataset_id: int,
-    strategy: StrategyConfig,
-    shots: int,
+    method: EvalMethod,
     limit: int | None = None,
-    max_new_tokens: int = 512,
-    batch_size: int = 16,
-    seed: int = 0,
     round_id: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    reuse: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    then: Callable[[Session, EvalFigures], None] | None = None,
     stats: SolveStats | None = None,
-) -> tuple[int, EvalOutcome]:
-    """Read the questions, evaluate outside any transaction, store: returns (evaluation id, outcome).
-    ``session_scope()`` opens a session that commits on exit."""
+) -> EvalFigures:
+    """Evaluate a registered checkpoint on an imported labelled dataset and store the figures.
+
+    Reads the questions in a short transaction, loads the model (``load(name, path)``) and answers
+    outside any, then stores the figures and calls ``then(session, figures)`` in the same
+    transaction (a job marks itself done there). ``reuse``: figures that a round stored under the
+    same key (checkpoint, dataset, method label, question count) are taken as they are, without
+    loading the model. ``session_scope()`` opens a session that commits on exit."""
     with session_scope() as session:
-        dataset = session.get(Dataset, dataset_id)
+        dataset, checkpoint = session.get(Dataset, dataset_id), session.get(Checkpoint, checkpoint_id)
+        if dataset is None or checkpoint is None:
+            raise NotFound(f"dataset {dataset_id} does not exist" if dataset is None else
+                           f"checkpoint {checkpoint_id} does not exist")
         questions, task = gold_questions(session, dataset, limit), dataset.task
-    if not questions:
-        raise InputError(f"dataset {dataset.name!r} has no questions")
-    outcome = evaluate_questions(loaded, questions, task, strategy, shots=shots, max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, seed=seed, progress=progress, stats=stats)
+        name, path = checkpoint.name, checkpoint.path
+        if not questions:
+            raise InputError(f"dataset {dataset.name!r} has no questions")
+        if reuse:
+            stored = session.scalar(select(Evaluation).where(
+                Evaluation.checkpoint_id == checkpoint_id, Evaluation.dataset_id == dataset_id,
+                Evaluation.strategy == method.label(), Evaluation.n_questions == len(questions),
+                Evaluation.round_id.is_not(None)))
+            if stored is not None:
+                figures = EvalFigures.of(stored, reused=True)
+                if then is not None:
+                    then(session, figures)
+                return figures
+    loaded = load(name, path)
+    outcome = evaluate_questions(loaded, questions, task, method, stats=stats,
+                                 progress=(lambda done: progress(done, len(questions))) if progress else None)
     with session_scope() as session:
-        evaluation = store_evaluation(session, checkpoint_id=checkpoint_id, dataset_id=dataset_id,
-                                      label=eval_label(strategy, shots), outcome=outcome, round_id=round_id)
-        return evaluation.id, outcome
+        figures = EvalFigures.of(store_evaluation(session, checkpoint_id=checkpoint_id, dataset_id=dataset_id,
+                                                  outcome=outcome, round_id=round_id))
+        if then is not None:
+            then(session, figures)
+        return figures
 
 
 def compare(session: Session, model: str, dataset: str) -> list[Evaluation]:

@@ -526,14 +526,14 @@ def _accuracy(job: Job) -> float | None:
 
 def _evaluation(session: Session, checkpoint_id: int, dataset_id: int | None, evaluation_ids: dict[int, int],
                 n_questions: int | None = None) -> Evaluation | None:
-    """The round's own evaluation of a checkpoint; else its newest greedy one on the same dataset,
+    """The round's own evaluation of a checkpoint; else its newest greedy zero-shot one on the same dataset,
     on as many questions as the round evaluated if there is one."""
     if checkpoint_id in evaluation_ids:
         evaluation = session.get(Evaluation, evaluation_ids[checkpoint_id])
         if evaluation is not None:
             return evaluation
     query = select(Evaluation).where(Evaluation.checkpoint_id == checkpoint_id, Evaluation.dataset_id == dataset_id,
-                                     Evaluation.strategy == "greedy")
+                                     Evaluation.strategy == "cot/0-shot")  # the gate's default: EvalMethod().label()
     # Same question count first (True sorts after False, hence desc), then the newest.
     order = [(Evaluation.n_questions == n_questions).desc()] if n_questions else []
     return session.scalar(query.order_by(*order, Evaluation.id.desc()).limit(1))

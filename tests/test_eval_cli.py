@@ -101,3 +101,36 @@ def test_a_prompt_longer_than_the_model_context_is_refused(w2s_home, cli_runner,
     result = cli_runner("solve", "--model", demo_assets.strong_model, "--shots", 4, "Tom has 3 apples.", ok=False)
     assert result.exit_code == 1
     assert "tokens, the model" in result.output and "reads at most 256" in result.output and "--shots" in result.output
+
+
+@pytest.mark.parametrize("strategy", [["--strategy", "cot"], ["--strategy", "sc", "--samples", 3]],
+                         ids=["cot", "sc"])
+def test_the_gate_and_eval_run_measure_the_same_accuracy(registered, cli_runner, demo_assets, strategy):
+    """One evaluation path: a round's gate (its evaluate:baseline job) and `eval run` with the same
+    checkpoint, dataset, strategy, prompt and generation budget give the same number, stored under
+    one label. A vote threshold above any step score keeps nothing, so the round ends after its gate."""
+    from db.schema import Job
+
+    cli_runner("model", "register", "weak", "--path", demo_assets.weak_model, "--role", "weak")
+    sets = ["--set", "generation.max_new_tokens=30", "--set", "generation.batch_size=4", "--set", "vote.min_step_score=2.5"]
+    if strategy[1] == "sc":
+        sets += ["--set", "eval.strategy.strategy=sc", "--set", "eval.strategy.samples=3"]
+    cli_runner("round", "start", "--stage", "sft", "--weak", "weak", "--strong", "strong", "--pool", "pool",
+               "--eval", "test", "--pool-limit", 4, "--eval-limit", 12, "--demonstrations", 0, "--variants", "hybrid",
+               *sets)
+    with session_scope(registered) as session:
+        gate = session.scalar(select(Job).where(Job.round_id == 1, Job.key == "evaluate:baseline"))
+        assert gate.state == "done" and not gate.result["reused"], gate.result
+        gate_accuracy = gate.result["accuracy"]
+    label = "cot/0-shot" if strategy[1] == "cot" else "sc@3/0-shot"
+    gated = _evaluations(registered)[label]
+    assert gated.round_id == 1 and gated.n_questions == 12 and gated.accuracy == gate_accuracy
+
+    result = cli_runner("eval", "run", "--model", "strong", "--dataset", "test", *strategy, "--shots", 0,
+                        "--max-new-tokens", 30, "--batch-size", 4, "--limit", 12)
+    stored = _evaluations(registered)
+    assert list(stored) == [label]  # one measurement, one row: eval run measured it again and replaced it
+    assert stored[label].round_id is None and stored[label].id == gated.id
+    assert stored[label].accuracy == gate_accuracy and stored[label].correct == gated.correct
+    assert stored[label].output_tokens == gated.output_tokens  # the same answers, token for token
+    assert f"{gate_accuracy:.1%}" in result.output

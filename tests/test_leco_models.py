@@ -13,7 +13,7 @@ from models.generation import step_generator
 from models.leco import leco_solve
 from models.prompts import step_by_step
 from services.config import StrategyConfig
-from services.evaluation import GoldQuestion, SolveStats, evaluate_questions
+from services.evaluation import EvalMethod, GoldQuestion, SolveStats, evaluate_questions
 
 pytestmark = pytest.mark.slow
 
@@ -107,8 +107,8 @@ def test_a_rethink_keeps_the_steps_before_the_suspect_and_turns_away_from_the_dr
                                       StrategyConfig(strategy="leco")], ids=lambda s: s.label())
 def test_strategies_end_to_end_with_token_counts_that_add_up(strong, questions, strategy):
     stats = SolveStats()
-    outcome = evaluate_questions(strong, questions, "gsm8k", strategy, shots=0, max_new_tokens=MAX_NEW_TOKENS,
-                                 batch_size=4, stats=stats)
+    method = EvalMethod(strategy, shots=0, max_new_tokens=MAX_NEW_TOKENS, batch_size=4)
+    outcome = evaluate_questions(strong, questions, "gsm8k", method, stats=stats)
     prompt_tokens = _prompt_tokens(strong, _prompts(questions))
 
     assert outcome.n_questions == len(questions) == len(outcome.solutions)

@@ -280,7 +280,7 @@ def test_pipeline_report_follows_the_lineage(w2s_home, cli_runner, tmp_path):
         accuracy = {"strong": 0.40, "round1-weak": 0.42, "round1-icl": 0.45, "round2-hybrid": 0.47}
         evaluation = {}
         for name, value in accuracy.items():
-            evaluation[name] = Evaluation(checkpoint_id=ckpt[name].id, dataset_id=test_set.id, strategy="greedy",
+            evaluation[name] = Evaluation(checkpoint_id=ckpt[name].id, dataset_id=test_set.id, strategy="cot/0-shot",
                                           n_questions=50, correct=int(value * 50), accuracy=value, input_tokens=0,
                                           output_tokens=0, wall_s=1.0)
             session.add(evaluation[name])

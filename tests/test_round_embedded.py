@@ -259,9 +259,9 @@ def test_preference_round_embedded(in_round_home, preference_round, cli_runner, 
         # pass@4 of the starting student (and of the candidate, when one was trained) on the eval set
         assert report["pass_at_k"]["k"] == 4 and 0 <= report["pass_at_k"]["student"] <= 1
         assert ("dpo" in report["pass_at_k"]) == bool(pairs)
-        passk = session.scalar(select(Evaluation).where(Evaluation.strategy == "pass@4",
+        passk = session.scalar(select(Evaluation).where(Evaluation.strategy == "pass@4/0-shot",
                                                         Evaluation.checkpoint_id == round_.resolved["student_id"]))
-        greedy = session.scalar(select(Evaluation).where(Evaluation.strategy == "greedy",
+        greedy = session.scalar(select(Evaluation).where(Evaluation.strategy == "cot/0-shot",
                                                          Evaluation.checkpoint_id == round_.resolved["student_id"]))
         assert passk.n_questions == 30 and passk.accuracy == report["pass_at_k"]["student"]
         # four samples per question, not one

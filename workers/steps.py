@@ -8,16 +8,14 @@ import json
 import os
 import random
 import shutil
-import time
 from collections import Counter
 from typing import Any
 
 from sqlalchemy import Update, select, update
 
-from db.schema import (Checkpoint, Dataset, Evaluation, Generation, Job, PreferencePair, Question, Round,
-                       TrainingExample, utcnow)
+from db.schema import Checkpoint, Generation, Job, PreferencePair, Question, Round, TrainingExample, utcnow
 from db.session import insert_ignore
-from models.answers import answers_match, extract_answer
+from models.answers import extract_answer
 from models.backends import CheckpointError, default_cache
 from models.generation import generate
 from models.prompts import clean_response, few_shot, zero_shot
@@ -27,7 +25,7 @@ from services.contracts import (CheckpointStatus, EvaluateResult, GeneratePayloa
                                 ResolvedWeakSFT, TrainPayload, TrainResult, VoteResult, resolved_of, result_of)
 from services.contracts.jobs import parse_contract
 from services.config import SFTRoundConfig, StrategyConfig
-from services.evaluation import Sample, eval_label, run_evaluation, solve, step_dicts
+from services.evaluation import EvalFigures, Sample, evaluate, round_eval_method, solve, step_dicts
 from services.promotion import gate
 from services.report import round_report
 from services.rounds import load_config
@@ -36,8 +34,6 @@ from services.store import checkpoint_path
 from services.tracking import training_run_spec
 from services.voting import round_vote
 from workers.runner import JobContext
-
-GREEDY = "greedy"
 
 
 def load_named(name: str, path: str):
@@ -343,81 +339,29 @@ def _write_gold_examples(session, round_id: int, dataset_id: int, limit: int | N
 
 
 def run_evaluate(ctx: JobContext) -> None:
-    """Accuracy of one checkpoint on the labelled eval set: greedy, or pass@k over k samples
-    (a question passes when any of its k sampled answers is right)."""
-    checkpoint_id, dataset_id, limit = ctx.payload["checkpoint_id"], ctx.payload["dataset_id"], ctx.payload.get("limit")
-    if ctx.payload.get("strategy"):
-        return _evaluate_with_strategy(ctx, checkpoint_id, dataset_id, limit)
-    k = ctx.payload.get("pass_at")
-    with ctx.session() as session:
-        round_ = session.get(Round, ctx.round_id)
-        config = load_config(round_)
-        dataset = session.get(Dataset, dataset_id)
-        questions = session.execute(
-            select(Question.id, Question.text, Question.gold_answer).where(Question.dataset_id == dataset_id)
-            .order_by(Question.index).limit(limit)).all()
-        strategy = f"pass@{k}" if k else GREEDY
-        key = dict(checkpoint_id=checkpoint_id, dataset_id=dataset_id, strategy=strategy, n_questions=len(questions))
-        existing = session.scalar(select(Evaluation).filter_by(**key))
-        if existing is not None:  # evaluated before (by this or another round): reuse it
-            ctx.finish(session, {"evaluation_id": existing.id, "accuracy": existing.accuracy, "reused": True})
-            return
-        checkpoint = session.get(Checkpoint, checkpoint_id)
-        path, model_name, task = checkpoint.path, checkpoint.name, dataset.task
-
-    sampling = {"do_sample": True, "num_samples": k, "temperature": ctx.payload.get("temperature", 1.0),
-                "top_p": ctx.payload.get("top_p", 1.0)} if k else {}
-    started = time.perf_counter()
-    loaded = load_named(model_name, path)
-    correct = input_tokens = output_tokens = 0
-    done = 0
-    for group in _batches(questions, max(1, config.generation.batch_size * 4 // (k or 1))):
-        completions = generate(loaded, [zero_shot(q.text) for q in group], max_new_tokens=config.generation.max_new_tokens,
-                               batch_size=config.generation.batch_size,
-                               **({**sampling, "seed": config.seed * 1_000_003 + group[0].id} if k else {}))
-        for question, samples in zip(group, completions):
-            answers = [extract_answer(clean_response(sample.text), task) for sample in samples]
-            correct += any(answers_match(answer, question.gold_answer or "", task) for answer in answers)
-            input_tokens += samples[0].input_tokens
-            output_tokens += sum(sample.output_tokens for sample in samples)
-        done += len(group)
-        with ctx.session() as session:
-            ctx.progress(session, done / max(len(questions), 1))
-    accuracy = correct / max(len(questions), 1)
-    with ctx.session() as session:
-        insert_ignore(session, Evaluation, [{**key, "round_id": ctx.round_id, "correct": correct, "accuracy": accuracy,
-                                             "input_tokens": input_tokens, "output_tokens": output_tokens,
-                                             "wall_s": time.perf_counter() - started, "created_at": utcnow()}])
-        evaluation = session.scalar(select(Evaluation).filter_by(**key))
-        ctx.finish(session, {"evaluation_id": evaluation.id, "accuracy": evaluation.accuracy, "reused": False})
-
-
-def _evaluate_with_strategy(ctx: JobContext, checkpoint_id: int, dataset_id: int, limit: int | None) -> None:
-    """An evaluation job with ``strategy`` (a StrategyConfig) and ``shots`` in its payload: CoT,
-    self-consistency or LECO with step-by-step prompts (services.evaluation)."""
-    strategy = StrategyConfig.model_validate(ctx.payload["strategy"])
-    shots = ctx.payload.get("shots", 0)
+    """Accuracy of one checkpoint on a labelled set, by the one evaluation path
+    (``services.evaluation.evaluate``): the round's eval method (greedy zero-shot by default), or
+    pass@k over k samples, or a strategy the payload names. Figures a round stored before under
+    the same method are reused."""
+    payload = ctx.payload
     with ctx.session() as session:
         config = load_config(session.get(Round, ctx.round_id))
-        key = dict(checkpoint_id=checkpoint_id, dataset_id=dataset_id, strategy=eval_label(strategy, shots))
-        existing = session.scalar(select(Evaluation).filter_by(**key).order_by(Evaluation.id.desc()))
-        if existing is not None and existing.round_id == ctx.round_id:  # a retry after the evaluation was stored
-            ctx.finish(session, {"evaluation_id": existing.id, "accuracy": existing.accuracy, "reused": True})
-            return
-        path = session.get(Checkpoint, checkpoint_id).path
-    loaded = default_cache().get(path)
+    method = round_eval_method(config, strategy=payload.get("strategy"), shots=payload.get("shots"),
+                               pass_at=payload.get("pass_at"), temperature=payload.get("temperature", 1.0),
+                               top_p=payload.get("top_p", 1.0))
 
-    def progress(done: int) -> None:
+    def progress(done: int, total: int) -> None:
         with ctx.session() as session:
-            ctx.progress(session, done / max(limit or done, 1))
+            ctx.progress(session, done / max(total, 1))
 
-    evaluation_id, outcome = run_evaluation(
-        ctx.session, loaded, checkpoint_id=checkpoint_id, dataset_id=dataset_id, strategy=strategy, shots=shots,
-        limit=limit, max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size,
-        seed=config.seed, round_id=ctx.round_id, progress=progress)
-    with ctx.session() as session:
-        ctx.finish(session, {"evaluation_id": evaluation_id, "accuracy": outcome.accuracy, "reused": False,
-                             "input_tokens": outcome.input_tokens, "output_tokens": outcome.output_tokens})
+    def finish(session, figures: EvalFigures) -> None:
+        ctx.finish(session, {"evaluation_id": figures.evaluation_id, "accuracy": figures.accuracy,
+                             "reused": figures.reused, "input_tokens": figures.input_tokens,
+                             "output_tokens": figures.output_tokens})
+
+    evaluate(ctx.session, load_named, checkpoint_id=payload["checkpoint_id"], dataset_id=payload["dataset_id"],
+             method=method, limit=payload.get("limit"), round_id=ctx.round_id, reuse=True, progress=progress,
+             then=finish)
 
 
 # --- promote -------------------------------------------------------------------------------------
