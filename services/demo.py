@@ -11,32 +11,56 @@ from typing import Any
 
 from rich.console import Console
 
-# The demo models cannot learn in context (DEMO-NOTES): the strong voter answers zero-shot.
-# Real models keep the reference's K = 4.
-DEMO_ROUND: dict[str, Any] = {
-    "stage": "sft",
-    "iteration": 1,
-    "weak": "demo-weak",
-    "strong": "demo-strong",
-    "pool": "demo-pool",
-    "eval": {"dataset": "demo-test"},
-    "demonstrations": 0,
-    "variants": ["weak", "hybrid"],
-    "generation": {"max_new_tokens": 64, "batch_size": 64, "chunk_size": 1000},
-    # Measured on the full demo (models/demo.py notes): 2 epochs at 3e-4 with batch 8 lifts the
-    # strong model on the test split; larger learning rates or batches did worse.
-    "training": {"learning_rate": 3e-4, "epochs": 2, "micro_batch_size": 8, "max_seq_len": 128,
-                 "warmup_ratio": 0.03},
-}
+# The chain the demo runs, as a pipeline config: `w2sctl pipeline start --config` takes the same.
+# The demo models cannot learn in context (DEMO-NOTES): the strong voter answers zero-shot, so
+# iteration 1 trains the weak and hybrid sets (no icl set) and those two students vote in
+# iteration 2. Real models keep the reference's K = 4 and its weak + icl students.
+GENERATION = {"max_new_tokens": 64, "batch_size": 64, "chunk_size": 1000}
+# Measured on the full demo (models/demo.py notes): 2 epochs at 3e-4 with batch 8 lifts the strong
+# model on the test split; larger learning rates or batches did worse. The examples are short (~40
+# tokens): 128 fits every one.
+SFT_TRAINING = {"learning_rate": 3e-4, "epochs": 2, "micro_batch_size": 8, "max_seq_len": 128, "warmup_ratio": 0.03}
+# TRL's DPO default (1e-6) does not move a model this small in one epoch.
+DPO_TRAINING = {"loss": "dpo", "beta": 0.1, "learning_rate": 5e-5, "epochs": 1, "micro_batch_size": 8,
+                "max_seq_len": 128}
+
+
+def demo_pipeline_config(scale: str, seed: int) -> dict[str, Any]:
+    """Stage I iteration 1 → iteration 2 → stage II on the demo models; the tiny scale runs
+    iteration 1 alone, on the hybrid set only (what the tests need)."""
+    chunk = {"chunk_size": 1000 if scale == "full" else 100}
+    stage1 = {"demonstrations": 0, "generation": {**GENERATION, **chunk}, "training": SFT_TRAINING}
+    config: dict[str, Any] = {
+        "weak": "demo-weak", "strong": "demo-strong", "pool": "demo-pool", "eval": {"dataset": "demo-test"},
+        "seed": seed,
+        "iteration1": {**stage1, "variants": ["weak", "hybrid"]},
+        "iteration2": stage1,
+        "preference": {"sampling": {"samples": 10}, "training": DPO_TRAINING,
+                       "generation": {"max_new_tokens": 64, "batch_size": 320, **chunk}},
+        "iteration2_voters": ["weak", "hybrid"],
+        # Iteration 2 runs whatever iteration 1's gate decided (its voters are candidates either
+        # way), and stage II starts from the best student so far.
+        "after_rejection": "continue",
+    }
+    if scale == "tiny":
+        config.update(iteration1={**stage1, "variants": ["hybrid"]}, iteration2=None, preference=None)
+    return config
 
 
 def demo_round_config(scale: str, seed: int) -> dict[str, Any]:
-    config = {**DEMO_ROUND, "seed": seed}
-    if scale == "tiny":
-        config["generation"] = {**config["generation"], "chunk_size": 100}
-        config["variants"] = ["hybrid"]
-        config["training"] = {**config["training"], "epochs": 2}
-    return config
+    """The demo's first round (stage I, iteration 1) as a round config."""
+    from services.pipeline import next_step, parse_pipeline_config
+
+    return next_step(parse_pipeline_config(demo_pipeline_config(scale, seed), "demo pipeline"), [])[1]
+
+
+STEP_TITLES = {
+    "iteration1": "3. stage I, iteration 1: the weak and the strong model answer the pool; agreed answers "
+                  "train the strong model; each candidate is evaluated and gated",
+    "iteration2": "4. stage I, iteration 2: the two fine-tuned students answer the pool and vote",
+    "preference": "5. stage II: {student} samples answers; confident majorities pair against the weak "
+                  "model's stage I responses; DPO",
+}
 
 
 def run_demo(workdir: Path, *, scale: str, seed: int, console: Console) -> dict[str, Any]:
@@ -69,79 +93,62 @@ def run_demo(workdir: Path, *, scale: str, seed: int, console: Console) -> dict[
         register_model(session, name="demo-weak", path=assets.weak_model, role="weak")
         register_model(session, name="demo-strong", path=assets.strong_model, role="strong")
 
-    reports = []
-    # Stage I, iteration 1: the weak model and the strong model vote.
-    console.print("3. stage I, iteration 1: the weak and the strong model answer the pool; agreed answers "
-                  "train the strong model; each candidate is evaluated and gated")
-    first = _run_round(settings.database_url, demo_round_config(scale, seed), console)
-    reports.append(first)
-    candidates = {v: e.get("checkpoint") for v, e in first["report"].get("variants", {}).items()}
-    # Stage I, iteration 2: the two fine-tuned students vote; hybrid training restarts from the base.
-    if candidates.get("weak") and candidates.get("hybrid") and first["state"] == "done":
-        console.print("4. stage I, iteration 2: the two fine-tuned students answer the pool and vote")
-        second = _run_round(settings.database_url, {
-            **demo_round_config(scale, seed), "iteration": 2, "weak": candidates["weak"],
-            "strong": candidates["hybrid"], "student": "demo-strong", "variants": ["hybrid"]}, console)
-        reports.append(second)
-        # Stage II starts from the best student so far: M_plus if the gate promoted it.
-        m_plus = _current_student(settings.database_url, "demo-strong")
-        if m_plus == "demo-strong":
-            console.print("   no stage I candidate was promoted: stage II needs a promoted student, the chain stops here")
-        else:
-            console.print(f"5. stage II: {m_plus} samples answers; confident majorities pair against the weak "
-                          "model's stage I responses; DPO")
-            reports.append(_run_round(settings.database_url, demo_preference_config(scale, seed, m_plus), console))
+    console.print("   the chain runs as a pipeline (as `w2sctl pipeline start` does), each round gated")
+    reports, pipeline = _run_pipeline(settings.database_url, demo_pipeline_config(scale, seed), console)
 
     console.rule("the chain")
     for entry in reports:
         report = entry["report"]
         name = f"round {entry['round_id']} {report.get('stage')} iteration {report.get('iteration')}"
         console.print(f"[bold]{name}[/]: {entry['state']}" + (f" — {report.get('reason')}" if report.get("reason") else ""))
+    console.print(f"pipeline {pipeline['id']} {pipeline['state']}: {pipeline['reason']}")
     console.print(f"{time.perf_counter() - started:.0f}s in all; state kept in {home} — try: "
-                  f"W2S_HOME={home} w2sctl round list")
-    return {"rounds": reports}
+                  f"W2S_HOME={home} w2sctl pipeline status {pipeline['id']}")
+    return {"rounds": reports, "pipeline": pipeline}
 
 
-def _current_student(database_url: str, base: str) -> str:
-    from db.session import session_scope
-    from services.registry import current_student, get_checkpoint
-
-    with session_scope(database_url) as session:
-        return current_student(session, get_checkpoint(session, base)).name
-
-
-def demo_preference_config(scale: str, seed: int, student: str) -> dict[str, Any]:
-    return {"stage": "preference", "student": student, "weak": "demo-weak", "pool": "demo-pool",
-            "eval": {"dataset": "demo-test"}, "seed": seed,
-            "sampling": {"samples": 10},
-            "generation": {"max_new_tokens": 64, "batch_size": 320, "chunk_size": 1000 if scale == "full" else 100},
-            # TRL's DPO default (1e-6) does not move a model this small in one epoch.
-            "training": {"loss": "dpo", "beta": 0.1, "learning_rate": 5e-5, "epochs": 1, "micro_batch_size": 8,
-                         "max_seq_len": 128}}
-
-
-def _run_round(database_url: str, config_data: dict[str, Any], console: Console) -> dict[str, Any]:
+def _run_pipeline(database_url: str, config_data: dict[str, Any],
+                  console: Console) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Start the pipeline through the service `w2sctl pipeline start` calls, run its jobs
+    in-process, and print each round as it goes: its jobs as they finish, then its report."""
     from db.schema import Job, Round
     from db.session import session_scope
-    from cli.render import render_report
-    from services.config import parse_round_config
-    from services.report import job_counts
-    from services.rounds import start_round
+    from services.pipeline import get_pipeline, parse_pipeline_config, start_pipeline
     from workers.dispatch import drain, enqueue
 
-    config = parse_round_config(config_data, "demo round")
+    config = parse_pipeline_config(config_data, "demo pipeline")
     with session_scope(database_url) as session:
-        round_, job_ids = start_round(session, config)
-        round_id = round_.id
+        pipeline, job_ids = start_pipeline(session, config)
+        pipeline_id = pipeline.id
     enqueue(job_ids)
+    reports: list[dict[str, Any]] = []
+    seen: set[int] = set()
 
     def show(job_id: int) -> None:
         with session_scope(database_url) as session:
             job = session.get(Job, job_id)
+            round_ = session.get(Round, job.round_id)
+            if round_.id not in seen:
+                seen.add(round_.id)
+                console.print(STEP_TITLES.get(round_.pipeline_step, round_.pipeline_step).format(student=round_.config.get("student")))
             took = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else 0.0
             console.print(f"   {job.key:<22} {job.state:<7} {took:6.1f}s")
+            round_id, ended = round_.id, round_.state != "running"
+        if ended:
+            reports.append(_print_round(database_url, round_id, console))
 
     drain(on_job_done=show)
+    with session_scope(database_url) as session:
+        pipeline = get_pipeline(session, pipeline_id)
+        return reports, {"id": pipeline_id, "state": pipeline.state, "reason": pipeline.reason}
+
+
+def _print_round(database_url: str, round_id: int, console: Console) -> dict[str, Any]:
+    from db.schema import Round
+    from db.session import session_scope
+    from cli.render import render_report
+    from services.report import job_counts
+
     with session_scope(database_url) as session:
         round_ = session.get(Round, round_id)
         report, state, error = round_.report or {}, round_.state, round_.error

@@ -8,7 +8,7 @@ of a round finished, embedded or on a worker). A rejected or failed round stops 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from sqlalchemy import select
@@ -35,13 +35,23 @@ class PipelineConfig(_Strict):
     iteration1: dict[str, Any] = Field(default_factory=dict)
     iteration2: dict[str, Any] | None = Field(default_factory=dict, description="null: skip iteration 2")
     preference: dict[str, Any] | None = Field(default_factory=dict, description="null: skip stage II")
+    # ref: the students fine-tuned on the weak set and on the icl set vote in iteration 2; a chain
+    # that trains other variants in iteration 1 (the demo's models cannot learn in context: hybrid)
+    # names its two here.
+    iteration2_voters: tuple[str, str] = Field(
+        ("weak", "icl"), description="the iteration-1 variants whose candidates vote in iteration 2 (weak, strong)")
+    # stop: a step starts only from promoted checkpoints, so a rejected round ends the chain.
+    # continue: iteration 2 runs whatever iteration 1's gate decided (its voters are candidates
+    # either way), and stage II starts from the newest promoted stage I student, if any.
+    after_rejection: Literal["stop", "continue"] = Field("stop", description="a rejected round: stop or continue")
 
     @model_validator(mode="after")
     def _iteration2_needs_two_students(self) -> PipelineConfig:
         variants = self.iteration1.get("variants", ["weak", "icl"])
-        if self.iteration2 is not None and not {"weak", "icl"} <= set(variants):
-            raise ValueError("iteration2: the two fine-tuned students come from iteration1's weak and icl "
-                             f"variants, but iteration1.variants is {variants}")
+        if self.iteration2 is not None and not set(self.iteration2_voters) <= set(variants):
+            first, second = self.iteration2_voters
+            raise ValueError(f"iteration2: the two fine-tuned students come from iteration1's {first} and {second} "
+                             f"variants (iteration2_voters), but iteration1.variants is {variants}")
         return self
 
     def steps(self) -> list[str]:
@@ -59,19 +69,24 @@ class StepOutcome:
     promoted: str | None
 
 
+ALL_PROMOTED = "every step promoted a checkpoint"
+ALL_RAN = "every step ran"  # after_rejection: continue, and some step was rejected
+
+
 def next_step(config: PipelineConfig, finished: list[StepOutcome]) -> tuple[str, dict[str, Any]] | str:
     """The next round's (step, round config), or the reason the chain ends."""
     for outcome in finished:
         if outcome.state != RoundState.DONE:
             return f"{outcome.step} round {outcome.state}"
-        if outcome.outcome != CheckpointStatus.PROMOTED:
+        if outcome.outcome != CheckpointStatus.PROMOTED and config.after_rejection == "stop":
             return f"{outcome.step} round rejected: its candidate did not beat the student"
     steps = config.steps()
     if len(finished) == len(steps):
-        return "every step promoted a checkpoint"
+        rejected = [o.step for o in finished if o.outcome != CheckpointStatus.PROMOTED]
+        return f"{ALL_RAN}; rejected: {', '.join(rejected)}" if rejected else ALL_PROMOTED
     step = steps[len(finished)]
     by_step = {o.step: o for o in finished}
-    weak = by_step["weak-sft"].promoted if "weak-sft" in by_step else config.weak
+    weak = (by_step["weak-sft"].promoted if "weak-sft" in by_step else None) or config.weak
     tracking = {"tracking": config.tracking.model_dump()} if config.tracking else {}
     shared = {"pool": config.pool, "eval": config.eval.model_dump(), "seed": config.seed, **tracking}
     if step == "weak-sft":
@@ -83,11 +98,18 @@ def next_step(config: PipelineConfig, finished: list[StepOutcome]) -> tuple[str,
                             config.iteration1)
     if step == "iteration2":
         first = by_step["iteration1"].candidates
+        missing = [variant for variant in config.iteration2_voters if variant not in first]
+        if missing:
+            return f"iteration2: iteration1 trained no {' and no '.join(missing)} candidate to vote"
+        weak_voter, strong_voter = (first[variant] for variant in config.iteration2_voters)
         # The two fine-tuned students vote zero-shot; training restarts from the base strong model.
-        return step, _merge({"stage": "sft", "iteration": 2, "weak": first["weak"], "strong": first["icl"],
+        return step, _merge({"stage": "sft", "iteration": 2, "weak": weak_voter, "strong": strong_voter,
                              "student": config.strong, "demonstrations": 0, "variants": ["hybrid"], **shared},
                             config.iteration2 or {})
-    m_plus = finished[-1].promoted  # the newest promoted stage I student
+    # Stage II starts from M_plus, the newest promoted stage I student.
+    m_plus = next((o.promoted for o in reversed(finished) if o.step.startswith("iteration") and o.promoted), None)
+    if m_plus is None:
+        return "no stage I candidate was promoted: stage II needs a promoted student"
     return step, _merge({"stage": "preference", "student": m_plus, "weak": weak, **shared}, config.preference or {})
 
 
@@ -137,8 +159,8 @@ def advance_pipeline(session: Session, pipeline_id: int) -> list[int]:
     config = PipelineConfig.model_validate(pipeline.config)
     decision = next_step(config, [_outcome(session, r) for r in rounds])
     if isinstance(decision, str):
-        all_promoted = decision == "every step promoted a checkpoint"
-        pipeline.state, pipeline.reason, pipeline.finished_at = ("done" if all_promoted else "stopped"), decision, utcnow()
+        complete = decision.startswith(ALL_RAN) or decision == ALL_PROMOTED
+        pipeline.state, pipeline.reason, pipeline.finished_at = ("done" if complete else "stopped"), decision, utcnow()
         return []
     step, round_data = decision
     try:

@@ -40,6 +40,40 @@ def test_a_rejected_or_failed_round_stops_the_chain():
     assert next_step(config, [StepOutcome("iteration1", "failed", None, {}, None)]) == "iteration1 round failed"
 
 
+def test_a_chain_can_name_its_iteration2_voters_and_continue_after_a_rejection():
+    config = PipelineConfig.model_validate({**BASE, "iteration1": {"variants": ["weak", "hybrid"]},
+                                            "iteration2_voters": ["weak", "hybrid"], "after_rejection": "continue"})
+    rejected = StepOutcome("iteration1", "done", "rejected", {"weak": "r1-weak", "hybrid": "r1-hybrid"}, None)
+    step, second = next_step(config, [rejected])  # a rejected round does not stop this chain
+    assert step == "iteration2" and (second["weak"], second["strong"], second["student"]) == ("r1-weak", "r1-hybrid", "s")
+    two = StepOutcome("iteration2", "done", "rejected", {"hybrid": "r2-hybrid"}, None)
+    assert next_step(config, [rejected, two]) == "no stage I candidate was promoted: stage II needs a promoted student"
+    one = promoted("iteration1", {"weak": "r1-weak", "hybrid": "r1-hybrid"}, "r1-hybrid")
+    step, third = next_step(config, [one, two])  # stage II from the newest promoted stage I student
+    assert step == "preference" and third["student"] == "r1-hybrid"
+    assert next_step(config, [one, two, promoted("preference", {"dpo": "r3"}, "r3")]) == "every step ran; rejected: iteration2"
+    assert next_step(config, [StepOutcome("iteration1", "failed", None, {}, None)]) == "iteration1 round failed"
+    only_hybrid = promoted("iteration1", {"hybrid": "r1-hybrid"}, "r1-hybrid")  # the weak set kept nothing
+    assert next_step(config, [only_hybrid]) == "iteration2: iteration1 trained no weak candidate to vote"
+    with pytest.raises(ConfigError, match="iteration1's weak and icl variants"):
+        parse_pipeline_config({**BASE, "iteration1": {"variants": ["weak", "hybrid"]}})
+
+
+def test_the_demo_chain_is_a_pipeline_config():
+    from services.demo import demo_pipeline_config
+
+    full = parse_pipeline_config(demo_pipeline_config("full", 0))
+    assert full.steps() == ["iteration1", "iteration2", "preference"] and full.after_rejection == "continue"
+    step, first = next_step(full, [])
+    assert first["variants"] == ["weak", "hybrid"] and first["demonstrations"] == 0
+    assert first["training"]["learning_rate"] == 3e-4 and first["training"]["max_seq_len"] == 128
+    one = promoted("iteration1", {"weak": "r1-weak", "hybrid": "r1-hybrid"}, "r1-hybrid")
+    step, second = next_step(full, [one])
+    assert (second["weak"], second["strong"], second["variants"]) == ("r1-weak", "r1-hybrid", ["hybrid"])
+    tiny = parse_pipeline_config(demo_pipeline_config("tiny", 0))
+    assert tiny.steps() == ["iteration1"] and next_step(tiny, [])[1]["variants"] == ["hybrid"]
+
+
 def test_weak_sft_feeds_the_promoted_weak_model_downstream():
     config = PipelineConfig.model_validate({**BASE, "weak_sft": {"train": "gold"}, "iteration2": None,
                                             "preference": {"training": {"loss": "orpo"}}})
