@@ -198,26 +198,6 @@ def write_jsonl(path: Path, problems: Iterable[Problem]) -> None:
             f.write(json.dumps({"question": p.question, "answer": p.solution}) + "\n")
 
 
-def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-                if limit is not None and len(rows) >= limit:
-                    break
-    return rows
-
-
-def final_answer(text: str) -> str:
-    """The text after the last ``####`` (first line, no trailing period), "" when there is none."""
-    text = text.split("Question", 1)[0]
-    at = text.rfind("####")
-    if at < 0:
-        return ""
-    return text[at + 4 :].strip().split("\n", 1)[0].strip().rstrip(".").replace(",", "").strip()
-
-
 # --- tokenizer ---------------------------------------------------------------------------------
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -436,73 +416,23 @@ def train_model(
 # --- evaluation --------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def generate_greedy(
-    model, tokenizer, questions: Sequence[str], *, batch_size: int = 128, max_new_tokens: int = 48
-) -> list[str]:
-    """Zero-shot greedy responses: left-padded batches, one ``generate`` call per batch."""
-    model.eval()
-    prompts = [zero_shot(q) for q in questions]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
-    out: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        enc = tokenizer(
-            [prompts[i] for i in rows], return_tensors="pt", padding=True, padding_side="left"
-        )
-        gen = model.generate(
-            **enc,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        new_tokens = gen[:, enc["input_ids"].shape[1] :]
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        for i, text in zip(rows, texts):
-            out[i] = clean_response(text)
-    return out
+def greedy_accuracy(model_dir: str | os.PathLike, problems: Sequence[Problem], *, batch_size: int = 128) -> float:
+    """Zero-shot greedy accuracy of the checkpoint saved in ``model_dir`` on labelled problems,
+    through the project's own loading, generation (stop strings, at most 48 new tokens) and
+    answer grading: the figure a round's gate measures, without a database."""
+    from models.answers import answers_match, extract_answer, gold_answer_from_solution
+    from models.generation import generate
+    from models.loading import load_model
 
-
-def accuracy(responses: Sequence[str], rows: Sequence[dict]) -> float:
-    """Share of responses whose final answer equals the gold ``#### X`` of ``rows``."""
-    if not rows:
+    if not problems:
         return 0.0
-    right = sum(
-        _same(final_answer(r), final_answer(row["answer"])) for r, row in zip(responses, rows)
-    )
-    return right / len(rows)
-
-
-def _same(a: str, b: str) -> bool:
-    if not a or not b:
-        return False
-    try:
-        return float(a) == float(b)
-    except ValueError:
-        return a == b
-
-
-def evaluate_greedy(
-    model_dir: str | os.PathLike,
-    jsonl: str | os.PathLike,
-    limit: int | None = None,
-    *,
-    batch_size: int = 128,
-) -> float:
-    """Zero-shot greedy accuracy of the checkpoint in ``model_dir`` on the first ``limit`` rows.
-
-    Left-padded batches, one ``generate`` call per batch, at most 48 new tokens; the answer is the
-    text after the last ``####``, compared numerically with the row's gold ``#### X``.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    rows = read_jsonl(jsonl, limit)
-    questions = [r["question"] for r in rows]
-    responses = generate_greedy(model, tokenizer, questions, batch_size=batch_size)
-    return accuracy(responses, rows)
+    loaded = load_model(model_dir, device="cpu")
+    completions = generate(loaded, [zero_shot(p.question) for p in problems], max_new_tokens=48,
+                           batch_size=batch_size)
+    right = sum(answers_match(extract_answer(clean_response(samples[0].text), "gsm8k"),
+                              gold_answer_from_solution(p.solution, "gsm8k"), "gsm8k")
+                for p, samples in zip(problems, completions))
+    return right / len(problems)
 
 
 # --- the build ---------------------------------------------------------------------------------
@@ -742,9 +672,8 @@ def _build(out: Path, scale: str, seed: int, log: Callable[[str], None]) -> None
         model_dir = out / _FILES[f"{role}_model"]
         model.save_pretrained(model_dir, safe_serialization=True)
         tokenizer.save_pretrained(model_dir)
-        test_rows = [{"question": p.question, "answer": p.solution} for p in test]
         t0 = time.monotonic()
-        acc = accuracy(generate_greedy(model, tokenizer, [p.question for p in test]), test_rows)
+        acc = greedy_accuracy(model_dir, test)
         seconds[f"{role}_eval"] = time.monotonic() - t0
         accuracies[role] = {"test": round(acc, 4)}
         log(
