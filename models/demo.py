@@ -421,12 +421,12 @@ def greedy_accuracy(model_dir: str | os.PathLike, problems: Sequence[Problem], *
     through the project's own loading, generation (stop strings, at most 48 new tokens) and
     answer grading: the figure a round's gate measures, without a database."""
     from models.answers import answers_match, extract_answer, gold_answer_from_solution
+    from models.backends import load_backend
     from models.generation import generate
-    from models.loading import load_model
 
     if not problems:
         return 0.0
-    loaded = load_model(model_dir, device="cpu")
+    loaded = load_backend(model_dir, device="cpu")
     completions = generate(loaded, [zero_shot(p.question) for p in problems], max_new_tokens=48,
                            batch_size=batch_size)
     right = sum(answers_match(extract_answer(clean_response(samples[0].text), "gsm8k"),
