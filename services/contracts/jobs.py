@@ -48,9 +48,10 @@ class EvaluatePayload(Contract):
     pass_at: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    # A reasoning strategy (a StrategyConfig's fields) and few-shot count: services.evaluation's path.
+    # A reasoning strategy (a StrategyConfig's fields) and few-shot count; None: the round's
+    # eval.strategy and eval.shots (services.evaluation.round_eval_method).
     strategy: dict[str, Any] | None = None
-    shots: int = 0
+    shots: int | None = None
 
 
 class PromotePayload(Contract):
