@@ -15,11 +15,12 @@ from sqlalchemy import select
 from cli.context import App, Group, console, pass_app, print_json
 from cli.render import duration
 from db.schema import Job
+from services.contracts import JobState
 
 
 @click.group("jobs", cls=Group, invoke_without_command=True)
 @click.option("--round", "round_id", type=int, help="Only this round's jobs.")
-@click.option("--state", type=click.Choice(["queued", "running", "done", "failed", "cancelled"]))
+@click.option("--state", type=click.Choice([str(state) for state in JobState]))
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--watch", is_flag=True, help="Refresh the table until none of the listed jobs is queued or running.")
 @click.option("--interval", type=click.FloatRange(0.2, 3600), default=2.0, show_default=True)

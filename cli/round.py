@@ -19,6 +19,7 @@ from cli.context import App, Group, console, pass_app, print_json
 from cli.render import duration, pct, render_report
 from db.schema import Job, Round
 from services.config import ConfigError, load_round_config_file, parse_round_config
+from services.contracts import TERMINAL_ROUND_STATES
 from services.contracts.graph import job_summary
 
 
@@ -132,7 +133,7 @@ def _wait_for_round(app: App, round_id: int) -> None:
     with console.status(f"waiting for round {round_id}"):
         while True:
             with app.session() as session:
-                if session.get(Round, round_id).state in ("done", "failed", "cancelled"):
+                if session.get(Round, round_id).state in TERMINAL_ROUND_STATES:
                     return
             time.sleep(2)
 

@@ -20,7 +20,7 @@ from models.backends import CheckpointError, default_cache
 from models.generation import generate
 from models.prompts import clean_response, few_shot, zero_shot
 from models.leco import score_steps
-from services.contracts import (CheckpointStatus, EvaluateResult, GeneratePayload, GenerateResult, JobKey, JobKind,
+from services.contracts import (CheckpointStatus, EvaluatePayload, EvaluateResult, GeneratePayload, GenerateResult, JobKey, JobKind,
                                 JobState, PairsResult, PromotePayload, PromoteResult, ResolvedPreference, ResolvedSFT,
                                 ResolvedWeakSFT, TrainPayload, TrainResult, VoteResult, resolved_of, result_of)
 from services.contracts.jobs import parse_contract
@@ -343,24 +343,23 @@ def run_evaluate(ctx: JobContext) -> None:
     (``services.evaluation.evaluate``): the round's eval method (greedy zero-shot by default), or
     pass@k over k samples, or a strategy the payload names. Figures a round stored before under
     the same method are reused."""
-    payload = ctx.payload
+    payload = parse_contract(EvaluatePayload, ctx.payload, f"job {ctx.job_id} payload")
     with ctx.session() as session:
         config = load_config(session.get(Round, ctx.round_id))
-    method = round_eval_method(config, strategy=payload.get("strategy"), shots=payload.get("shots"),
-                               pass_at=payload.get("pass_at"), temperature=payload.get("temperature", 1.0),
-                               top_p=payload.get("top_p", 1.0))
+    method = round_eval_method(config, strategy=payload.strategy, shots=payload.shots, pass_at=payload.pass_at,
+                               temperature=payload.temperature, top_p=payload.top_p)
 
     def progress(done: int, total: int) -> None:
         with ctx.session() as session:
             ctx.progress(session, done / max(total, 1))
 
     def finish(session, figures: EvalFigures) -> None:
-        ctx.finish(session, {"evaluation_id": figures.evaluation_id, "accuracy": figures.accuracy,
-                             "reused": figures.reused, "input_tokens": figures.input_tokens,
-                             "output_tokens": figures.output_tokens})
+        ctx.finish(session, EvaluateResult(evaluation_id=figures.evaluation_id, accuracy=figures.accuracy,
+                                           reused=figures.reused, input_tokens=figures.input_tokens,
+                                           output_tokens=figures.output_tokens).stored())
 
-    evaluate(ctx.session, load_named, checkpoint_id=payload["checkpoint_id"], dataset_id=payload["dataset_id"],
-             method=method, limit=payload.get("limit"), round_id=ctx.round_id, reuse=True, progress=progress,
+    evaluate(ctx.session, load_named, checkpoint_id=payload.checkpoint_id, dataset_id=payload.dataset_id,
+             method=method, limit=payload.limit, round_id=ctx.round_id, reuse=True, progress=progress,
              then=finish)
 
 
