@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 
-from workers.launch import launch_training  # noqa: E402
+from models.train.launch import launch_training  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / ".w2s-test-cache" / "tiny" / "strong"  # built by the tests' demo_assets fixture

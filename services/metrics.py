@@ -105,7 +105,7 @@ class ServiceCollector:
         yield from (progress, steps, generation, training, accuracy)
 
     def _broker_metrics(self, GaugeMetricFamily) -> Iterator[Any]:
-        from services.monitor import broker_depths, inspect_workers
+        from services.monitor import broker_depths, control_app, inspect_workers
 
         depth = GaugeMetricFamily("w2s_queue_depth", "Messages waiting in the broker", labels=["queue"])
         try:
@@ -117,14 +117,9 @@ class ServiceCollector:
         yield depth
         if not self.inspect_workers:
             return
-        from workers.app import make_app
-
         consumers = GaugeMetricFamily("w2s_queue_consumers", "Workers consuming the queue", labels=["queue"])
-        app = make_app()
-        try:
+        with control_app(self.settings.broker_url) as app:
             workers = inspect_workers(app, self.inspect_timeout)
-        finally:
-            app.close()
         for queue in QUEUES:
             consumers.add_metric([queue], sum(queue in w["queues"] for w in workers))
         yield consumers

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -192,6 +194,21 @@ def _job_ids(tasks: list[dict[str, Any]]) -> list[tuple[int, str | None, float |
     return out
 
 
+@contextmanager
+def control_app(broker_url: str) -> Iterator[Any]:
+    """A Celery client for remote control (inspect, broadcast). It needs the broker only, not the
+    workers' task code, so reading the workers' state does not import the workers package."""
+    from celery import Celery
+
+    app = Celery("w2s-control", broker=broker_url)
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                    result_accept_content=["json"])
+    try:
+        yield app
+    finally:
+        app.close()
+
+
 def inspect_workers(app: Any, timeout: float = 1.0) -> list[dict[str, Any]]:
     """Every worker answering on the broker: its queues, GPUs, active, reserved and scheduled jobs."""
     queues_by_worker = app.control.inspect(timeout=timeout).active_queues() or {}
@@ -227,14 +244,9 @@ def queue_status(session: Session, broker_url: str | None, *, timeout: float = 1
     status: dict[str, Any] = {"broker": _redact(broker_url) if broker_url else None, "queues": [], "workers": []}
     depths: dict[str, int] = {}
     if broker_url:
-        from workers.app import make_app
-
         depths = broker_depths(broker_url)
-        app = make_app()
-        try:
+        with control_app(broker_url) as app:
             status["workers"] = inspect_workers(app, timeout)
-        finally:
-            app.close()
         keys = dict(session.execute(select(Job.id, Job.key).where(
             Job.id.in_({a["job"] for w in status["workers"] for kind in ("active", "reserved", "scheduled")
                         for a in w[kind]}))).all())
@@ -374,7 +386,7 @@ def estimate(completed: float, total: float | None, elapsed_s: float | None) -> 
 
 def last_training_step(log_path: str | None) -> dict[str, Any] | None:
     """The newest `{"step", "loss", "total_steps", ...}` line the training ranks printed."""
-    from workers.launch import parse_progress
+    from models.train.launch import parse_progress
 
     for line in reversed(log_tail(log_path, lines=400) or []):
         record = parse_progress(line)

@@ -12,7 +12,7 @@ import torch
 from models.prompts import training_target, zero_shot
 from models.train.common import linear_warmup_decay
 from models.train.sft import IGNORE_INDEX, SFTConfig, build_example, collate
-from workers.launch import LaunchError, build_command, launch_training, parse_progress
+from models.train.launch import LaunchError, build_command, launch_training, parse_progress
 
 WORDS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
 

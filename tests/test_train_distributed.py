@@ -22,7 +22,7 @@ import torch
 from models.prompts import zero_shot
 from tests.test_preference import margin, pair_rows, write_pairs
 from tests.test_sft import tiny_model, tokenizer, write_job, write_rows  # noqa: F401 - fixtures
-from workers.launch import ClusterSpec, launch_training
+from models.train.launch import ClusterSpec, launch_training
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent

@@ -13,7 +13,7 @@ import torch
 from models.train.common import render_ds_config, resume_batches
 from models.train.options import DEFAULT_LORA_TARGETS, LoraOptions
 from models.train.sft import SFTConfig
-from workers.launch import (ClusterSpec, RankStatus, build_command, check_ranks, failure_reason, parse_hostfile,
+from models.train.launch import (ClusterSpec, RankStatus, build_command, check_ranks, failure_reason, parse_hostfile,
                             prepare_state_dir, redact_env)
 
 # -- DeepSpeed configs -----------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def celery_argv(plan: WorkerPlan, *, loglevel: str, hostname: str | None) -> lis
 def apply_gpus(plan: WorkerPlan) -> None:
     """Before the pool starts. Model roles: each pool process narrows CUDA_VISIBLE_DEVICES to its
     own GPU (`pin_this_process`, on worker_process_init). Train: the launch names the devices to
-    DeepSpeed (W2S_TRAIN_GPUS, workers.launch), which sets each rank's CUDA_VISIBLE_DEVICES."""
+    DeepSpeed (W2S_TRAIN_GPUS, models.train.launch), which sets each rank's CUDA_VISIBLE_DEVICES."""
     if not plan.gpus:
         return
     if plan.pin_per_process:

@@ -209,7 +209,7 @@ def run_train(ctx: JobContext) -> None:
     output it left; the student is never touched.
     """
     from models.train.checkpoint import CheckpointMismatch, verify_checkpoint
-    from workers.launch import ClusterSpec, default_num_ranks, launch_training, prepare_state_dir
+    from models.train.launch import ClusterSpec, default_num_ranks, launch_training, prepare_state_dir
 
     variant = parse_contract(TrainPayload, ctx.payload, f"job {ctx.job_id} payload").variant
     with ctx.session() as session:

@@ -5,7 +5,7 @@ optimiser, one loop. Everything DeepSpeed needs — process group, engine config
 precision, gathering a full state dict and writing a Hugging Face directory atomically — lives in
 :class:`DeepSpeedStrategy` (the shape of OpenRLHF's ``utils/deepspeed/deepspeed.py``, much smaller).
 
-A run is started by the DeepSpeed launcher (``workers/launch.py``), which sets ``RANK``,
+A run is started by the DeepSpeed launcher (``models/train/launch.py``), which sets ``RANK``,
 ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` for every rank.
 """
 
@@ -283,7 +283,7 @@ class DeepSpeedStrategy:
             print(*args, flush=True)
 
     def log_json(self, **record: Any) -> None:
-        """One JSON object per line on rank 0's stdout: what ``workers.launch.parse_progress`` reads."""
+        """One JSON object per line on rank 0's stdout: what ``models.train.launch.parse_progress`` reads."""
         if self.is_rank0():
             sys.stdout.write(json.dumps(record) + "\n")
             sys.stdout.flush()

@@ -1,6 +1,6 @@
 """Stage II: preference optimisation of M_plus on the pairs it picked, with DPO or ORPO.
 
-Launched by DeepSpeed, one process per rank (see ``workers/launch.py``)::
+Launched by DeepSpeed, one process per rank (see ``models/train/launch.py``)::
 
     python -m deepspeed.launcher.runner --num_gpus N --master_port P \\
         --module --no_local_rank models.train.preference --config job.json

@@ -1,6 +1,6 @@
 """Supervised fine-tuning of the strong student on trusted reasoning chains.
 
-Launched by DeepSpeed, one process per rank (see ``workers/launch.py``)::
+Launched by DeepSpeed, one process per rank (see ``models/train/launch.py``)::
 
     python -m deepspeed.launcher.runner --num_gpus N --master_port P \\
         --module --no_local_rank models.train.sft --config job.json

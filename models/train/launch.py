@@ -36,7 +36,7 @@ from typing import Any
 
 from models.stopping import StopSignal, current_signal
 
-REPO_ROOT = Path(__file__).resolve().parents[1]  # holds models/, workers/, …: the ranks import from it
+REPO_ROOT = Path(__file__).resolve().parents[2]  # holds models/, workers/, …: the ranks import from it
 KILL_GRACE_S = 10.0  # SIGTERM first (the launcher forwards it to its ranks), SIGKILL after this
 WAIT_POLL_S = 0.5  # how soon the wait sees the launcher exit (a stop signal wakes it at once)
 
