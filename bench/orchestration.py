@@ -132,20 +132,22 @@ def in_process(n: int) -> dict:
     from db.session import session_scope
     from services.config import parse_round_config
     from services.rounds import cancel_round, start_round
+    from services.settings import load_settings
     from workers.runner import run_job
     from workers.steps import run_generate
 
-    url = os.environ["W2S_DATABASE_URL"]
+    settings = load_settings()
+    url = settings.database_url
     start = time.perf_counter()
     with session_scope(url) as session:
-        round_, _ = start_round(session, parse_round_config({**ROUND, "pool_limit": n}))
+        round_, _ = start_round(session, parse_round_config({**ROUND, "pool_limit": n}), settings.delivery)
         round_id = round_.id
         jobs = list(session.scalars(select(Job.id).where(Job.round_id == round_id, Job.kind == "generate")))
     for job_id in jobs:
-        assert run_job(job_id, run_generate, enqueue=lambda *a, **k: None) == "done"
+        assert run_job(job_id, run_generate, settings=settings, enqueue=lambda *a, **k: None) == "done"
     wall = time.perf_counter() - start
     with session_scope(url) as session:
-        cancel_round(session, round_id, "benchmark: generation measured")
+        cancel_round(session, round_id, settings.delivery, "benchmark: generation measured")
     return {"wall_s": wall, "jobs": len(jobs)}
 
 
@@ -156,9 +158,11 @@ def distributed(work: Path, count: int, n: int, env: dict) -> dict:
     from db.session import session_scope
     from services.config import parse_round_config
     from services.rounds import cancel_round, start_round
-    from workers.dispatch import enqueue
+    from services.settings import load_settings
+    from workers.dispatch import JobDispatcher
 
-    url = env["W2S_DATABASE_URL"]
+    settings = load_settings({**os.environ, **env})
+    url, enqueue = settings.database_url, JobDispatcher(settings).enqueue
     logs, workers = [], []
     for i in range(count):
         log = work / f"worker{count}-{i}.log"
@@ -172,7 +176,7 @@ def distributed(work: Path, count: int, n: int, env: dict) -> dict:
         start = time.perf_counter()
         # What `w2sctl round start` does, minus the interpreter's start-up: plan, commit, send.
         with session_scope(url) as session:
-            round_, job_ids = start_round(session, parse_round_config({**ROUND, "pool_limit": n}))
+            round_, job_ids = start_round(session, parse_round_config({**ROUND, "pool_limit": n}), settings.delivery)
             round_id = round_.id
         enqueue(job_ids)
         while True:
@@ -186,7 +190,7 @@ def distributed(work: Path, count: int, n: int, env: dict) -> dict:
             time.sleep(0.05)
         wall = time.perf_counter() - start
         with session_scope(url) as session:
-            cancel_round(session, round_id, "benchmark: generation measured")
+            cancel_round(session, round_id, settings.delivery, "benchmark: generation measured")
         return {"wall_s": wall, "jobs": sum(states.values())}
     finally:
         for worker in workers:

@@ -38,14 +38,16 @@ def main(argv: list[str] | None = None) -> None:
     from db.session import ensure_schema, session_scope
     from models.demo import build_demo
     from models.backends import default_cache
-    from services.config import load_settings, parse_round_config
+    from services.config import parse_round_config
+    from services.settings import load_settings
     from services.demo import demo_round_config
     from services.registry import import_dataset, register_model
     from services.rounds import start_round
-    from workers.dispatch import drain, enqueue
+    from workers.dispatch import JobDispatcher
 
     assets = build_demo(args.workdir.absolute() / "assets", scale=args.scale, seed=0)
-    url = load_settings().database_url
+    settings = load_settings()
+    url, dispatcher = settings.database_url, JobDispatcher(settings)
     ensure_schema(url)
     with session_scope(url) as session:
         import_dataset(session, assets.pool, name="demo-pool", task="gsm8k", labelled=False)
@@ -56,11 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.pool_limit:
         config["pool_limit"] = args.pool_limit
     with session_scope(url) as session:
-        round_, job_ids = start_round(session, parse_round_config(config))
+        round_, job_ids = start_round(session, parse_round_config(config), settings.delivery)
         round_id = round_.id
-    enqueue(job_ids)
+    dispatcher.enqueue(job_ids)
     started = time.perf_counter()
-    drain()
+    dispatcher.drain()
     wall = time.perf_counter() - started
 
     with session_scope(url) as session:

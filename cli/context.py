@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Any
 
 import click
@@ -14,18 +15,26 @@ from sqlalchemy.orm import Session
 
 from db.session import SchemaOutOfDate, database_error_line, ensure_schema, session_scope
 from models.backends import CheckpointError
-from services.config import load_settings
+from services.dispatch import Dispatcher
+from services.settings import load_settings
 from services.errors import W2SError
 
 console = Console(highlight=False)
 
 
 class App:
-    """The context object: settings, and sessions on a migrated database."""
+    """The context object: the settings (read here, once, for the whole command), sessions on a
+    migrated database, and the dispatcher that sends jobs (or runs them here, embedded)."""
 
     def __init__(self) -> None:
         self.settings = load_settings()
         self._schema_checked = False
+
+    @cached_property
+    def dispatcher(self) -> Dispatcher:
+        from workers.dispatch import JobDispatcher
+
+        return JobDispatcher(self.settings)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.context import console
+from cli.context import App, console, pass_app
 
 
 @click.command("demo")
@@ -14,8 +14,13 @@ from cli.context import console
               help="Where the demo keeps its models, data and database.")
 @click.option("--scale", type=click.Choice(["full", "tiny"]), default="full", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo(workdir: Path, scale: str, seed: int) -> None:
+@pass_app
+def demo(app: App, workdir: Path, scale: str, seed: int) -> None:
     """Build tiny models locally and run a whole stage I round on them, embedded."""
-    from services.demo import run_demo
+    from cli.render import render_report
+    from services.demo import demo_settings, run_demo
+    from workers.dispatch import JobDispatcher
 
-    run_demo(workdir, scale=scale, seed=seed, console=console)
+    settings = demo_settings(workdir, app.settings)
+    run_demo(workdir, scale=scale, seed=seed, console=console, settings=settings,
+             dispatcher=JobDispatcher(settings), render_report=render_report)

@@ -130,15 +130,14 @@ def launch_table(launch: dict[str, Any]) -> Table:
 def jobs_retry(app: App, job_id: int, attempts: int) -> None:
     """Give a failed job a fresh attempt and send it again; its round (and pipeline) resume."""
     from services.operations import retry_job
-    from workers.dispatch import drain, enqueue
 
     with app.session() as session:
-        to_send = retry_job(session, job_id, attempts)
-    enqueue(to_send)
+        to_send = retry_job(session, job_id, app.settings.delivery, attempts)
+    app.dispatcher.enqueue(to_send)
     console.print(f"job {job_id} queued again ({attempts} more attempt{'s' if attempts != 1 else ''}); "
                   f"{len(to_send)} job(s) of its round sent")
     if app.settings.embedded:
-        drain()
+        app.dispatcher.drain()
 
 
 def _watch_jobs(rows_of, table_of, interval: float) -> None:

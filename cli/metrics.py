@@ -26,7 +26,7 @@ def metrics_serve(app: App, host: str, port: int, no_inspect: bool) -> None:
     from services.logs import configure_logging
     from services.metrics import serve
 
-    configure_logging()
+    configure_logging(fmt=app.settings.log_format)
     with app.session():
         pass  # the schema check, once, before the first scrape
     try:

@@ -25,14 +25,14 @@ def pipeline_start(app: App, config_file: Path, wait: bool | None) -> None:
     """Start the first round of a pipeline; each round that ends starts the next."""
     from services.config import read_config_file
     from services.pipeline import parse_pipeline_config, start_pipeline
-    from workers.dispatch import SendFailed, enqueue
+    from workers.dispatch import SendFailed
 
     config = parse_pipeline_config(read_config_file(config_file), str(config_file))
     with app.session() as session:
-        pipe, job_ids = start_pipeline(session, config)
+        pipe, job_ids = start_pipeline(session, config, app.settings.delivery)
         pipeline_id = pipe.id
     try:
-        enqueue(job_ids)
+        app.dispatcher.enqueue(job_ids)
     except SendFailed as exc:
         raise click.ClickException(
             f"pipeline {pipeline_id} is recorded but the {len(job_ids)} queued job(s) of its first round could not be "
@@ -41,9 +41,7 @@ def pipeline_start(app: App, config_file: Path, wait: bool | None) -> None:
     console.print(f"pipeline {pipeline_id} started: {' → '.join(config.steps())}")
     if wait if wait is not None else app.settings.embedded:
         if app.settings.embedded:
-            from workers.dispatch import drain
-
-            drain()
+            app.dispatcher.drain()
         else:
             with console.status(f"waiting for pipeline {pipeline_id}"):
                 while True:

@@ -58,7 +58,7 @@ def round_start(app: App, config_file: Path | None, wait: bool | None, sets: tup
     """Validate a round config, write the round and its first jobs, enqueue them."""
     from services.registry import validate_name
     from services.rounds import named_round, start_round
-    from workers.dispatch import SendFailed, enqueue
+    from workers.dispatch import SendFailed
 
     overrides = _overrides(flags, sets)
     config = load_round_config_file(config_file, overrides) if config_file else parse_round_config(overrides, "round flags")
@@ -66,10 +66,10 @@ def round_start(app: App, config_file: Path | None, wait: bool | None, sets: tup
         validate_name(name, "--name")
     with app.session() as session:
         existed = name is not None and named_round(session, name) is not None
-        round_obj, job_ids = start_round(session, config, name=name)
+        round_obj, job_ids = start_round(session, config, app.settings.delivery, name=name)
         round_id, state = round_obj.id, round_obj.state
     try:
-        enqueue(job_ids)
+        app.dispatcher.enqueue(job_ids)
     except SendFailed as exc:
         raise click.ClickException(
             f"round {round_id} is recorded but its {len(job_ids)} queued job(s) could not be sent ({exc}); "
@@ -118,8 +118,6 @@ def _overrides(flags: dict[str, Any], sets: tuple[str, ...]) -> dict[str, Any]:
 
 def _wait_for_round(app: App, round_id: int) -> None:
     """Embedded: run the jobs here. Distributed: poll the database until the round ends."""
-    from workers.dispatch import drain
-
     if app.settings.embedded:
         def show(job_id: int) -> None:
             with app.session() as session:
@@ -128,7 +126,7 @@ def _wait_for_round(app: App, round_id: int) -> None:
                 mark = {"done": "[green]✓[/]", "failed": "[red]✗[/]"}.get(job.state, "[yellow]↻[/]")
                 console.print(f"  {mark} round {round_id} {job.key:<22} {job.state:<8} {took:6.1f}s {job_summary(job.kind, job.result)}")
 
-        drain(on_job_done=show)
+        app.dispatcher.drain(on_job_done=show)
         return
     with console.status(f"waiting for round {round_id}"):
         while True:
@@ -159,22 +157,18 @@ def round_status(app: App, round_id: int, as_json: bool, watch: bool, interval: 
 def round_notices(app: App, session, round_obj: Round) -> dict[str, list[str]]:
     """step → what the counts do not say (services.monitor.round_notices); with a broker, what it
     and the live workers hold. An unreachable broker is itself the notice."""
-    from services.monitor import BrokerUnreachable, message_census, round_notices as notices_of
-    from workers.delivery import load_delivery
+    from services.monitor import BrokerUnreachable, control_app, message_census
+    from services.monitor import round_notices as notices_of
 
     if round_obj.state != "running":
         return {}
-    delivery, census = load_delivery(), None
+    delivery, census = app.settings.delivery, None
     if app.settings.broker_url:
-        from workers.app import make_app
-
-        celery_app = make_app()
         try:
-            census = message_census(app.settings.broker_url, celery_app)
+            with control_app(app.settings.broker_url) as celery_app:
+                census = message_census(app.settings.broker_url, celery_app)
         except BrokerUnreachable as exc:
             return {"broker": [str(exc)]}
-        finally:
-            celery_app.close()
     return notices_of(session, round_obj, census, reconcile_s=delivery.reconcile_s, grace_s=delivery.reconcile_grace_s)
 
 
@@ -234,12 +228,11 @@ def round_list(app: App) -> None:
 def round_resume(app: App, round_id: int, wait: bool | None) -> None:
     """Re-plan whatever is missing and re-send queued jobs. Safe to repeat."""
     from services.rounds import resume_round
-    from workers.dispatch import enqueue
 
     with app.session() as session:
-        job_ids = resume_round(session, round_id)
+        job_ids = resume_round(session, round_id, app.settings.delivery)
         state = session.get(Round, round_id).state
-    enqueue(job_ids)
+    app.dispatcher.enqueue(job_ids)
     if state != "running":
         console.print(f"round {round_id} is {state}: nothing to resume")
         return

@@ -24,18 +24,19 @@ def worker(app: App, roles: str | None, queues: str | None, gpus: str | None, co
 
     from celery.utils.nodenames import default_nodename, host_format
 
-    from workers.delivery import load_delivery
     from workers.roles import apply_gpus, celery_argv, plan_worker, start_watchdog
 
     if app.settings.embedded:
         raise click.ClickException("W2S_BROKER_URL is not set: embedded mode runs jobs in-process, no worker needed")
     plan = plan_worker(roles=roles, queues=queues, gpus=gpus, concurrency=concurrency)
-    delivery = load_delivery()
     ensure_schema(app.settings.database_url)
     apply_gpus(plan)
     os.environ["W2S_WORKER_NAME"] = host_format(default_nodename(hostname))  # job owners name the node
+    # The worker's settings are read once more, now that its GPUs and name are in the environment
+    # its pool processes inherit (workers.app: the Celery app's edge).
     from workers.app import app as celery_app
+    from workers.app import settings as worker_settings
 
     if plan.watchdog:
-        start_watchdog(delivery.watchdog_s)
+        start_watchdog(worker_settings, worker_settings.delivery.watchdog_s)
     celery_app.worker_main(celery_argv(plan, loglevel=loglevel, hostname=hostname))

@@ -1,8 +1,7 @@
-"""Settings from the environment and one typed config per kind of round, validated with clear errors."""
+"""One typed config per kind of round, validated with clear errors. (The service's settings: services/settings.py.)"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -19,7 +18,7 @@ class ConfigError(InputError):
     """A user-facing configuration error; the message names the field or file."""
 
 
-# --- settings ------------------------------------------------------------------------------------
+# --- tracking (a round's own, or the settings' default: services/settings.py) ---------------------
 
 
 class TrackingConfig(BaseModel):
@@ -31,58 +30,6 @@ class TrackingConfig(BaseModel):
     uri: str | None = Field(None, description="an MLflow tracking URI or a TensorBoard log directory; "
                             "null: the embedded store under W2S_HOME (mlflow.db, tensorboard/)")
     experiment: str = Field("w2s", min_length=1, description="MLflow experiment the runs go in")
-
-
-class Settings(BaseModel):
-    """Where the service keeps its state. Nothing set: everything embedded under W2S_HOME."""
-
-    home: Path
-    database_url: str
-    broker_url: str | None  # None: tasks run in-process (embedded mode)
-    checkpoint_dir: Path
-    tracking: TrackingConfig = TrackingConfig()  # the default of rounds whose config has no `tracking:`
-
-    @property
-    def embedded(self) -> bool:
-        return self.broker_url is None
-
-    def redacted_database_url(self) -> str:
-        return _redact(self.database_url)
-
-    def redacted_broker_url(self) -> str | None:
-        return _redact(self.broker_url) if self.broker_url else None
-
-
-def _redact(url: str) -> str:
-    """Credentials never reach a terminal or a log."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not an SQLAlchemy URL (e.g. redis://): hide anything between :// and @
-        head, sep, tail = url.partition("://")
-        return head + sep + ("***@" + tail.split("@", 1)[1] if "@" in tail else tail)
-
-
-def load_settings(env: dict[str, str] | None = None) -> Settings:
-    env = os.environ if env is None else env
-    home = Path(env.get("W2S_HOME") or ".w2s").absolute()
-    return Settings(
-        home=home,
-        database_url=env.get("W2S_DATABASE_URL") or f"sqlite:///{home / 'w2s.sqlite'}",
-        broker_url=env.get("W2S_BROKER_URL") or None,
-        checkpoint_dir=Path(env.get("W2S_CHECKPOINT_DIR") or home / "checkpoints").absolute(),
-        tracking=_tracking_from_env(env),
-    )
-
-
-def _tracking_from_env(env) -> TrackingConfig:
-    values = {field: env[f"W2S_TRACKING_{field.upper()}"] for field in ("backend", "uri", "experiment")
-              if env.get(f"W2S_TRACKING_{field.upper()}")}
-    try:
-        return TrackingConfig(**values)
-    except ValidationError as exc:
-        raise ConfigError("W2S_TRACKING_*: " + _describe(exc)) from None
 
 
 # --- round configs -------------------------------------------------------------------------------

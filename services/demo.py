@@ -3,13 +3,16 @@ stage I iteration 1 → stage I iteration 2 → stage II (DPO), each round gated
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+
+from services.dispatch import Dispatcher
+from services.settings import Settings
 
 # The chain the demo runs, as a pipeline config: `w2sctl pipeline start --config` takes the same.
 # The demo models cannot learn in context (DEMO-NOTES): the strong voter answers zero-shot, so
@@ -63,19 +66,25 @@ STEP_TITLES = {
 }
 
 
-def run_demo(workdir: Path, *, scale: str, seed: int, console: Console) -> dict[str, Any]:
-    """Returns every round's report. The demo keeps its own embedded state under `workdir/home`."""
+def demo_settings(workdir: Path, base: Settings) -> Settings:
+    """The demo keeps its own embedded state under `workdir/home`: its own SQLite database and
+    checkpoint store, no broker; every other setting as given."""
+    home = workdir.absolute() / "home"
+    return base.model_copy(update={"home": home, "database_url": f"sqlite:///{home / 'w2s.sqlite'}",
+                                   "checkpoint_dir": home / "checkpoints", "broker_url": None})
+
+
+def run_demo(workdir: Path, *, scale: str, seed: int, console: Console, settings: Settings, dispatcher: Dispatcher,
+             render_report: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """Returns every round's report. `settings` (from `demo_settings`) name the demo's own
+    embedded store; `dispatcher` runs its jobs in this process; `render_report` draws a report."""
     from models.demo import build_demo
 
     workdir = workdir.absolute()
-    home = workdir / "home"
+    home = settings.home
     shutil.rmtree(home, ignore_errors=True)  # a fresh database each run; the built models are reused
-    os.environ.update({"W2S_HOME": str(home), "W2S_DATABASE_URL": f"sqlite:///{home / 'w2s.sqlite'}",
-                       "W2S_CHECKPOINT_DIR": str(home / "checkpoints")})
-    os.environ.pop("W2S_BROKER_URL", None)
 
     from db.session import ensure_schema, session_scope
-    from services.config import load_settings
     from services.registry import import_dataset, register_model
 
     started = time.perf_counter()
@@ -83,7 +92,6 @@ def run_demo(workdir: Path, *, scale: str, seed: int, console: Console) -> dict[
     console.print(f"1. building a tokenizer and two small models ({scale} scale, nothing downloaded) in {workdir / 'assets'}")
     assets = build_demo(workdir / "assets", scale=scale, seed=seed, progress=lambda m: console.print(f"   {m}"))
 
-    settings = load_settings()
     ensure_schema(settings.database_url)
     console.print("2. importing datasets and registering the models")
     with session_scope(settings.database_url) as session:
@@ -94,7 +102,8 @@ def run_demo(workdir: Path, *, scale: str, seed: int, console: Console) -> dict[
         register_model(session, name="demo-strong", path=assets.strong_model, role="strong")
 
     console.print("   the chain runs as a pipeline (as `w2sctl pipeline start` does), each round gated")
-    reports, pipeline = _run_pipeline(settings.database_url, demo_pipeline_config(scale, seed), console)
+    reports, pipeline = _run_pipeline(settings, dispatcher, render_report, demo_pipeline_config(scale, seed),
+                                       console)
 
     console.rule("the chain")
     for entry in reports:
@@ -107,20 +116,20 @@ def run_demo(workdir: Path, *, scale: str, seed: int, console: Console) -> dict[
     return {"rounds": reports, "pipeline": pipeline}
 
 
-def _run_pipeline(database_url: str, config_data: dict[str, Any],
-                  console: Console) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _run_pipeline(settings: Settings, dispatcher: Dispatcher, render_report: Callable[[dict[str, Any]], Any],
+                  config_data: dict[str, Any], console: Console) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Start the pipeline through the service `w2sctl pipeline start` calls, run its jobs
     in-process, and print each round as it goes: its jobs as they finish, then its report."""
     from db.schema import Job, Round
     from db.session import session_scope
     from services.pipeline import get_pipeline, parse_pipeline_config, start_pipeline
-    from workers.dispatch import drain, enqueue
 
+    database_url = settings.database_url
     config = parse_pipeline_config(config_data, "demo pipeline")
     with session_scope(database_url) as session:
-        pipeline, job_ids = start_pipeline(session, config)
+        pipeline, job_ids = start_pipeline(session, config, settings.delivery)
         pipeline_id = pipeline.id
-    enqueue(job_ids)
+    dispatcher.enqueue(job_ids)
     reports: list[dict[str, Any]] = []
     seen: set[int] = set()
 
@@ -135,18 +144,18 @@ def _run_pipeline(database_url: str, config_data: dict[str, Any],
             console.print(f"   {job.key:<22} {job.state:<7} {took:6.1f}s")
             round_id, ended = round_.id, round_.state != "running"
         if ended:
-            reports.append(_print_round(database_url, round_id, console))
+            reports.append(_print_round(database_url, round_id, console, render_report))
 
-    drain(on_job_done=show)
+    dispatcher.drain(on_job_done=show)
     with session_scope(database_url) as session:
         pipeline = get_pipeline(session, pipeline_id)
         return reports, {"id": pipeline_id, "state": pipeline.state, "reason": pipeline.reason}
 
 
-def _print_round(database_url: str, round_id: int, console: Console) -> dict[str, Any]:
+def _print_round(database_url: str, round_id: int, console: Console,
+                 render_report: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
     from db.schema import Round
     from db.session import session_scope
-    from cli.render import render_report
     from services.report import job_counts
 
     with session_scope(database_url) as session:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Any
@@ -66,16 +65,9 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [round=%(round_id)s job=%(job_id)s] %(message)s"
 
 
-def log_format(env: dict[str, str] | None = None) -> str:
-    value = ((os.environ if env is None else env).get("W2S_LOG_FORMAT") or "text").strip().lower()
-    if value not in LOG_FORMATS:
-        raise ValueError(f"W2S_LOG_FORMAT: {value!r} is not one of {', '.join(LOG_FORMATS)}")
-    return value
-
-
-def configure_logging(level: int | str = logging.INFO, fmt: str | None = None, stream=None) -> logging.Handler:
-    """One handler on the root logger, in the chosen format, with the job ids on every record."""
-    fmt = fmt or log_format()
+def configure_logging(level: int | str = logging.INFO, fmt: str = "text", stream=None) -> logging.Handler:
+    """One handler on the root logger, in the chosen format (W2S_LOG_FORMAT: settings.log_format),
+    with the job ids on every record."""
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format: {fmt!r} is not one of {', '.join(LOG_FORMATS)}")
     handler = logging.StreamHandler(stream)

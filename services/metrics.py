@@ -23,8 +23,9 @@ from sqlalchemy import func, select
 
 from db.schema import Job, Round
 from db.session import session_scope
-from services.config import QUEUES, Settings
+from services.config import QUEUES
 from services.contracts import EvaluatePayload, EvaluateResult, JobKind, JobState, RoundState, payload_of, result_of
+from services.settings import Settings
 from services.monitor import (jobs_by_state_and_queue, overall_progress, oldest_waiting, round_progress)
 
 log = logging.getLogger("w2s.metrics")

@@ -79,7 +79,7 @@ def broker_depths(broker_url: str, queues: tuple[str, ...] = QUEUES) -> dict[str
     from kombu import Connection
     from kombu.exceptions import ChannelError, OperationalError
 
-    from services.config import _redact
+    from services.settings import redact
 
     depths = {}
     try:
@@ -92,7 +92,7 @@ def broker_depths(broker_url: str, queues: tuple[str, ...] = QUEUES) -> dict[str
                 except ChannelError:  # an empty Redis list does not exist
                     depths[name] = 0
     except (OperationalError, OSError) as exc:
-        raise BrokerUnreachable(f"the broker at {_redact(broker_url)} (W2S_BROKER_URL) is unreachable: {exc}") from None
+        raise BrokerUnreachable(f"the broker at {redact(broker_url)} (W2S_BROKER_URL) is unreachable: {exc}") from None
     return depths
 
 
@@ -128,7 +128,7 @@ def broker_messages(broker_url: str, queues: tuple[str, ...] = QUEUES) -> dict[i
         return None
     import redis
 
-    from services.config import _redact
+    from services.settings import redact
 
     client = redis.Redis.from_url(broker_url, socket_connect_timeout=5, socket_timeout=30)
     found: dict[int, str] = {}
@@ -144,7 +144,7 @@ def broker_messages(broker_url: str, queues: tuple[str, ...] = QUEUES) -> dict[i
                     if job is not None:
                         found[job] = "waiting"
     except redis.exceptions.RedisError as exc:
-        raise BrokerUnreachable(f"the broker at {_redact(broker_url)} (W2S_BROKER_URL) is unreachable: {exc}") from None
+        raise BrokerUnreachable(f"the broker at {redact(broker_url)} (W2S_BROKER_URL) is unreachable: {exc}") from None
     finally:
         client.close()
     return found
@@ -238,10 +238,10 @@ def inspect_workers(app: Any, timeout: float = 1.0) -> list[dict[str, Any]]:
 
 def queue_status(session: Session, broker_url: str | None, *, timeout: float = 1.0) -> dict[str, Any]:
     """The view `w2sctl queues` prints. Without a broker (embedded mode) only the database part."""
-    from services.config import _redact
+    from services.settings import redact
 
     waiting = oldest_waiting(session)
-    status: dict[str, Any] = {"broker": _redact(broker_url) if broker_url else None, "queues": [], "workers": []}
+    status: dict[str, Any] = {"broker": redact(broker_url) if broker_url else None, "queues": [], "workers": []}
     depths: dict[str, int] = {}
     if broker_url:
         depths = broker_depths(broker_url)

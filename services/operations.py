@@ -16,9 +16,10 @@ from db.schema import Job, Pipeline, Round
 from services.contracts import JobState, RoundState
 from services.errors import InputError, StateError
 from services.monitor import get_job
+from services.settings import DeliverySettings
 
 
-def retry_job(session: Session, job_id: int, extra_attempts: int = 1) -> list[int]:
+def retry_job(session: Session, job_id: int, delivery: DeliverySettings, extra_attempts: int = 1) -> list[int]:
     """Reset failed job `job_id` for `extra_attempts` more attempts. Returns the round's queued job
     ids to send (the retried one included). Refuses a job that is not failed."""
     from services.rounds import resume_round
@@ -43,7 +44,7 @@ def retry_job(session: Session, job_id: int, extra_attempts: int = 1) -> list[in
     if round_.state == RoundState.FAILED:
         _reopen(session, round_)
     session.flush()
-    return resume_round(session, round_.id)
+    return resume_round(session, round_.id, delivery)
 
 
 def _reopen(session: Session, round_: Round) -> None:

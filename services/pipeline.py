@@ -18,6 +18,7 @@ from db.schema import Pipeline, Round, utcnow
 from services.config import ConfigError, EvalConfig, TrackingConfig, _merge, _Strict, parse_round_config
 from services.contracts import CheckpointStatus, RoundState
 from services.lookup import get_by_id
+from services.settings import DeliverySettings
 
 STEPS = ("weak-sft", "iteration1", "iteration2", "preference")
 
@@ -132,19 +133,19 @@ def parse_pipeline_config(data: dict[str, Any], source: str = "pipeline config")
     return config
 
 
-def start_pipeline(session: Session, config: PipelineConfig) -> tuple[Pipeline, list[int]]:
+def start_pipeline(session: Session, config: PipelineConfig, delivery: DeliverySettings) -> tuple[Pipeline, list[int]]:
     from services.rounds import start_round
 
     pipeline = Pipeline(config=config.model_dump(mode="json"), state="running")
     session.add(pipeline)
     session.flush()
     step, round_data = next_step(config, [])
-    round_, job_ids = start_round(session, parse_round_config(round_data, f"pipeline {pipeline.id} {step}"))
+    round_, job_ids = start_round(session, parse_round_config(round_data, f"pipeline {pipeline.id} {step}"), delivery)
     round_.pipeline_id, round_.pipeline_step = pipeline.id, step
     return pipeline, job_ids
 
 
-def advance_pipeline(session: Session, pipeline_id: int) -> list[int]:
+def advance_pipeline(session: Session, pipeline_id: int, delivery: DeliverySettings) -> list[int]:
     """After one of its rounds ended: start the next round, or close the pipeline. Idempotent:
     the unique (pipeline, step) key lets only one caller create the next round."""
     from db.session import insert_ignore
@@ -173,7 +174,7 @@ def advance_pipeline(session: Session, pipeline_id: int) -> list[int]:
         "stage": round_config.stage, "iteration": getattr(round_config, "iteration", 1), "state": RoundState.RUNNING,
         "config": round_config.model_dump(mode="json"), "resolved": resolved.stored(), "pipeline_id": pipeline_id,
         "pipeline_step": step, "created_at": utcnow()}])
-    return advance(session, new[0]) if new else []
+    return advance(session, new[0], delivery) if new else []
 
 
 def _outcome(session: Session, round_: Round) -> StepOutcome:

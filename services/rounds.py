@@ -44,7 +44,7 @@ from services.config import AnyRoundConfig, PreferenceRoundConfig, SFTRoundConfi
 from services.errors import InputError, StateError
 from services.lookup import get_by_id
 from services.registry import current_student, get_checkpoint, get_dataset, lineage_root
-from workers.delivery import load_delivery
+from services.settings import DeliverySettings
 
 @dataclass(frozen=True)
 class JobSpec:
@@ -67,7 +67,8 @@ class JobSpec:
 # --- start ---------------------------------------------------------------------------------------
 
 
-def start_round(session: Session, config: AnyRoundConfig, *, name: str | None = None) -> tuple[Round, list[int]]:
+def start_round(session: Session, config: AnyRoundConfig, delivery: DeliverySettings, *,
+                name: str | None = None) -> tuple[Round, list[int]]:
     """Validate against the database, write the round and its first jobs. Returns (round, job ids to enqueue).
 
     The caller commits before enqueueing: nothing reaches the broker that is not in the database.
@@ -81,7 +82,7 @@ def start_round(session: Session, config: AnyRoundConfig, *, name: str | None = 
             if existing.config != config.model_dump(mode="json"):
                 raise InputError(f"--name {name!r}: round {existing.id} already has that name, with another config; "
                                  "choose another name")
-            return existing, resume_round(session, existing.id)
+            return existing, resume_round(session, existing.id, delivery)
     resolved = resolve(session, config)
     round_ = Round(
         stage=config.stage,
@@ -97,7 +98,7 @@ def start_round(session: Session, config: AnyRoundConfig, *, name: str | None = 
     except IntegrityError:
         raise StateError(f"--name {name!r}: another `round start` with that name committed first; "
                          "run the command again to get its round") from None
-    return round_, advance(session, round_.id)
+    return round_, advance(session, round_.id, delivery)
 
 
 def named_round(session: Session, name: str) -> Round | None:
@@ -175,8 +176,9 @@ def load_config(round_: Round) -> AnyRoundConfig:
 # --- advance -------------------------------------------------------------------------------------
 
 
-def advance(session: Session, round_id: int) -> list[int]:
+def advance(session: Session, round_id: int, delivery: DeliverySettings) -> list[int]:
     """Plan every step that has become ready; finish or fail the round. Returns new job ids to enqueue.
+    `delivery` gives the leases (expired ones are re-planned) and new jobs' attempts.
 
     Takes a row lock on the round (PostgreSQL) so concurrent callers plan one after the other;
     the unique job keys make a second planner's inserts no-ops either way.
@@ -184,17 +186,17 @@ def advance(session: Session, round_id: int) -> list[int]:
     round_ = get_by_id(session, Round, round_id, "round", lock=True)
     if round_.state in TERMINAL_ROUND_STATES:
         return []
-    requeued = expire_leases(session, round_id)
+    requeued = expire_leases(session, round_id, delivery)
     jobs = {JobKey.parse(job.key): job for job in session.scalars(select(Job).where(Job.round_id == round_id))}
 
     failed = [job for job in jobs.values() if job.state == JobState.FAILED]
     if failed:
         round_.state, round_.finished_at = RoundState.FAILED, utcnow()
         round_.error = "; ".join(f"job {job.id} ({job.key}) failed: {job.error or 'no reason recorded'}" for job in failed)
-        return _next_in_pipeline(session, round_)
+        return _next_in_pipeline(session, round_, delivery)
 
     plan = plan_round(session, round_, load_config(round_), jobs)
-    max_attempts = load_delivery().max_attempts
+    max_attempts = delivery.max_attempts
     new_ids = requeued + insert_ignore(
         session,
         Job,
@@ -207,18 +209,17 @@ def advance(session: Session, round_id: int) -> list[int]:
         round_.state, round_.finished_at = RoundState.DONE, utcnow()
         promoted = result_of(promote, PromoteResult)
         round_.outcome = promoted.outcome if promoted else None
-        new_ids += _next_in_pipeline(session, round_)
+        new_ids += _next_in_pipeline(session, round_, delivery)
     return new_ids
 
 
-def expire_leases(session: Session, round_id: int) -> list[int]:
+def expire_leases(session: Session, round_id: int, delivery: DeliverySettings) -> list[int]:
     """Running jobs whose owner stopped heart-beating: back to the queue (ids returned, to be sent
     again), or failed once they have used every attempt (a job that kills its worker every time).
 
     Each change is a compare-and-set on the expired heartbeat: a heartbeat that lands first wins,
     and a zombie owner that wakes up later finds its attempt superseded and writes nothing.
     """
-    delivery = load_delivery()
     now = utcnow()
     requeued = []
     for kind in sorted(set(session.scalars(select(Job.kind).where(Job.round_id == round_id, Job.state == JobState.RUNNING)))):
@@ -241,14 +242,14 @@ def expire_leases(session: Session, round_id: int) -> list[int]:
     return requeued
 
 
-def _next_in_pipeline(session: Session, round_: Round) -> list[int]:
+def _next_in_pipeline(session: Session, round_: Round, delivery: DeliverySettings) -> list[int]:
     """A round of a pipeline that ends starts the next one (or ends the pipeline)."""
     if round_.pipeline_id is None:
         return []
     from services.pipeline import advance_pipeline
 
     session.flush()
-    return advance_pipeline(session, round_.pipeline_id)
+    return advance_pipeline(session, round_.pipeline_id, delivery)
 
 
 def _done(jobs: dict[JobKey, Job], step: str) -> bool:
@@ -396,12 +397,12 @@ def get_round(session: Session, round_id: int) -> Round:
     return get_by_id(session, Round, round_id, "round")
 
 
-def resume_round(session: Session, round_id: int) -> list[int]:
+def resume_round(session: Session, round_id: int, delivery: DeliverySettings) -> list[int]:
     """Re-plan what is missing (new steps, jobs whose lease expired) and return every queued job id,
     to be re-sent. Safe to repeat: a second message for a job is dropped by the claim; a finished
     round gives no ids."""
     round_ = get_round(session, round_id)
-    advance(session, round_id)
+    advance(session, round_id, delivery)
     session.flush()
     if round_.state in TERMINAL_ROUND_STATES:
         return []
@@ -414,7 +415,8 @@ class Cancelled:
     running: list[int]  # jobs that were running: their workers stop them (see workers.runner)
 
 
-def cancel_round(session: Session, round_id: int, reason: str = "cancelled by the operator") -> Cancelled:
+def cancel_round(session: Session, round_id: int, delivery: DeliverySettings,
+                 reason: str = "cancelled by the operator") -> Cancelled:
     """Mark the round and its unfinished jobs cancelled, in one transaction under the round's lock.
 
     From the commit on, nothing of the round can start (a claim needs a queued job) nor keep
@@ -434,6 +436,6 @@ def cancel_round(session: Session, round_id: int, reason: str = "cancelled by th
     if round_.pipeline_id is not None:  # its chain stops here, saying why
         from services.pipeline import advance_pipeline
 
-        advance_pipeline(session, round_.pipeline_id)
+        advance_pipeline(session, round_.pipeline_id, delivery)
     return Cancelled(queued=[j for j, state in open_jobs if state == JobState.QUEUED],
                      running=[j for j, state in open_jobs if state == JobState.RUNNING])

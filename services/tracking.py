@@ -25,7 +25,8 @@ from sqlalchemy.orm import Session
 from db.schema import Checkpoint, Pipeline, Round, TrackingRun, utcnow
 from db.session import session_scope
 from models.tracking import Run, TrackingTarget, flatten, numeric, open_run
-from services.config import Settings, TrackingConfig
+from services.config import TrackingConfig
+from services.settings import Settings
 
 log = logging.getLogger("w2s.tracking")
 

@@ -30,7 +30,7 @@ W2SCTL = [sys.executable, "-m", "cli"]
 # w2sctl with a failpoint armed (tests/failpoints.py): the failpoint comes first, then w2sctl's arguments.
 W2SCTL_FAILPOINT = [sys.executable, "-c", "from tests.failpoints import main; main()"]
 
-# Leases and heartbeats short enough for a test to outlive them (workers.delivery reads these).
+# Leases and heartbeats short enough for a test to outlive them (services.settings reads these).
 FAST_DELIVERY = {
     "W2S_LEASE_S": "4", "W2S_HEARTBEAT_S": "0.5", "W2S_WATCHDOG_S": "1", "W2S_RETRY_BACKOFF_S": "0.5",
     "W2S_CANCEL_WAIT_S": "20", "W2S_SOFT_SHUTDOWN_S": "0",

@@ -12,7 +12,7 @@ from db.schema import Base
 
 def table_counts() -> dict[str, int]:
     from db.session import ensure_schema, session_scope
-    from services.config import load_settings
+    from services.settings import load_settings
 
     url = load_settings().database_url
     ensure_schema(url)

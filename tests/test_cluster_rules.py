@@ -14,22 +14,22 @@ from services.config import ConfigError, parse_round_config
 from services.errors import InputError
 from tests.cluster_support import Cluster, drop_database, fresh_database
 from tests.conftest import POSTGRES_ADMIN_URL
-from workers.delivery import load_delivery
+from services.settings import load_settings
 from workers.roles import plan_worker
 
 
 def test_delivery_settings_from_the_environment():
-    default = load_delivery({})
+    default = load_settings({}).delivery
     assert default.lease("train") > default.lease("generate") and default.heartbeat("generate") < default.lease("generate")
     assert default.visibility_timeout_s > max(default.time_limit_s.values())  # the broker never redelivers a live job
-    fast = load_delivery({"W2S_LEASE_S": "4", "W2S_LEASE_TRAIN_S": "9", "W2S_MAX_ATTEMPTS": "2",
-                          "W2S_TIME_LIMIT_VOTE_S": "60"})
+    fast = load_settings({"W2S_LEASE_S": "4", "W2S_LEASE_TRAIN_S": "9", "W2S_MAX_ATTEMPTS": "2",
+                          "W2S_TIME_LIMIT_VOTE_S": "60"}).delivery
     assert fast.lease("generate") == 4 and fast.lease("train") == 9 and fast.heartbeat("generate") == pytest.approx(0.4)
     assert fast.max_attempts == 2 and fast.time_limit("vote") == 60
     with pytest.raises(ConfigError, match="W2S_LEASE_S='soon'"):
-        load_delivery({"W2S_LEASE_S": "soon"})
+        load_settings({"W2S_LEASE_S": "soon"})
     with pytest.raises(ConfigError, match="W2S_MAX_ATTEMPTS"):
-        load_delivery({"W2S_MAX_ATTEMPTS": "0"})
+        load_settings({"W2S_MAX_ATTEMPTS": "0"})
 
 
 def test_worker_roles():
@@ -64,16 +64,16 @@ def test_checkpoint_names_stay_in_the_store(tmp_path):
 
 
 def test_trust_remote_code_only_for_models_allowed_by_name(tmp_path, monkeypatch):
-    from models.backends.checkpoints import REMOTE_CODE_ENV, CheckpointError, check_remote_code
+    from models.backends.checkpoints import CheckpointError, check_remote_code
 
     model = tmp_path / "fancy-model"
     model.mkdir()
     check_remote_code(model, False)  # not asked for: nothing to allow
-    monkeypatch.delenv(REMOTE_CODE_ENV, raising=False)
     with pytest.raises(CheckpointError, match="add its name \\(fancy-model\\) to W2S_TRUST_REMOTE_CODE"):
-        check_remote_code(model, True)
-    monkeypatch.setenv(REMOTE_CODE_ENV, "other-model, fancy-model")
-    check_remote_code(model, True)
+        check_remote_code(model, True, load_settings({}).remote_code_allowed)
+    allowed = load_settings({"W2S_TRUST_REMOTE_CODE": "other-model, fancy-model"}).remote_code_allowed
+    assert allowed == ("other-model", "fancy-model")
+    check_remote_code(model, True, allowed)
 
 
 def test_replay_finds_the_asked_question_in_a_few_shot_prompt():
@@ -101,7 +101,7 @@ def round_db(postgres_url, tmp_path, monkeypatch):
                                  "eval": {"dataset": "test"}, "demonstrations": 0, "variants": ["hybrid"],
                                  "generation": {"chunk_size": 2}})
     with cluster.session() as session:
-        round_, _ = start_round(session, config)
+        round_, _ = start_round(session, config, load_settings().delivery)
         round_id = round_.id
     yield cluster, round_id
     drop_database(POSTGRES_ADMIN_URL, name)
@@ -124,7 +124,7 @@ def test_an_expired_lease_is_replanned_and_the_zombie_keeps_nothing(round_db):
     _run(cluster, live, attempts=1, heartbeat_age_s=1)
     _run(cluster, dead, attempts=1, heartbeat_age_s=60)
     with cluster.session() as session:
-        assert advance(session, round_id) == [dead]  # only the job whose worker went quiet
+        assert advance(session, round_id, load_settings().delivery) == [dead]  # only the job whose worker went quiet
     with cluster.session() as session:
         job = session.get(Job, dead)
         assert job.state == "queued" and "attempt 1 lost: its worker gone@host:1 stopped heart-beating" in job.error
@@ -148,12 +148,12 @@ def test_a_job_that_keeps_losing_its_worker_fails_the_round_with_the_reason(roun
         job_id = session.scalar(select(Job.id).where(Job.round_id == round_id, Job.kind == "generate").limit(1))
     _run(cluster, job_id, attempts=2, heartbeat_age_s=60, owner="oom@host:7")  # the cap is 2
     with cluster.session() as session:
-        assert advance(session, round_id) == []
+        assert advance(session, round_id, load_settings().delivery) == []
     with cluster.session() as session:
         job, round_ = session.get(Job, job_id), session.get(Round, round_id)
         assert job.state == "failed" and "gave up after 2 attempts" in job.error and "oom@host:7" in job.error
         assert round_.state == "failed" and f"job {job_id}" in round_.error and "out of memory" in round_.error
-        assert resume_round(session, round_id) == []  # a finished round: resume is a no-op
+        assert resume_round(session, round_id, load_settings().delivery) == []  # a finished round: resume is a no-op
 
 
 def test_cancel_leaves_nothing_to_claim(round_db):
@@ -166,27 +166,27 @@ def test_cancel_leaves_nothing_to_claim(round_db):
                                           .order_by(Job.id).limit(2)).all()
     _run(cluster, running, attempts=1, heartbeat_age_s=0)
     with cluster.session() as session:
-        cancelled = cancel_round(session, round_id)
+        cancelled = cancel_round(session, round_id, load_settings().delivery)
     assert running in cancelled.running and queued in cancelled.queued
     with cluster.session() as session:
         assert session.get(Round, round_id).state == "cancelled"
         assert {j.state for j in session.scalars(select(Job).where(Job.round_id == round_id))} == {"cancelled"}
         assert claim(session, queued, timedelta(seconds=5)) is None
-        assert advance(session, round_id) == []
+        assert advance(session, round_id, load_settings().delivery) == []
     with pytest.raises(Exception, match="already cancelled"):
         with cluster.session() as session:
-            cancel_round(session, round_id)
+            cancel_round(session, round_id, load_settings().delivery)
 
 
 def cluster_settings(cluster):
-    from services.config import load_settings
+    from services.settings import load_settings
 
     return load_settings({"W2S_DATABASE_URL": cluster.database_url, "W2S_HOME": str(cluster.tmp_path / "home")})
 
 
 def test_message_settings_follow_celerys_guidance_for_redis():
     from workers.app import app
-    from workers.delivery import load_delivery
+    from workers.app import settings
     from workers.tasks import TASKS
 
     conf = app.conf
@@ -196,7 +196,7 @@ def test_message_settings_follow_celerys_guidance_for_redis():
     visibility = conf.broker_transport_options["visibility_timeout"]
     assert visibility == conf.result_backend_transport_options["visibility_timeout"]
     for kind, task in TASKS.items():
-        assert task.soft_time_limit == load_delivery().time_limit(kind) < task.time_limit
+        assert task.soft_time_limit == settings.delivery.time_limit(kind) < task.time_limit
         # Short jobs: the message outlives the job. Training: acknowledged at start, held by its lease.
         assert task.acks_late == (kind != "train") and (not task.acks_late or visibility > task.time_limit)
 
@@ -216,7 +216,7 @@ def _busy(seconds: float) -> None:
 
 def test_a_job_cut_off_from_the_database_stops_itself_after_its_lease(tmp_path):
     from models.stopping import Stopped, stopping
-    from services.config import load_settings
+    from services.settings import load_settings
     from workers.runner import Heartbeat, JobContext
 
     nowhere = load_settings({"W2S_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:9/none?connect_timeout=1",
@@ -241,7 +241,7 @@ def test_a_cancelled_job_is_stopped_by_its_heartbeat(round_db):
     with pytest.raises(Stopped, match="no longer owns the job"):
         with Heartbeat(ctx, interval=0.1, lease=30), stopping(ctx.stop):
             with cluster.session() as session:
-                cancel_round(session, round_id)
+                cancel_round(session, round_id, load_settings().delivery)
             _busy(10)
 
 
@@ -257,11 +257,11 @@ def test_cancelling_a_pipeline_round_stops_the_pipeline(postgres_url, tmp_path):
         config = PipelineConfig.model_validate({"weak": "weak", "strong": "strong", "pool": "pool",
                                                 "eval": {"dataset": "test"}, "iteration1": {"demonstrations": 0}})
         with cluster.session() as session:
-            pipeline, _ = start_pipeline(session, config)
+            pipeline, _ = start_pipeline(session, config, load_settings().delivery)
             pipeline_id = pipeline.id
             round_id = session.scalar(select(Round.id).where(Round.pipeline_id == pipeline_id))
         with cluster.session() as session:
-            cancel_round(session, round_id)
+            cancel_round(session, round_id, load_settings().delivery)
         with cluster.session() as session:
             pipeline = session.get(Pipeline, pipeline_id)
             assert pipeline.state == "stopped" and pipeline.reason == "iteration1 round cancelled"

@@ -1,6 +1,7 @@
 """docker-compose.yml, the Dockerfile and .env.example agree with each other and with the code:
 every role has a service, every service an image or a build, the stateful ones their volumes, the
-model workers their GPUs, and every W2S_* variable they set is one the code reads."""
+model workers their GPUs, and every W2S_* variable they set is a field of the settings model
+(services/settings.py), the one place the code reads W2S_* variables from."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import yaml
 from services.config import QUEUES
 
 REPO = Path(__file__).resolve().parents[1]
-CODE_DIRS = ("services", "workers", "models", "db")
+CODE_DIRS = ("cli", "services", "workers", "models", "db")
 
 
 def compose() -> dict:
@@ -20,15 +21,9 @@ def compose() -> dict:
 
 
 def variables_read_by_code() -> set[str]:
-    names = set()
-    for directory in CODE_DIRS:
-        for path in (REPO / directory).rglob("*.py"):
-            names |= set(re.findall(r"\bW2S_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
-    # workers/delivery.py builds the per-kind names (W2S_LEASE_<KIND>_S, W2S_TIME_LIMIT_<KIND>_S).
-    from workers.delivery import JOB_KINDS
+    from services.settings import env_names
 
-    names |= {f"W2S_{what}_{kind.upper()}_S" for what in ("LEASE", "TIME_LIMIT") for kind in JOB_KINDS}
-    return names
+    return env_names()
 
 
 def test_every_role_has_a_service_with_an_image_or_a_build():

@@ -198,10 +198,10 @@ def test_a_planned_job_the_graph_does_not_have_is_an_error(monkeypatch):
 def test_queues_and_delivery_defaults_come_from_the_graph():
     from services.contracts.graph import KINDS, JOB_STEP_ORDER, job_summary, queue_of
     from services.report import STEP_ORDER
-    from workers.delivery import JOB_KINDS, load_delivery
+    from services.settings import JOB_KINDS, load_settings
 
     assert set(KINDS) == set(JobKind)  # every kind has its row
-    delivery = load_delivery({})
+    delivery = load_settings({}).delivery
     assert JOB_KINDS == tuple(KINDS) and delivery.lease("train") == 600.0 and delivery.time_limit("vote") == 3600.0
     assert [queue_of(JobKey.parse(k)) for k in ("generate:weak:0000", "generate:student:0001", "train:icl",
                                                 "evaluate:baseline", "vote", "promote")] == \

@@ -137,7 +137,7 @@ def test_unreadable_files_are_one_line(tmp_path):
 def test_import_then_export_keeps_ids(w2s_home, tmp_path):
     from db.schema import Question
     from db.session import ensure_schema, session_scope
-    from services.config import load_settings
+    from services.settings import load_settings
     from services.registry import export_dataset, import_dataset
 
     url = load_settings().database_url

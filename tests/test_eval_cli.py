@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 
 from db.schema import Evaluation
 from db.session import session_scope
-from services.config import load_settings
+from services.settings import load_settings
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,9 @@ from sqlalchemy import select
 
 from db.schema import Job, Pipeline, Round
 from db.session import session_scope
-from services.config import load_settings, parse_round_config
+from services.config import ConfigError, parse_round_config
 from services.contracts import JobKey
+from services.settings import load_settings
 from services.errors import StateError
 from services.monitor import StepProgress, estimate, expected_steps, overall_progress, report_figure, step_state
 
@@ -128,7 +129,7 @@ def test_json_logs_carry_round_and_job_ids():
 
 
 def test_text_logs_and_a_bad_format(monkeypatch):
-    from services.logs import bind_job, clear_job, configure_logging, log_format
+    from services.logs import bind_job, clear_job, configure_logging
 
     stream = io.StringIO()
     handler = configure_logging(logging.INFO, "text", stream=stream)
@@ -139,9 +140,9 @@ def test_text_logs_and_a_bad_format(monkeypatch):
         logging.getLogger().removeHandler(handler)
         clear_job()
     assert "[round=3 job=9] hello" in stream.getvalue()
-    monkeypatch.setenv("W2S_LOG_FORMAT", "xml")
-    with pytest.raises(ValueError, match="W2S_LOG_FORMAT: 'xml' is not one of text, json"):
-        log_format()
+    with pytest.raises(ConfigError, match="W2S_LOG_FORMAT='xml': Input should be 'text' or 'json'"):
+        load_settings({"W2S_LOG_FORMAT": "xml"})
+    assert load_settings({"W2S_LOG_FORMAT": " JSON"}).log_format == "json"
 
 
 # --- retry, on an embedded database --------------------------------------------------------------
@@ -182,7 +183,7 @@ def test_retry_reopens_the_failed_round_and_its_cancelled_jobs(w2s_home, cli_run
         round_id, pipeline_id = round_.id, round_.pipeline_id
         failed_id = session.scalar(select(Job.id).where(Job.key == "evaluate:baseline"))
     with session_scope(url) as session:
-        to_send = retry_job(session, failed_id)
+        to_send = retry_job(session, failed_id, load_settings().delivery)
     with session_scope(url) as session:
         jobs = {j.key: j for j in session.scalars(select(Job).where(Job.round_id == round_id))}
         assert sorted(to_send) == sorted(j.id for j in jobs.values())
@@ -197,7 +198,7 @@ def test_retry_reopens_the_failed_round_and_its_cancelled_jobs(w2s_home, cli_run
 
     with session_scope(url) as session:  # a second retry: the job is no longer failed
         with pytest.raises(StateError, match=r"is queued: it is already waiting for a worker; only a failed job"):
-            retry_job(session, failed_id)
+            retry_job(session, failed_id, load_settings().delivery)
 
 
 def test_jobs_retry_and_show_refuse_clearly(w2s_home, cli_runner):

@@ -102,7 +102,7 @@ def test_pipeline_embedded(w2s_home, cli_runner, demo_assets, tmp_path):
     the first round that was not promoted."""
     from db.schema import Checkpoint, Round
     from db.session import session_scope
-    from services.config import load_settings
+    from services.settings import load_settings
 
     cli_runner("dataset", "import", demo_assets.pool, "--name", "pool", "--unlabelled")
     cli_runner("dataset", "import", demo_assets.test, "--name", "test")

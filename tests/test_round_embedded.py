@@ -9,7 +9,7 @@ from sqlalchemy import delete, func, select, update
 
 from db.schema import Generation, Job
 from db.session import session_scope
-from services.config import load_settings
+from services.settings import load_settings
 from tests.support import check_stage1_round, invoke_cli
 
 pytestmark = pytest.mark.slow
@@ -101,13 +101,13 @@ def test_rerunning_a_job_writes_nothing_twice(in_round_home):
         before = session.scalar(select(func.count()).select_from(Generation))
         job_id = session.scalar(select(Job.id).where(Job.key == "generate:weak:0000"))
         # A done job is not claimed again.
-    assert run_job(job_id, HANDLERS["generate"], enqueue=lambda ids, **kw: None) == "round-over"
+    assert run_job(job_id, HANDLERS["generate"], settings=load_settings(), enqueue=lambda ids, **kw: None) == "round-over"
     with session_scope(url) as session:
         session.execute(update(Job).where(Job.id == job_id).values(state="queued", attempts=0))
         from db.schema import Round
 
         session.execute(update(Round).where(Round.id == 1).values(state="running"))
-    assert run_job(job_id, HANDLERS["generate"], enqueue=lambda ids, **kw: None) == "done"
+    assert run_job(job_id, HANDLERS["generate"], settings=load_settings(), enqueue=lambda ids, **kw: None) == "done"
     with session_scope(url) as session:
         assert session.scalar(select(func.count()).select_from(Generation)) == before
         assert session.get(Job, job_id).result["generated"] == 0
@@ -294,7 +294,7 @@ def test_preference_round_embedded(in_round_home, preference_round, cli_runner, 
         session.execute(update(Job).where(Job.id == job.id).values(state="queued", attempts=0))
         session.execute(update(Round).where(Round.id == round_id).values(state="running"))
         job_id = job.id
-    assert run_job(job_id, HANDLERS["generate"], enqueue=lambda ids, **kw: None) == "done"
+    assert run_job(job_id, HANDLERS["generate"], settings=load_settings(), enqueue=lambda ids, **kw: None) == "done"
     with session_scope(url) as session:
         again = {(g.question_id, g.sample_index): g.text for g in session.scalars(
             select(Generation).where(Generation.round_id == round_id, Generation.question_id.in_(

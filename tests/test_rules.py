@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.config import ConfigError, load_settings, parse_round_config
+from services.config import ConfigError, parse_round_config
+from services.settings import load_settings
 from services.promotion import gate
 from services.selection import Vote, accuracy, agreed, stage1_vote, variant_sources
 

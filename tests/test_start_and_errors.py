@@ -65,7 +65,7 @@ def test_round_start_with_a_name_is_idempotent(embedded_data, cli_runner):
 
     from db.schema import Round
     from db.session import session_scope
-    from services.config import load_settings
+    from services.settings import load_settings
 
     first = cli_runner(*START, "--name", "nightly").output
     assert "round 1 started" in first, first

@@ -212,7 +212,8 @@ def test_train_job_with_a_killed_rank_fails_cleanly_and_its_retry_resumes_at_the
     from db.schema import Checkpoint, Job
     from db.session import session_scope
     from models.backends.checkpoints import fingerprint
-    from services.config import load_settings, parse_round_config
+    from services.config import parse_round_config
+    from services.settings import load_settings
     from services.operations import retry_job
     from services.rounds import start_round
     from workers.runner import run_job
@@ -229,7 +230,7 @@ def test_train_job_with_a_killed_rank_fails_cleanly_and_its_retry_resumes_at_the
             "stage": "weak-sft", "weak": "weak", "train": "gold", "train_limit": 64,
             "eval": {"dataset": "gold", "limit": 4}, "generation": {"max_new_tokens": 8},
             "training": {"num_ranks": 2, "micro_batch_size": 8, "epochs": 2, "learning_rate": 5e-3,
-                         "warmup_ratio": 0.0, "max_seq_len": 128, "save_every_steps": 4}}))
+                         "warmup_ratio": 0.0, "max_seq_len": 128, "save_every_steps": 4}}), settings.delivery)
         round_id = round_.id
         session.flush()
         job_id = session.scalar(select(Job.id).where(Job.round_id == round_id, Job.kind == "train"))
@@ -238,7 +239,7 @@ def test_train_job_with_a_killed_rank_fails_cleanly_and_its_retry_resumes_at_the
     # 64 rows / (2 ranks x 8) = 4 updates an epoch: the state saved at update 4 ends epoch 1
     killer = kill_when(lambda: (job_dir / "state" / "latest").is_file(), job_dir / "job.json", RANK="1")
 
-    assert run_job(job_id, run_train, enqueue=lambda *a, **k: None) == "failed"
+    assert run_job(job_id, run_train, settings=settings, enqueue=lambda *a, **k: None) == "failed"
     killer.join(timeout=5)
     with session_scope(settings.database_url) as session:
         job = session.get(Job, job_id)
@@ -255,8 +256,8 @@ def test_train_job_with_a_killed_rank_fails_cleanly_and_its_retry_resumes_at_the
     assert (job_dir / "state" / "latest").read_text().strip() == "step4"
 
     with session_scope(settings.database_url) as session:  # what `w2sctl jobs retry` does, without sending
-        retry_job(session, job_id)  # the round's other jobs (evaluations) to this process's queue
-    assert run_job(job_id, run_train, enqueue=lambda *a, **k: None) == "done"
+        retry_job(session, job_id, settings.delivery)  # the round's other jobs (evaluations) to this process's queue
+    assert run_job(job_id, run_train, settings=settings, enqueue=lambda *a, **k: None) == "done"
     with session_scope(settings.database_url) as session:
         job = session.get(Job, job_id)
         assert job.state == "done" and job.attempts == 2

@@ -13,6 +13,8 @@ import torch
 from models.train.common import render_ds_config, resume_batches
 from models.train.options import DEFAULT_LORA_TARGETS, LoraOptions
 from models.train.sft import SFTConfig
+from services.config import ConfigError
+from services.settings import load_settings
 from models.train.launch import (ClusterSpec, RankStatus, build_command, check_ranks, failure_reason, parse_hostfile,
                             prepare_state_dir, redact_env)
 
@@ -119,9 +121,9 @@ def test_hostfile_parsing_and_errors(tmp_path):
 def test_multi_node_command_and_world_size(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
-    cluster = ClusterSpec.from_env({"W2S_TRAIN_HOSTFILE": str(hostfile), "W2S_TRAIN_MASTER_ADDR": "10.0.0.1",
-                                    "W2S_TRAIN_MASTER_PORT": "29600", "W2S_TRAIN_LAUNCHER": "openmpi",
-                                    "W2S_TRAIN_SSH_CHECK": "0"})
+    cluster = ClusterSpec(**load_settings({"W2S_TRAIN_HOSTFILE": str(hostfile), "W2S_TRAIN_MASTER_ADDR": "10.0.0.1",
+                                           "W2S_TRAIN_MASTER_PORT": "29600", "W2S_TRAIN_LAUNCHER": "openmpi",
+                                           "W2S_TRAIN_SSH_CHECK": "0"}).cluster_options())
     assert cluster.world_size(num_ranks=1) == 4
     cmd = build_command("models.train.sft", tmp_path / "job.json", num_ranks=1, master_port=29600, cluster=cluster)
     joined = " ".join(cmd)
@@ -130,8 +132,8 @@ def test_multi_node_command_and_world_size(tmp_path):
     one_node = build_command("models.train.sft", tmp_path / "job.json", num_ranks=2, master_port=1,
                              cluster=ClusterSpec(gpus="3,5,7"))
     assert one_node[4:6] == ["--include", "localhost:3,5"]
-    with pytest.raises(ValueError, match="W2S_TRAIN_MASTER_PORT"):
-        ClusterSpec.from_env({"W2S_TRAIN_MASTER_PORT": "x"})
+    with pytest.raises(ConfigError, match="W2S_TRAIN_MASTER_PORT='x'"):
+        load_settings({"W2S_TRAIN_MASTER_PORT": "x"})
     with pytest.raises(ValueError, match="launcher"):
         ClusterSpec(launcher="ssh-loop")
 

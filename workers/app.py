@@ -1,5 +1,7 @@
 """The Celery app: broker, queues, routing, delivery semantics, JSON only. The database is the
-truth; this is transport. Delivery settings (timeouts, limits) come from workers.delivery."""
+truth; this is transport. Delivery settings (timeouts, limits) come from services.settings.
+
+This module is the worker's edge: its settings are read here, once, when Celery loads the app."""
 
 from __future__ import annotations
 
@@ -10,14 +12,14 @@ from celery.signals import task_rejected, worker_process_init
 from kombu import Queue
 
 import workers.telemetry  # noqa: F401  (logs with job ids, Prometheus metrics, worker info: Celery signals)
-from services.config import QUEUES, load_settings
-from workers.delivery import load_delivery
+from services.config import QUEUES
+from services.settings import Settings, load_settings
 
 log = logging.getLogger("w2s.worker")
 
 
-def make_app() -> Celery:
-    settings, delivery = load_settings(), load_delivery()
+def make_app(settings: Settings) -> Celery:
+    delivery = settings.delivery
     # Redis redelivers an unacknowledged message after this: longer than the longest job, so the
     # broker never hands out a job that still runs; a lost worker's job is re-planned much sooner
     # from its lease in the database (workers.runner).
@@ -57,7 +59,8 @@ def make_app() -> Celery:
     return app
 
 
-app = make_app()
+settings = load_settings()  # the worker's settings (`w2sctl worker` sets its GPUs and name first)
+app = make_app(settings)
 
 
 @worker_process_init.connect
@@ -67,7 +70,7 @@ def _fresh_connections_after_fork(**_kwargs) -> None:
     from workers.roles import pin_this_process
 
     dispose_engines()
-    pin_this_process()  # a model role's pool process uses one GPU of the worker's --gpus
+    pin_this_process(settings.pin_gpus)  # a model role's pool process uses one GPU of the worker's --gpus
 
 
 @task_rejected.connect

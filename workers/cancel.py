@@ -17,10 +17,9 @@ from sqlalchemy import select
 
 from db.schema import Job, utcnow
 from db.session import session_scope
-from services.config import Settings
+from services.settings import DeliverySettings, Settings
 from services.rounds import cancel_round
 from services.tracking import record_round_end
-from workers.delivery import DeliverySettings, load_delivery
 
 
 @dataclass
@@ -47,15 +46,15 @@ def still_running(session, job_ids: list[int], delivery: DeliverySettings) -> li
 
 
 def cancel(settings: Settings, round_id: int) -> CancelOutcome:
-    from workers.dispatch import discard_local, revoke
+    from workers.dispatch import JobDispatcher, discard_local
 
-    delivery = load_delivery()
+    delivery = settings.delivery
     with session_scope(settings.database_url) as session:
-        cancelled = cancel_round(session, round_id)
+        cancelled = cancel_round(session, round_id, delivery)
     if settings.embedded:
         discard_local(cancelled.queued)
     else:
-        revoke(cancelled.queued + cancelled.running)
+        JobDispatcher(settings).revoke(cancelled.queued + cancelled.running)
     deadline = time.monotonic() + delivery.cancel_wait_s
     while True:
         with session_scope(settings.database_url) as session:

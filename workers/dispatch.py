@@ -10,33 +10,73 @@ from sqlalchemy import select
 
 from db.schema import Job
 from db.session import session_scope
-from services.config import load_settings
+from services.settings import Settings
 from services.errors import W2SError
 
 # Embedded mode: jobs wait here and `drain` runs them one at a time in this process, through the
-# same Celery task code a worker runs (task.apply), so both modes share one path.
+# same code a worker's task runs (workers.tasks.execute), so both modes share one path.
 _local_queue: deque[int] = deque()
 
 
-def enqueue(job_ids: Iterable[int], *, countdown: float | None = None) -> None:
-    job_ids = list(job_ids)
-    if not job_ids:
-        return
-    settings = load_settings()
-    if settings.embedded:
-        _local_queue.extend(job_ids)
-        return
-    from workers.app import app  # by task name: sending needs neither the handlers nor torch
+class JobDispatcher:
+    """The `services.dispatch.Dispatcher` for given settings: the broker, or this process's queue
+    when there is no broker (embedded mode)."""
 
-    with session_scope(settings.database_url) as session:
-        jobs = session.scalars(select(Job).where(Job.id.in_(job_ids)).order_by(Job.id)).all()
-        routes = [(job.id, job.kind, job.queue) for job in jobs]
-    try:
-        for job_id, kind, queue in routes:
-            app.send_task(f"w2s.{kind}", args=[job_id], queue=queue, countdown=countdown, task_id=task_id(job_id))
-    except (KombuOperationalError, OSError) as exc:
-        raise SendFailed(f"could not send job(s) {', '.join(str(r[0]) for r in routes)}: the broker at "
-                         f"{settings.redacted_broker_url()} (W2S_BROKER_URL) is unreachable: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def enqueue(self, job_ids: Iterable[int], *, countdown: float | None = None) -> None:
+        job_ids = list(job_ids)
+        if not job_ids:
+            return
+        settings = self.settings
+        if settings.embedded:
+            _local_queue.extend(job_ids)
+            return
+        from workers.app import app  # by task name: sending needs neither the handlers nor torch
+
+        with session_scope(settings.database_url) as session:
+            jobs = session.scalars(select(Job).where(Job.id.in_(job_ids)).order_by(Job.id)).all()
+            routes = [(job.id, job.kind, job.queue) for job in jobs]
+        try:
+            for job_id, kind, queue in routes:
+                app.send_task(f"w2s.{kind}", args=[job_id], queue=queue, countdown=countdown, task_id=task_id(job_id))
+        except (KombuOperationalError, OSError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SendFailed(f"could not send job(s) {', '.join(str(r[0]) for r in routes)}: the broker at "
+                             f"{settings.redacted_broker_url()} (W2S_BROKER_URL) is unreachable: {reason}") from None
+
+    def drain(self, on_job_done: Callable[[int], None] | None = None) -> int:
+        """Run queued jobs in-process until none is left, through the same code a worker's task
+        runs (workers.tasks.execute). Returns how many ran."""
+        from workers.tasks import execute
+
+        ran = 0
+        while _local_queue:
+            job_id = _local_queue.popleft()
+            with session_scope(self.settings.database_url) as session:
+                job = session.get(Job, job_id)
+                kind = job.kind if job else None
+            if kind is None:
+                continue
+            execute(kind, job_id, self.settings, self)
+            ran += 1
+            if on_job_done:
+                on_job_done(job_id)
+        return ran
+
+    def revoke(self, job_ids: Iterable[int]) -> None:
+        """Tell every worker to drop the messages of these jobs (queued, or waiting for a retry).
+
+        Belt and braces: a message of a cancelled job that does get delivered finds the job
+        cancelled in the database and runs nothing. Running jobs are stopped by their heartbeat.
+        """
+        ids = [task_id(job_id) for job_id in job_ids]
+        if not ids or self.settings.embedded:
+            return
+        from workers.app import app
+
+        app.control.revoke(ids)
 
 
 class SendFailed(W2SError):
@@ -52,20 +92,6 @@ def task_id(job_id: int) -> str:
     return f"{TASK_ID_PREFIX}{job_id}"
 
 
-def revoke(job_ids: Iterable[int]) -> None:
-    """Tell every worker to drop the messages of these jobs (queued, or waiting for a retry).
-
-    Belt and braces: a message of a cancelled job that does get delivered finds the job
-    cancelled in the database and runs nothing. Running jobs are stopped by their heartbeat.
-    """
-    ids = [task_id(job_id) for job_id in job_ids]
-    if not ids or load_settings().embedded:
-        return
-    from workers.app import app
-
-    app.control.revoke(ids)
-
-
 def discard_local(job_ids: Iterable[int]) -> None:
     """Embedded mode: forget queued jobs (a cancelled round's)."""
     drop = set(job_ids)
@@ -74,21 +100,5 @@ def discard_local(job_ids: Iterable[int]) -> None:
     _local_queue.extend(kept)
 
 
-def drain(on_job_done: Callable[[int], None] | None = None) -> int:
-    """Run queued jobs in-process until none is left. Returns how many ran."""
-    from workers.tasks import TASKS
-
-    settings = load_settings()
-    ran = 0
-    while _local_queue:
-        job_id = _local_queue.popleft()
-        with session_scope(settings.database_url) as session:
-            job = session.get(Job, job_id)
-            kind = job.kind if job else None
-        if kind is None:
-            continue
-        TASKS[kind].apply(args=[job_id], throw=True)
-        ran += 1
-        if on_job_done:
-            on_job_done(job_id)
-    return ran
+def pending_local() -> int:
+    return len(_local_queue)

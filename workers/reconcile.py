@@ -26,7 +26,7 @@ from sqlalchemy import select
 
 from db.schema import Job, Round
 from db.session import session_scope
-from services.config import Settings
+from services.settings import Settings
 from services.monitor import MessageCensus, message_census
 
 log = logging.getLogger("w2s.reconcile")
@@ -59,23 +59,20 @@ class Reconciler:
 
     def run_once(self, now: float | None = None) -> list[int]:
         """One pass: look, decide, send. Returns the ids sent."""
-        from workers.app import make_app
-        from workers.dispatch import enqueue
+        from services.monitor import control_app
+        from workers.dispatch import JobDispatcher
 
         started = time.monotonic()
         queued = queued_jobs(self.settings.database_url)
-        app = make_app()
-        try:
+        with control_app(self.settings.broker_url) as app:
             census = message_census(self.settings.broker_url, app, self.inspect_timeout)
-        finally:
-            app.close()
         if census is None:
             log.warning("reconciliation: the broker is not Redis; its queues cannot be read, nothing checked")
             return []
         due, self.missing_since = jobs_to_resend(queued, census, self.missing_since,
                                                  time.monotonic() if now is None else now, self.grace_s)
         if due:
-            enqueue(due)
+            JobDispatcher(self.settings).enqueue(due)
         record_pass(checked=len(queued), missing=len(self.missing_since), resent=due,
                     seconds=time.monotonic() - started)
         return due
@@ -113,7 +110,8 @@ def watchdog_metrics() -> dict | None:
     global _metrics
     import os
 
-    if _metrics is None and os.environ.get("W2S_METRICS_PORT") and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # The worker sets prometheus_client's directory only when its metrics are on (W2S_METRICS_PORT).
+    if _metrics is None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import Counter
 
         _metrics = {

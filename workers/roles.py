@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from services.config import QUEUES
 from services.errors import InputError
+from services.settings import Settings
 
 MODEL_ROLES = ("weak", "strong")
 
@@ -77,8 +78,8 @@ def apply_gpus(plan: WorkerPlan) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(plan.gpus)
 
 
-def pin_this_process() -> None:
-    gpus = parse_list(os.environ.get("W2S_PIN_GPUS"))
+def pin_this_process(pin_gpus: str | None) -> None:
+    gpus = parse_list(pin_gpus)
     if not gpus:
         return
     from billiard.process import current_process
@@ -87,7 +88,7 @@ def pin_this_process() -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
 
 
-def start_watchdog(interval_s: float):
+def start_watchdog(settings: Settings, interval_s: float):
     """Every interval, advance every running round: expired leases are re-planned, missed steps
     planned, and what that yields is sent. Safe beside other watchdogs (advance locks the round).
     Every W2S_RECONCILE_S, re-send queued jobs that have no message (workers.reconcile).
@@ -96,20 +97,18 @@ def start_watchdog(interval_s: float):
     a thread holds a lock (logging, imports, a connection pool) leaves the child stuck on it. It
     exits when the worker does.
     """
-    from workers.delivery import load_delivery
-
-    if interval_s <= 0 and load_delivery().reconcile_s <= 0:
+    if interval_s <= 0 and settings.delivery.reconcile_s <= 0:
         return None
     import multiprocessing
 
-    if os.environ.get("W2S_METRICS_PORT"):  # the watchdog's counters go where the worker's endpoint reads
+    if settings.metrics_port:  # the watchdog's counters go where the worker's endpoint reads
         from workers.telemetry import metrics_directory
 
         metrics_directory()
 
     from workers.watchdog import watch
 
-    process = multiprocessing.get_context("spawn").Process(target=watch, args=(interval_s, os.getpid()),
+    process = multiprocessing.get_context("spawn").Process(target=watch, args=(settings, interval_s, os.getpid()),
                                                            name="w2s-watchdog", daemon=True)
     process.start()
     return process

@@ -31,10 +31,9 @@ from sqlalchemy.orm import Session
 from db.schema import Job, Round, utcnow
 from db.session import session_scope
 from models.stopping import StopSignal, Stopped, stopping
-from services.config import Settings, load_settings
 from services.rounds import TERMINAL_ROUND_STATES, advance
+from services.settings import Settings
 from services.tracking import record_round_end
-from workers.delivery import load_delivery
 
 log = logging.getLogger("w2s.worker")
 
@@ -48,9 +47,9 @@ class DatabaseUnavailable(RuntimeError):
     task retries it with back-off), not be acknowledged as if the job had run."""
 
 
-def worker_id() -> str:
-    """`<node>:<pid>`: the Celery node name (`w2sctl worker` exports it), else the host name."""
-    return f"{os.environ.get('W2S_WORKER_NAME') or socket.gethostname()}:{os.getpid()}"
+def worker_id(worker_name: str | None = None) -> str:
+    """`<node>:<pid>`: the Celery node name (`w2sctl worker` sets W2S_WORKER_NAME), else the host name."""
+    return f"{worker_name or socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -152,7 +151,7 @@ class Heartbeat:
         except Exception as exc:  # noqa: BLE001 - the database or the network is down for now
             log.warning("job %s heartbeat failed: %s", self.ctx.job_id, exc)
 
-def claim(session: Session, job_id: int, lease: timedelta) -> Job | None:
+def claim(session: Session, job_id: int, lease: timedelta, owner: str | None = None) -> Job | None:
     """Take a queued job (or one whose lease expired) with a conditional update; None if not ours."""
     now = utcnow()
     result = session.execute(
@@ -162,7 +161,7 @@ def claim(session: Session, job_id: int, lease: timedelta) -> Job | None:
             Job.attempts < Job.max_attempts,
             or_(Job.state == "queued", (Job.state == "running") & (Job.heartbeat_at < now - lease)),
         )
-        .values(state="running", attempts=Job.attempts + 1, owner=worker_id(), heartbeat_at=now, started_at=now,
+        .values(state="running", attempts=Job.attempts + 1, owner=owner or worker_id(), heartbeat_at=now, started_at=now,
                 progress=0.0)
     )
     if result.rowcount != 1:
@@ -170,9 +169,10 @@ def claim(session: Session, job_id: int, lease: timedelta) -> Job | None:
     return session.get(Job, job_id, populate_existing=True)
 
 
-def run_job(job_id: int, handler: Callable[[JobContext], None], *, enqueue: Callable[..., None]) -> str:
+def run_job(job_id: int, handler: Callable[[JobContext], None], *, settings: Settings,
+            enqueue: Callable[..., None]) -> str:
     """Claim, run under a heartbeat, record, advance. Returns what happened, for logs and tests."""
-    settings, delivery = load_settings(), load_delivery()
+    delivery = settings.delivery
     try:
         with session_scope(settings.database_url) as session:
             job = session.get(Job, job_id)
@@ -185,7 +185,7 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, enqueue: Call
                     job.state, job.finished_at = "cancelled", utcnow()
                 return "round-over"
             kind = job.kind
-            job = claim(session, job_id, timedelta(seconds=delivery.lease(kind)))
+            job = claim(session, job_id, timedelta(seconds=delivery.lease(kind)), worker_id(settings.worker_name))
             if job is None:
                 return "not-claimed"  # done, running elsewhere, or out of attempts
             ctx = JobContext(settings, job.id, job.round_id, job.attempts, dict(job.payload or {}), kind=kind)
@@ -216,7 +216,7 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, enqueue: Call
         outcome = _record_failure(settings, ctx, exc, retry_left)
 
     with session_scope(settings.database_url) as session:
-        new_ids = advance(session, ctx.round_id)
+        new_ids = advance(session, ctx.round_id, delivery)
     record_round_end(settings, ctx.round_id)  # a round that just ended: its figures to experiment tracking
     enqueue(new_ids)
     if outcome == "retry":  # back off: transient causes (a busy GPU, a network blip) get time to clear

@@ -276,9 +276,10 @@ def run_train(ctx: JobContext) -> None:
         log_path = job_dir / f"attempt{ctx.attempt}.log"
         ctx.set_log_path(str(log_path))
         module = "models.train.preference" if stage == "preference" else "models.train.sft"
-        result = launch_training(module, job_file, num_ranks=config.training.num_ranks or default_num_ranks(),
+        cluster = ClusterSpec(**ctx.settings.cluster_options())
+        result = launch_training(module, job_file, num_ranks=config.training.num_ranks or default_num_ranks(cluster.gpus),
                                  log_path=log_path, timeout_s=config.training.timeout_s, check=False,
-                                 cluster=ClusterSpec.from_env(), status_dir=status_dir)
+                                 cluster=cluster, status_dir=status_dir)
         launch = {**result.record(), "attempt": ctx.attempt, "resumed_from_step": resumed_from}
         failure = result.failure or (None if (output_dir / "w2s.json").is_file() else
                                      f"the launch ended without writing {output_dir}")

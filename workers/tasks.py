@@ -1,7 +1,7 @@
 """Celery tasks: thin wrappers that take a job id and hand it to the runner.
 
 Explicit names (stable across refactors, readable in Flower) and a time limit per kind
-(workers.delivery: W2S_TIME_LIMIT_<KIND>_S). The soft limit lets the handler fail cleanly (the job
+(services.settings: W2S_TIME_LIMIT_<KIND>_S). The soft limit lets the handler fail cleanly (the job
 is retried or marked failed); the hard limit, a little later, kills a stuck process. A training
 job's launch is killed with its process group when the soft limit interrupts it.
 """
@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 
 from services.contracts.graph import KINDS
-from workers.app import app
-from workers.delivery import load_delivery
-from workers.dispatch import enqueue
+from services.dispatch import Dispatcher
+from services.settings import Settings
+from workers.app import app, settings
+from workers.dispatch import JobDispatcher
 from workers.runner import DatabaseUnavailable, run_job
 from workers.steps import HANDLERS
 
@@ -34,18 +35,21 @@ ACK_ON_START = {str(kind) for kind, spec in KINDS.items() if spec.ack_on_start} 
 DATABASE_RETRY_MAX_S = 300.0
 
 
+def execute(kind: str, job_id: int, settings: Settings, dispatcher: Dispatcher) -> str:
+    """What a task runs, and what an embedded drain runs for each job."""
+    return run_job(job_id, HANDLERS[kind], settings=settings, enqueue=dispatcher.enqueue)
+
+
 def _make_task(kind: str):
     def task(self, job_id: int) -> str:
         try:
-            return run_job(job_id, HANDLERS[kind], enqueue=enqueue)
+            return execute(kind, job_id, settings, JobDispatcher(settings))
         except DatabaseUnavailable as exc:
-            if self.request.is_eager:  # embedded: no broker to send it back to; the caller sees the error
-                raise
-            delay = min(DATABASE_RETRY_MAX_S, load_delivery().retry_backoff_s * 2 ** self.request.retries)
+            delay = min(DATABASE_RETRY_MAX_S, settings.delivery.retry_backoff_s * 2 ** self.request.retries)
             log.warning("%s; message sent back, retry in %.1f s", exc, delay)
             raise self.retry(countdown=delay) from None
 
-    limit = load_delivery().time_limit(kind)
+    limit = settings.delivery.time_limit(kind)
     task.__name__ = f"{kind}_task"
     return app.task(name=f"w2s.{kind}", bind=True, max_retries=None, soft_time_limit=limit, time_limit=limit + HARD_LIMIT_GRACE_S,
                     acks_late=kind not in ACK_ON_START)(task)

@@ -40,7 +40,9 @@ JOB_SECONDS_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600)
 @setup_logging.connect
 def _configure_worker_logging(loglevel: Any = logging.INFO, **_kwargs: Any) -> None:
     """Connected receivers replace Celery's own logging setup: one format for every line."""
-    configure_logging(loglevel or logging.INFO)
+    from workers.app import settings
+
+    configure_logging(loglevel or logging.INFO, settings.log_format)
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -48,11 +50,11 @@ def _configure_worker_logging(loglevel: Any = logging.INFO, **_kwargs: Any) -> N
 
 @worker_init.connect
 def _start_metrics_server(**_kwargs: Any) -> None:
-    port = os.environ.get("W2S_METRICS_PORT")
+    from workers.app import settings
+
+    port = settings.metrics_port  # validated with the settings: a TCP port, or None
     if not port:
         return
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"W2S_METRICS_PORT: {port!r} is not a TCP port number")
     metrics_directory()
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server, values
 
@@ -60,7 +62,7 @@ def _start_metrics_server(**_kwargs: Any) -> None:
     values.ValueClass = values.get_value_class()
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    start_http_server(int(port), addr=os.environ.get("W2S_METRICS_ADDR", "0.0.0.0"), registry=registry)
+    start_http_server(port, addr=settings.metrics_addr, registry=registry)
     global _metrics_enabled
     _metrics_enabled = True
     log.info("worker metrics on :%s/metrics", port)
@@ -164,11 +166,11 @@ def _record_job(kind: str, task_id: str | None, job_id: int | None, retval: Any)
 
 def job_figures(job_id: int) -> dict[str, Any]:
     """Throughput of a finished job's last attempt, from what it wrote to the database."""
-    from services.config import load_settings
-    from services.monitor import job_throughput
     from db.session import session_scope
+    from services.monitor import job_throughput
+    from workers.app import settings
 
-    with session_scope(load_settings().database_url) as session:
+    with session_scope(settings.database_url) as session:
         return job_throughput(session, job_id)
 
 
@@ -200,4 +202,7 @@ def visible_gpus() -> list[str]:
 @inspect_command()
 def w2s_info(state: Any, **_kwargs: Any) -> dict[str, Any]:
     """`celery inspect w2s_info`: what `w2sctl queues` shows beside each worker."""
-    return {"gpus": visible_gpus(), "pid": os.getpid(), "metrics_port": os.environ.get("W2S_METRICS_PORT")}
+    from workers.app import settings
+
+    metrics_port = str(settings.metrics_port) if settings.metrics_port else None
+    return {"gpus": visible_gpus(), "pid": os.getpid(), "metrics_port": metrics_port}

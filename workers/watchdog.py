@@ -14,35 +14,34 @@ from sqlalchemy import select
 
 from db.schema import Round
 from db.session import session_scope
-from services.config import load_settings
 from services.rounds import advance
+from services.settings import DeliverySettings, Settings
 
 log = logging.getLogger("w2s.watchdog")
 
 
-def sweep(database_url: str) -> list[int]:
+def sweep(database_url: str, delivery: DeliverySettings) -> list[int]:
     """One pass: advance each running round in its own transaction; returns the job ids to send."""
     with session_scope(database_url) as session:
         round_ids = list(session.scalars(select(Round.id).where(Round.state == "running").order_by(Round.id)))
     to_send: list[int] = []
     for round_id in round_ids:
         with session_scope(database_url) as session:
-            to_send += advance(session, round_id)
+            to_send += advance(session, round_id, delivery)
     return to_send
 
 
-def watch(interval_s: float, parent_pid: int | None = None, stop: threading.Event | None = None) -> None:
+def watch(settings: Settings, interval_s: float, parent_pid: int | None = None, stop: threading.Event | None = None) -> None:
     """The loop: a sweep every `interval_s` (0: none) and a reconciliation every `reconcile_s`
     (0: none, and none in embedded mode). Jobs a sweep could not send are sent at the next pass."""
-    from workers.delivery import load_delivery
-    from workers.dispatch import enqueue
+    from workers.dispatch import JobDispatcher
     from workers.reconcile import Reconciler, record_failure
 
     from services.logs import configure_logging
 
-    configure_logging(logging.INFO)  # a spawned process: its own logging, as the worker's (timestamps, format)
+    configure_logging(logging.INFO, settings.log_format)  # a spawned process: its own logging, as the worker's
     stop = stop or threading.Event()
-    settings, delivery = load_settings(), load_delivery()
+    delivery, enqueue = settings.delivery, JobDispatcher(settings).enqueue
     reconciler = (Reconciler(settings, delivery.reconcile_grace_s)
                   if settings.broker_url and delivery.reconcile_s > 0 else None)
     periods = [s for s in (interval_s, delivery.reconcile_s if reconciler else 0) if s > 0]
@@ -58,7 +57,7 @@ def watch(interval_s: float, parent_pid: int | None = None, stop: threading.Even
         if interval_s > 0 and now >= next_sweep:
             next_sweep = now + interval_s
             try:
-                unsent |= set(sweep(settings.database_url))
+                unsent |= set(sweep(settings.database_url, delivery))
                 if unsent:
                     log.warning("watchdog: sending %d job(s) again or for the first time: %s", len(unsent), sorted(unsent))
                     enqueue(sorted(unsent))

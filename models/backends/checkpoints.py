@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -115,15 +116,16 @@ _LAYER_NUMBER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
 
 
 # Models whose own Python code may run at load time, by name (a directory's name) or full path,
-# comma-separated. Set by an operator who has read that code; empty by default.
+# comma-separated in this variable (services.settings: trust_remote_code). Set by an operator who
+# has read that code; empty by default.
 REMOTE_CODE_ENV = "W2S_TRUST_REMOTE_CODE"
 
 
-def check_remote_code(path: Path, trust_remote_code: bool) -> None:
-    """trust_remote_code runs Python shipped with the checkpoint: only for models an operator allowed."""
+def check_remote_code(path: Path, trust_remote_code: bool, allowed: Collection[str] = ()) -> None:
+    """trust_remote_code runs Python shipped with the checkpoint: only for models an operator
+    allowed (`allowed`: names or paths, from the settings)."""
     if not trust_remote_code:
         return
-    allowed = {item.strip() for item in os.environ.get(REMOTE_CODE_ENV, "").split(",") if item.strip()}
     resolved = Path(path).resolve()
     if resolved.name not in allowed and str(resolved) not in allowed:
         raise CheckpointError(path, f"trust_remote_code was asked for, but this model is not allowed to run its "

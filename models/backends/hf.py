@@ -20,7 +20,7 @@ Loading: only local directories (``local_files_only=True``), only safetensors we
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -292,11 +292,12 @@ def load(
     path: Path,
     *,
     trust_remote_code: bool = False,
+    remote_code_allowed: Collection[str] = (),
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> TransformersBackend:
     """Load a checked local checkpoint for generation: eval mode, on ``device``, left-padding tokenizer."""
-    check_remote_code(path, trust_remote_code)
+    check_remote_code(path, trust_remote_code, remote_code_allowed)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -53,7 +53,7 @@ LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi")
 
 class ClusterSpec:
     """Where the ranks run: this host, or the hosts of a DeepSpeed hostfile. From the worker's
-    settings (``W2S_TRAIN_*`` environment variables, see :meth:`from_env`)."""
+    settings (``W2S_TRAIN_*`` environment variables, services.settings ``cluster_options``)."""
 
     def __init__(
         self,
@@ -78,25 +78,6 @@ class ClusterSpec:
         self.launcher_args = launcher_args
         self.ssh_check = ssh_check
         self.gpus = gpus
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> ClusterSpec:
-        """``W2S_TRAIN_HOSTFILE``, ``W2S_TRAIN_MASTER_ADDR``, ``W2S_TRAIN_MASTER_PORT``,
-        ``W2S_TRAIN_LAUNCHER``, ``W2S_TRAIN_LAUNCHER_ARGS``, ``W2S_TRAIN_SSH_CHECK`` (0/1) and
-        ``W2S_TRAIN_GPUS`` (set by ``w2sctl worker --gpus``)."""
-        env = os.environ if env is None else env
-        port = env.get("W2S_TRAIN_MASTER_PORT") or None
-        if port is not None and not port.isdigit():
-            raise ValueError(f"W2S_TRAIN_MASTER_PORT: {port!r} is not a port number")
-        return cls(
-            hostfile=env.get("W2S_TRAIN_HOSTFILE") or None,
-            master_addr=env.get("W2S_TRAIN_MASTER_ADDR") or None,
-            master_port=int(port) if port else None,
-            launcher=env.get("W2S_TRAIN_LAUNCHER") or "pdsh",
-            launcher_args=env.get("W2S_TRAIN_LAUNCHER_ARGS", ""),
-            ssh_check=env.get("W2S_TRAIN_SSH_CHECK", "1") not in ("0", "false", "no"),
-            gpus=env.get("W2S_TRAIN_GPUS") or None,
-        )
 
     @property
     def multi_node(self) -> bool:
@@ -295,11 +276,10 @@ def parse_progress(line: str) -> dict[str, Any] | None:
     return None
 
 
-def default_num_ranks(env: Mapping[str, str] | None = None) -> int:
+def default_num_ranks(gpus: str | None = None) -> int:
     """Ranks on this node when the round does not say: the devices the worker was given
-    (``--gpus`` sets ``CUDA_VISIBLE_DEVICES``), else every GPU it sees, else 1 (CPU)."""
-    env = os.environ if env is None else env
-    named = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    (``--gpus``, e.g. "0,1"), else every GPU it sees (torch honours CUDA_VISIBLE_DEVICES), else 1 (CPU)."""
+    named = [d for d in (gpus or "").split(",") if d.strip()]
     if named:
         return len(named)
     import torch

@@ -1,7 +1,7 @@
 """The step graph, defined once: per job kind its queue, display order and delivery defaults; per
 stage of round the steps it goes through, in order. Planning (services.rounds), the progress view
 (services.monitor), job counts (services.report), the CLI's one-line job summaries and the
-delivery tables (workers.delivery) all read it.
+delivery defaults (services.settings) all read it.
 
 Adding a job kind: a member of JobKind, a row in KINDS (and its steps in STAGE_STEPS), its handler
 in workers.steps.HANDLERS, and the plan_* function that decides when it is ready.
