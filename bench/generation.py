@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 
-from models.generation import generate  # noqa: E402
 from models.backends import load_backend  # noqa: E402
+from models.generation import generate  # noqa: E402
 from models.prompts import zero_shot  # noqa: E402
 
 

@@ -111,8 +111,8 @@ ROUND = {"stage": "sft", "weak": "weak", "strong": "strong", "pool": "pool", "ev
 
 def compute_only(work: Path, n: int) -> dict:
     from models.answers import extract_answer
-    from models.generation import generate
     from models.backends import load_backend
+    from models.generation import generate
     from models.prompts import clean_response, zero_shot
 
     questions = [json.loads(line)["question"] for line in POOL.read_text().splitlines()[:n]]

@@ -36,13 +36,13 @@ def main(argv: list[str] | None = None) -> None:
 
     from db.schema import Generation, Job
     from db.session import ensure_schema, session_scope
-    from models.demo import build_demo
     from models.backends import default_cache
+    from models.demo import build_demo
     from services.config import parse_round_config
-    from services.settings import load_settings
     from services.demo import demo_round_config
     from services.registry import import_dataset, register_model
     from services.rounds import start_round
+    from services.settings import load_settings
     from workers.dispatch import JobDispatcher
 
     assets = build_demo(args.workdir.absolute() / "assets", scale=args.scale, seed=0)

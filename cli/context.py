@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 from db.session import SchemaOutOfDate, database_error_line, ensure_schema, session_scope
 from models.backends import CheckpointError
 from services.dispatch import Dispatcher
-from services.settings import load_settings
 from services.errors import W2SError
+from services.settings import load_settings
 
 console = Console(highlight=False)
 

@@ -143,8 +143,8 @@ def eval_run(app: App, model: str, dataset: str, limit: int | None, seed: int, s
     """Accuracy, tokens in/out and wall time of one strategy; stored as an evaluation. The same
     evaluation as a round's gate: with the round's strategy, shots and --max-new-tokens it
     measures the same figure."""
-    from models.backends import default_cache
     from db.schema import Evaluation
+    from models.backends import default_cache
     from services.evaluation import EvalMethod, evaluate
     from services.registry import get_checkpoint, get_dataset
 
@@ -155,7 +155,8 @@ def eval_run(app: App, model: str, dataset: str, limit: int | None, seed: int, s
                             max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[ds.task])
     label = method.label()
     with console.status(f"{label} on {dataset}") as status:
-        figures = evaluate(app.session, lambda _name, path: default_cache().get(path), checkpoint_id=checkpoint_id, dataset_id=dataset_id,
+        figures = evaluate(app.session, lambda _name, path: default_cache().get(path), checkpoint_id=checkpoint_id,
+                           dataset_id=dataset_id,
                            method=method, limit=limit,
                            progress=lambda done, total: status.update(f"{label}: {done}/{total} questions"))
     with app.session() as session:

@@ -44,13 +44,15 @@ def render_report(report: dict[str, Any]) -> Table:
         skipped = report.get("skipped") or {}
         table.add_row("skipped", ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in skipped.items()) or "none")
         by_case = report.get("pairs_by_case") or {}
-        table.add_row("pairs", f"{report['pairs']} (" + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in by_case.items()) + ")")
+        cases = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in by_case.items())
+        table.add_row("pairs", f"{report['pairs']} ({cases})")
         if report.get("pass_at_k"):
             passk = report["pass_at_k"]
             table.add_row(f"pass@{passk['k']} on the eval set", ", ".join(
                 f"{name}: {pct(value)}" for name, value in passk.items() if name != "k"))
         if report.get("chosen_accuracy") is not None:
-            table.add_row("accuracy of chosen / rejected", f"{pct(report['chosen_accuracy'])} / {pct(report['rejected_accuracy'])}")
+            table.add_row("accuracy of chosen / rejected",
+                          f"{pct(report['chosen_accuracy'])} / {pct(report['rejected_accuracy'])}")
     if report.get("student_before"):
         before = report["student_before"]
         table.add_row("student before", f"{before['name']} {pct(before['accuracy'])}")

@@ -89,7 +89,8 @@ def round_start(app: App, config_file: Path | None, wait: bool | None, sets: tup
 def _overrides(flags: dict[str, Any], sets: tuple[str, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     simple = {"stage": "stage", "iteration": "iteration", "weak": "weak", "strong": "strong", "student": "student",
-              "pool": "pool", "pool_limit": "pool_limit", "train_set": "train", "train_limit": "train_limit", "demonstrations": "demonstrations",
+              "pool": "pool", "pool_limit": "pool_limit", "train_set": "train", "train_limit": "train_limit",
+              "demonstrations": "demonstrations",
               "seed": "seed"}
     for flag, field in simple.items():
         if flags.get(flag) is not None:
@@ -124,7 +125,8 @@ def _wait_for_round(app: App, round_id: int) -> None:
                 job = session.get(Job, job_id)
                 took = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else 0
                 mark = {"done": "[green]✓[/]", "failed": "[red]✗[/]"}.get(job.state, "[yellow]↻[/]")
-                console.print(f"  {mark} round {round_id} {job.key:<22} {job.state:<8} {took:6.1f}s {job_summary(job.kind, job.result)}")
+                console.print(f"  {mark} round {round_id} {job.key:<22} {job.state:<8} {took:6.1f}s "
+                              f"{job_summary(job.kind, job.result)}")
 
         app.dispatcher.drain(on_job_done=show)
         return
@@ -340,7 +342,8 @@ def progress_table(steps: list[dict[str, Any]]) -> Table:
             done = f"{s['completed']:g}/{total:g} {s['unit']}" if total is not None else f"{s['completed']:g} {s['unit']}"
         rate = f"{s['rate']:.2f} {s['unit']}/s" if s["rate"] and s["unit"] != "jobs" else "—"
         tokens = f"{s['tokens_per_s']:.0f}" if s["tokens_per_s"] else "—"
-        colour = {"done": "green", "failed": "red", "running": "yellow", "skipped": "dim", "waiting": "dim"}.get(s["state"], "white")
+        colour = {"done": "green", "failed": "red", "running": "yellow", "skipped": "dim",
+                  "waiting": "dim"}.get(s["state"], "white")
         table.add_row(s["step"], bar, done, rate, tokens, duration(s["eta_s"]) if s["state"] == "running" else "",
                       Text(s["state"], style=colour))
     return table

@@ -14,6 +14,7 @@ import threading
 from decimal import Decimal
 from fractions import Fraction
 from functools import lru_cache
+from typing import Any
 
 TASKS = ("gsm8k", "math")
 
@@ -159,7 +160,7 @@ def _timeout_s() -> int | None:
 
 
 @lru_cache(maxsize=65536)
-def _parse_math(answer: str) -> tuple:
+def _parse_math(answer: str) -> tuple[Any, ...]:
     """math-verify's parse of one answer, memoised: the same answers recur across a pool."""
     from math_verify import parse  # lazily: it loads sympy, which takes a second
     from math_verify.errors import TimeoutException  # a BaseException, so named here

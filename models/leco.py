@@ -62,7 +62,7 @@ def score_steps(
     ends = list(accumulate(len(piece) for piece in token_texts))
     starts = [end - len(piece) for end, piece in zip(ends, token_texts)]
 
-    lines = []  # (start, end) of each non-blank line
+    lines: list[tuple[int, int]] = []  # (start, end) of each non-blank line
     line_at = [-1] * len(text)  # character -> index into lines, -1 on newlines and blank lines
     offset = 0
     for line in text.split("\n"):
@@ -283,13 +283,15 @@ def leco_solve(
             if reason:
                 stopped[i] = reason
                 continue
+            assert suspect is not None  # no stop reason: suspect_step found one
             kept[i] = steps[:suspect]  # the suspect is dropped with everything after it
             next_round.append(RethinkRequest(i, text[: steps[suspect].start]))
         pending = next_round
     return [_result(records[i], stopped[i], task) for i in range(len(questions))]
 
 
-def _whole_solution(request, attempt, kept_steps, k) -> tuple[str, tuple[Step, ...]]:
+def _whole_solution(request: RethinkRequest, attempt: Attempt, kept_steps: tuple[Step, ...],
+                    k: int) -> tuple[str, tuple[Step, ...]]:
     """Kept text + the new continuation, and its steps: the kept ones with the scores they had,
     the new ones scored now, with offsets into the whole solution."""
     if attempt.token_texts and "".join(attempt.token_texts) != attempt.text:
@@ -305,7 +307,8 @@ def _same(a: str, b: str, task: str) -> bool:
     return (not a.strip() and not b.strip()) or answers_match(a, b, task)
 
 
-def _stop_reason(answer, previous, steps, task, max_rethinks) -> str | None:
+def _stop_reason(answer: str, previous: list[AttemptRecord], steps: tuple[Step, ...], task: str,
+                 max_rethinks: int) -> str | None:
     """Why the loop stops after this attempt, or None to rethink again."""
     if previous and _same(answer, previous[-1].answer, task):
         return "repeated"

@@ -204,7 +204,7 @@ class PreferenceRoundConfig(_Strict):
     tracking: TrackingConfig | None = Field(None, description="experiment tracking; null: the settings' default")
 
 
-RoundConfig = Annotated[Union[SFTRoundConfig, WeakSFTRoundConfig, PreferenceRoundConfig], Field(discriminator="stage")]
+RoundConfig = Annotated[SFTRoundConfig | WeakSFTRoundConfig | PreferenceRoundConfig, Field(discriminator="stage")]
 
 
 class _RoundConfigEnvelope(BaseModel):

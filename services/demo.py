@@ -139,7 +139,8 @@ def _run_pipeline(settings: Settings, dispatcher: Dispatcher, render_report: Cal
             round_ = session.get(Round, job.round_id)
             if round_.id not in seen:
                 seen.add(round_.id)
-                console.print(STEP_TITLES.get(round_.pipeline_step, round_.pipeline_step).format(student=round_.config.get("student")))
+                title = STEP_TITLES.get(round_.pipeline_step, round_.pipeline_step)
+                console.print(title.format(student=round_.config.get("student")))
             took = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else 0.0
             console.print(f"   {job.key:<22} {job.state:<7} {took:6.1f}s")
             round_id, ended = round_.id, round_.state != "running"

@@ -25,8 +25,8 @@ from db.schema import Job, Round
 from db.session import session_scope
 from services.config import QUEUES
 from services.contracts import EvaluatePayload, EvaluateResult, JobKind, JobState, RoundState, payload_of, result_of
+from services.monitor import jobs_by_state_and_queue, oldest_waiting, overall_progress, round_progress
 from services.settings import Settings
-from services.monitor import (jobs_by_state_and_queue, overall_progress, oldest_waiting, round_progress)
 
 log = logging.getLogger("w2s.metrics")
 
@@ -37,7 +37,8 @@ RECENT_ROUNDS = 10  # besides the running ones: finished rounds stay visible a w
 
 def rounds_to_export(session) -> list[Round]:
     recent = select(Round.id).order_by(Round.id.desc()).limit(RECENT_ROUNDS)
-    return list(session.scalars(select(Round).where((Round.state == RoundState.RUNNING) | Round.id.in_(recent)).order_by(Round.id)))
+    shown = (Round.state == RoundState.RUNNING) | Round.id.in_(recent)
+    return list(session.scalars(select(Round).where(shown).order_by(Round.id)))
 
 
 class ServiceCollector:

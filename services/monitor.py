@@ -26,8 +26,21 @@ from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Evaluation, Generation, Job, Question, Round, utcnow
 from services.config import QUEUES
-from services.contracts import (EvaluatePayload, EvaluateResult, JobKey, JobKind, JobState, ResolvedPreference,
-                                ResolvedSFT, RoundState, StepName, TrainResult, payload_of, resolved_of, result_of)
+from services.contracts import (
+    EvaluatePayload,
+    EvaluateResult,
+    JobKey,
+    JobKind,
+    JobState,
+    ResolvedPreference,
+    ResolvedSFT,
+    RoundState,
+    StepName,
+    TrainResult,
+    payload_of,
+    resolved_of,
+    result_of,
+)
 from services.contracts.graph import stage_steps, variants_of
 from services.errors import InputError, W2SError
 from services.lookup import get_by_id
@@ -562,7 +575,8 @@ def round_summary(session: Session, round_: Round) -> dict[str, Any]:
 
     report = round_.report or round_report(session, round_)
     evaluation_ids = {}
-    for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.EVALUATE, Job.state == JobState.DONE)):
+    for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.EVALUATE,
+                                                 Job.state == JobState.DONE)):
         payload, result = payload_of(job, EvaluatePayload), result_of(job, EvaluateResult)
         if not payload.pass_at and result is not None:
             evaluation_ids[payload.checkpoint_id] = result.evaluation_id

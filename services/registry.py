@@ -10,8 +10,7 @@ from sqlalchemy.orm import Session
 from db.schema import Checkpoint, Dataset, Question
 from models.backends import CheckpointError, check_checkpoint_dir
 from services.contracts import CheckpointStatus
-from services.dataset_files import (TASKS, FieldMapping, export_format, parse_questions, read_records,
-                                    write_records)
+from services.dataset_files import TASKS, FieldMapping, export_format, parse_questions, read_records, write_records
 from services.errors import InputError
 from services.lookup import get_by_name
 

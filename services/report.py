@@ -13,9 +13,22 @@ from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Job, PreferencePair, Question, Round, TrainingExample
 from models.answers import answers_match, extract_answer
-from services.contracts import (EvaluatePayload, EvaluateResult, JobKey, JobKind, JobState, PairsResult, PromoteResult,
-                                ResolvedPreference, ResolvedSFT, TrainPayload, TrainResult, payload_of, resolved_of,
-                                result_of)
+from services.contracts import (
+    EvaluatePayload,
+    EvaluateResult,
+    JobKey,
+    JobKind,
+    JobState,
+    PairsResult,
+    PromoteResult,
+    ResolvedPreference,
+    ResolvedSFT,
+    TrainPayload,
+    TrainResult,
+    payload_of,
+    resolved_of,
+    result_of,
+)
 from services.contracts.graph import JOB_STEP_ORDER
 from services.selection import accuracy
 from services.voting import round_vote

@@ -23,9 +23,9 @@ Weak fine-tuning (`weak-sft`)::
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select, update
@@ -34,17 +34,41 @@ from sqlalchemy.orm import Session
 
 from db.schema import Generation, Job, Question, Round, utcnow
 from db.session import insert_ignore
-from services.contracts import (TERMINAL_ROUND_STATES, AnyResolved, CheckpointStatus, JobKey, JobKind, JobState, Queue,
-                                PromoteResult, ResolvedPreference, ResolvedSFT, ResolvedWeakSFT, RoundState, Stage,
-                                TrainResult, resolved_of, result_of)
-from services.contracts.jobs import (PAYLOADS, EvaluatePayload, GeneratePayload, PairsPayload, Payload, PromotePayload,
-                                     TrainPayload, VotePayload)
-from services.contracts.graph import order_plan, queue_of, variants_of
 from services.config import AnyRoundConfig, PreferenceRoundConfig, SFTRoundConfig, WeakSFTRoundConfig, parse_round_config
+from services.contracts import (
+    TERMINAL_ROUND_STATES,
+    AnyResolved,
+    CheckpointStatus,
+    JobKey,
+    JobKind,
+    JobState,
+    PromoteResult,
+    Queue,
+    ResolvedPreference,
+    ResolvedSFT,
+    ResolvedWeakSFT,
+    RoundState,
+    Stage,
+    TrainResult,
+    resolved_of,
+    result_of,
+)
+from services.contracts.graph import order_plan, queue_of, variants_of
+from services.contracts.jobs import (
+    PAYLOADS,
+    EvaluatePayload,
+    GeneratePayload,
+    PairsPayload,
+    Payload,
+    PromotePayload,
+    TrainPayload,
+    VotePayload,
+)
 from services.errors import InputError, StateError
 from services.lookup import get_by_id
 from services.registry import current_student, get_checkpoint, get_dataset, lineage_root
 from services.settings import DeliverySettings
+
 
 @dataclass(frozen=True)
 class JobSpec:

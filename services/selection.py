@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from models.answers import TASKS, answers_match
 
@@ -55,7 +56,7 @@ def dropped_by_step_score(votes: list[Vote], task: str, min_step_score: float | 
     return [vote.question_id for vote in votes if agreed(vote, task) and low_step_score(vote, min_step_score)]
 
 
-def min_step_score(step_scores: list | None) -> float | None:
+def min_step_score(step_scores: list[Any] | None) -> float | None:
     """The lowest step score of a stored generation (``Generation.step_scores``), None if unscored."""
     scores = [step["score"] for step in step_scores or [] if isinstance(step, dict) and "score" in step]
     return min(scores) if scores else None
@@ -68,7 +69,7 @@ def variant_sources(variant: str) -> tuple[str, ...]:
 
 def accuracy(answers: Mapping[int, str], gold: Mapping[int, str | None], task: str) -> float | None:
     """Share of the given answers that match gold; None when no gold is known for any of them."""
-    graded = [(answer, gold[qid]) for qid, answer in answers.items() if gold.get(qid)]
+    graded = [(answer, g) for qid, answer in answers.items() if (g := gold.get(qid))]
     if not graded:
         return None
     return sum(answers_match(answer, g, task) for answer, g in graded) / len(graded)
@@ -131,7 +132,7 @@ def _pick_distinct(candidates: list[str], k: int, exclude: str, rng: random.Rand
     return rng.sample(distinct, min(k, len(distinct)))
 
 
-def _check_pair_args(samples: list, task: str, floor: float, tau: float, per_question: int) -> None:
+def _check_pair_args(samples: list[Any], task: str, floor: float, tau: float, per_question: int) -> None:
     if task not in TASKS:
         raise ValueError(f"task: unknown task {task!r}, expected one of {', '.join(TASKS)}")
     if not 0.0 <= floor <= 1.0:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.config import ConfigError, TrackingConfig
 from services.contracts.graph import KINDS
@@ -195,15 +195,6 @@ def env_names() -> set[str]:
     return {ENV_PREFIX + name.upper() for name in Settings.model_fields}
 
 
-class _FromMapping(Settings):
-    """The same settings from a given mapping instead of the process environment (tests, tools)."""
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   **_others: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
-
-
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """From the process environment, or from `env` when given. A bad value is one ConfigError
     line (ConfigError) naming each variable, its value and what is wrong."""
@@ -212,7 +203,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             return Settings()
         values = {name[len(ENV_PREFIX):].lower(): value for name, value in env.items()
                   if name.upper().startswith(ENV_PREFIX) and value != ""}
-        return _FromMapping(**values)
+        return Settings.model_validate(values)  # validation only: no environment source runs
     except ValidationError as exc:
         parts = []
         for error in exc.errors():

@@ -54,8 +54,8 @@ def write_questions(directory: Path, pool: int, test: int) -> tuple[Path, Path]:
 
 
 def write_replay_models(directory: Path, pool: int, test: int, *, agree: bool, delay_s: float) -> tuple[Path, Path]:
-    from models.prompts import zero_shot
     from models.backends.replay import write_replay
+    from models.prompts import zero_shot
 
     indices = list(range(pool)) + list(range(1000, 1000 + test))
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-
 from sqlalchemy import func, select
 
 from db.schema import Checkpoint, Evaluation, Generation, Job, Round, TrainingExample

@@ -12,9 +12,9 @@ from sqlalchemy import func, select, update
 from db.schema import Job, Round, utcnow
 from services.config import ConfigError, parse_round_config
 from services.errors import InputError
+from services.settings import load_settings
 from tests.cluster_support import Cluster, drop_database, fresh_database
 from tests.conftest import POSTGRES_ADMIN_URL
-from services.settings import load_settings
 from workers.roles import plan_worker
 
 
@@ -77,8 +77,8 @@ def test_trust_remote_code_only_for_models_allowed_by_name(tmp_path, monkeypatch
 
 
 def test_replay_finds_the_asked_question_in_a_few_shot_prompt():
-    from models.prompts import few_shot, zero_shot
     from models.backends.replay import question_key
+    from models.prompts import few_shot, zero_shot
 
     assert question_key(few_shot("What is 2 + 2?", [("What is 1 + 1?", "2")])) == zero_shot("What is 2 + 2?")
     assert question_key(zero_shot("What is 3 + 3?")) == zero_shot("What is 3 + 3?")
@@ -185,8 +185,7 @@ def cluster_settings(cluster):
 
 
 def test_message_settings_follow_celerys_guidance_for_redis():
-    from workers.app import app
-    from workers.app import settings
+    from workers.app import app, settings
     from workers.tasks import TASKS
 
     conf = app.conf

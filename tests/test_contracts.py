@@ -6,9 +6,24 @@ import json
 
 import pytest
 
-from services.contracts import (CheckpointStatus, JobKey, JobKeyError, JobKind, JobState, ResolvedPreference,
-                                ResolvedSFT, ResolvedWeakSFT, RoundState, StepName, TrainPayload, TrainResult,
-                                parse_resolved, payload_of, resolved_of, result_of)
+from services.contracts import (
+    CheckpointStatus,
+    JobKey,
+    JobKeyError,
+    JobKind,
+    JobState,
+    ResolvedPreference,
+    ResolvedSFT,
+    ResolvedWeakSFT,
+    RoundState,
+    StepName,
+    TrainPayload,
+    TrainResult,
+    parse_resolved,
+    payload_of,
+    resolved_of,
+    result_of,
+)
 from services.errors import InputError
 
 EVERY_FORM = ["generate:weak:0000", "generate:strong:0012", "generate:student:12345", "vote", "pairs", "promote",
@@ -196,7 +211,7 @@ def test_a_planned_job_the_graph_does_not_have_is_an_error(monkeypatch):
 
 
 def test_queues_and_delivery_defaults_come_from_the_graph():
-    from services.contracts.graph import KINDS, JOB_STEP_ORDER, job_summary, queue_of
+    from services.contracts.graph import JOB_STEP_ORDER, KINDS, job_summary, queue_of
     from services.report import STEP_ORDER
     from services.settings import JOB_KINDS, load_settings
 

@@ -7,8 +7,15 @@ import json
 import pytest
 from sqlalchemy import select
 
-from services.dataset_files import (FieldMapping, Record, check_unique_ids, map_record, parse_questions,
-                                    read_records, write_records)
+from services.dataset_files import (
+    FieldMapping,
+    Record,
+    check_unique_ids,
+    map_record,
+    parse_questions,
+    read_records,
+    write_records,
+)
 from services.errors import InputError
 from tests.conftest import SHARED_DATA
 
@@ -137,8 +144,8 @@ def test_unreadable_files_are_one_line(tmp_path):
 def test_import_then_export_keeps_ids(w2s_home, tmp_path):
     from db.schema import Question
     from db.session import ensure_schema, session_scope
-    from services.settings import load_settings
     from services.registry import export_dataset, import_dataset
+    from services.settings import load_settings
 
     url = load_settings().database_url
     ensure_schema(url)

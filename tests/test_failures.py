@@ -34,7 +34,7 @@ def test_worker_killed_mid_generation_job_is_redelivered(cluster):
     pool = 6
     cluster.setup(pool=pool, test=2, delay_s=0.5)
     a = cluster.start_worker("a", "weak,strong")
-    b = cluster.start_worker("b", "weak,strong,train,control")
+    _b = cluster.start_worker("b", "weak,strong,train,control")
     round_id = cluster.start_round(pool=pool, chunk=2)
     victim = cluster.wait_until(lambda: cluster.running_job("a@"), "worker a to run a generation job")
     a.kill(signal.SIGKILL)  # mid-job: two questions at 0.5 s each

@@ -9,8 +9,8 @@ from sqlalchemy import select
 from db.schema import Generation, Job, Round
 from db.session import session_scope
 from models.answers import answers_match
-from services.settings import load_settings
 from services.selection import Vote, agreed, min_step_score
+from services.settings import load_settings
 
 pytestmark = pytest.mark.slow
 

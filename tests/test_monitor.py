@@ -15,10 +15,9 @@ from db.schema import Job, Pipeline, Round
 from db.session import session_scope
 from services.config import ConfigError, parse_round_config
 from services.contracts import JobKey
-from services.settings import load_settings
 from services.errors import StateError
 from services.monitor import StepProgress, estimate, expected_steps, overall_progress, report_figure, step_state
-
+from services.settings import load_settings
 
 # --- progress rules ------------------------------------------------------------------------------
 
@@ -120,7 +119,7 @@ def test_json_logs_carry_round_and_job_ids():
         logging.getLogger().removeHandler(handler)
         clear_job()
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert [(l["round_id"], l["job_id"], l["attempt"]) for l in lines[:2]] == [(7, 42, 2), (7, 42, 2)]
+    assert [(line["round_id"], line["job_id"], line["attempt"]) for line in lines[:2]] == [(7, 42, 2), (7, 42, 2)]
     assert lines[0]["message"] == "generating 3 questions" and lines[0]["level"] == "info"
     assert lines[1]["logger"] == "some.library"
     assert lines[2]["job_id"] == 43
@@ -251,7 +250,7 @@ def test_pipeline_report_follows_the_lineage(w2s_home, cli_runner, tmp_path):
         session.add_all([pipe])
         session.flush()
         ckpt = {}
-        for name, status, parent in (("weak", "base", None), ("strong", "base", None)):
+        for name, status, _parent in (("weak", "base", None), ("strong", "base", None)):
             ckpt[name] = Checkpoint(name=name, path=f"/m/{name}", role="strong", status=status, metrics={})
             session.add(ckpt[name])
         session.flush()

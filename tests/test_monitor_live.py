@@ -257,8 +257,8 @@ def test_round_status_json_progresses_to_done(live):
 
 
 def test_report_plot_draws_the_rounds_metrics(live):
-    from services.monitor import report_figure
     from models.answers import answers_match
+    from services.monitor import report_figure
 
     out = live.tmp / "round2.png"
     report = json.loads(live.cli("round", "report", 2, "--plot", out, "--json").output)

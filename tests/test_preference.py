@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from models.prompts import training_target, zero_shot
+from models.train.launch import launch_training
 from models.train.losses import sequence_logps
 from models.train.preference import PreferenceConfig, collate_pairs, load_pairs
 from models.train.sft import IGNORE_INDEX, build_example, collate
 from tests.test_sft import WORDS, tiny_model, tokenizer, write_job  # noqa: F401 - fixtures
-from models.train.launch import launch_training
 
 
 def pair_rows(n: int = 32) -> list[dict[str, str]]:

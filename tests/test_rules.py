@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from services.config import ConfigError, parse_round_config
-from services.settings import load_settings
 from services.promotion import gate
 from services.selection import Vote, accuracy, agreed, stage1_vote, variant_sources
+from services.settings import load_settings
 
 
 def test_vote_keeps_non_empty_equivalent_answers():

@@ -11,8 +11,8 @@ import torch
 
 from models.prompts import training_target, zero_shot
 from models.train.common import linear_warmup_decay
-from models.train.sft import IGNORE_INDEX, SFTConfig, build_example, collate
 from models.train.launch import LaunchError, build_command, launch_training, parse_progress
+from models.train.sft import IGNORE_INDEX, SFTConfig, build_example, collate
 
 WORDS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
 
@@ -242,7 +242,7 @@ def test_a_stopped_job_kills_the_launch_process_group(tmp_path, tiny_model):
 
     import psutil
 
-    from models.stopping import StopSignal, Stopped, stopping
+    from models.stopping import Stopped, StopSignal, stopping
 
     train_file = tmp_path / "train.jsonl"
     write_rows(train_file, 64)

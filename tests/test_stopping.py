@@ -16,7 +16,7 @@ from models.backends import load_backend
 from models.generation import generate, step_generator
 from models.leco import leco_solve
 from models.prompts import step_by_step
-from models.stopping import StopSignal, Stopped, current_signal, stopping
+from models.stopping import Stopped, StopSignal, current_signal, stopping
 
 LONG = 1500  # new tokens the model is asked for; eos is held back, so it would write them all
 

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from models.prompts import zero_shot
+from models.train.launch import ClusterSpec, launch_training
 from tests.test_preference import margin, pair_rows, write_pairs
 from tests.test_sft import tiny_model, tokenizer, write_job, write_rows  # noqa: F401 - fixtures
-from models.train.launch import ClusterSpec, launch_training
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
@@ -213,9 +213,9 @@ def test_train_job_with_a_killed_rank_fails_cleanly_and_its_retry_resumes_at_the
     from db.session import session_scope
     from models.backends.checkpoints import fingerprint
     from services.config import parse_round_config
-    from services.settings import load_settings
     from services.operations import retry_job
     from services.rounds import start_round
+    from services.settings import load_settings
     from workers.runner import run_job
     from workers.steps import run_train
 

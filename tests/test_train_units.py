@@ -11,12 +11,20 @@ import pytest
 import torch
 
 from models.train.common import render_ds_config, resume_batches
+from models.train.launch import (
+    ClusterSpec,
+    RankStatus,
+    build_command,
+    check_ranks,
+    failure_reason,
+    parse_hostfile,
+    prepare_state_dir,
+    redact_env,
+)
 from models.train.options import DEFAULT_LORA_TARGETS, LoraOptions
 from models.train.sft import SFTConfig
 from services.config import ConfigError
 from services.settings import load_settings
-from models.train.launch import (ClusterSpec, RankStatus, build_command, check_ranks, failure_reason, parse_hostfile,
-                            prepare_state_dir, redact_env)
 
 # -- DeepSpeed configs -----------------------------------------------------------------------------
 

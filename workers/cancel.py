@@ -17,8 +17,8 @@ from sqlalchemy import select
 
 from db.schema import Job, utcnow
 from db.session import session_scope
-from services.settings import DeliverySettings, Settings
 from services.rounds import cancel_round
+from services.settings import DeliverySettings, Settings
 from services.tracking import record_round_end
 
 

@@ -10,8 +10,8 @@ from sqlalchemy import select
 
 from db.schema import Job
 from db.session import session_scope
-from services.settings import Settings
 from services.errors import W2SError
+from services.settings import Settings
 
 # Embedded mode: jobs wait here and `drain` runs them one at a time in this process, through the
 # same code a worker's task runs (workers.tasks.execute), so both modes share one path.

@@ -26,8 +26,8 @@ from sqlalchemy import select
 
 from db.schema import Job, Round
 from db.session import session_scope
-from services.settings import Settings
 from services.monitor import MessageCensus, message_census
+from services.settings import Settings
 
 log = logging.getLogger("w2s.reconcile")
 

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from db.schema import Job, Round, utcnow
 from db.session import session_scope
-from models.stopping import StopSignal, Stopped, stopping
+from models.stopping import Stopped, StopSignal, stopping
 from services.rounds import TERMINAL_ROUND_STATES, advance
 from services.settings import Settings
 from services.tracking import record_round_end

@@ -18,13 +18,31 @@ from db.session import insert_ignore
 from models.answers import extract_answer
 from models.backends import CheckpointError, default_cache
 from models.generation import generate
-from models.prompts import clean_response, few_shot, zero_shot
 from models.leco import score_steps
-from services.contracts import (CheckpointStatus, EvaluatePayload, EvaluateResult, GeneratePayload, GenerateResult, JobKey, JobKind,
-                                JobState, PairsResult, PromotePayload, PromoteResult, ResolvedPreference, ResolvedSFT,
-                                ResolvedWeakSFT, TrainPayload, TrainResult, VoteResult, resolved_of, result_of)
-from services.contracts.jobs import parse_contract
+from models.prompts import clean_response, few_shot, zero_shot
 from services.config import SFTRoundConfig, StrategyConfig
+from services.contracts import (
+    CheckpointStatus,
+    EvaluatePayload,
+    EvaluateResult,
+    GeneratePayload,
+    GenerateResult,
+    JobKey,
+    JobKind,
+    JobState,
+    PairsResult,
+    PromotePayload,
+    PromoteResult,
+    ResolvedPreference,
+    ResolvedSFT,
+    ResolvedWeakSFT,
+    TrainPayload,
+    TrainResult,
+    VoteResult,
+    resolved_of,
+    result_of,
+)
+from services.contracts.jobs import parse_contract
 from services.evaluation import EvalFigures, Sample, evaluate, round_eval_method, solve, step_dicts
 from services.promotion import gate
 from services.report import round_report
@@ -409,7 +427,8 @@ def update_status(checkpoint_id: int, status: str, now) -> Update:
     values: dict[str, Any] = {"status": status}
     if status == CheckpointStatus.PROMOTED:
         values["promoted_at"] = now
-    return update(Checkpoint).where(Checkpoint.id == checkpoint_id, Checkpoint.status == CheckpointStatus.CANDIDATE).values(**values)
+    candidate = (Checkpoint.id == checkpoint_id) & (Checkpoint.status == CheckpointStatus.CANDIDATE)
+    return update(Checkpoint).where(candidate).values(**values)
 
 
 HANDLERS = {

@@ -34,10 +34,9 @@ def sweep(database_url: str, delivery: DeliverySettings) -> list[int]:
 def watch(settings: Settings, interval_s: float, parent_pid: int | None = None, stop: threading.Event | None = None) -> None:
     """The loop: a sweep every `interval_s` (0: none) and a reconciliation every `reconcile_s`
     (0: none, and none in embedded mode). Jobs a sweep could not send are sent at the next pass."""
+    from services.logs import configure_logging
     from workers.dispatch import JobDispatcher
     from workers.reconcile import Reconciler, record_failure
-
-    from services.logs import configure_logging
 
     configure_logging(logging.INFO, settings.log_format)  # a spawned process: its own logging, as the worker's
     stop = stop or threading.Event()

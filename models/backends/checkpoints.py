@@ -103,7 +103,8 @@ def _check_shapes(path: Path, shapes: dict[str, list[int]]) -> None:
 
     vocab, hidden, layers = first(_VOCAB_KEYS), first(_HIDDEN_KEYS), first(_LAYER_KEYS)
     for name, shape in shapes.items():
-        if name.endswith(_EMBEDDING_SUFFIXES) and vocab and hidden and len(shape) == 2 and sorted(shape) != sorted([vocab, hidden]):
+        if (name.endswith(_EMBEDDING_SUFFIXES) and vocab and hidden and len(shape) == 2
+                and sorted(shape) != sorted([vocab, hidden])):
             raise CheckpointError(path, f"tensor {name} is {shape[0]}×{shape[1]} but config.json says vocab_size "
                                         f"{vocab}, hidden size {hidden}: the weights belong to another model")
     numbered = {int(match.group(1)) for name in shapes if (match := _LAYER_NUMBER.search(name))}

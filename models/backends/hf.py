@@ -30,8 +30,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, Sto
 
 from models.backends.base import Completion, GenerationParams, StepOptions
 from models.backends.checkpoints import check_remote_code, fingerprint
-from models.backends.tokens import (Continued, Row, TokenStepGenerator, count_tokens, decode, stop_tail, token_pieces,
-                                    trim)
+from models.backends.tokens import Continued, Row, TokenStepGenerator, count_tokens, decode, stop_tail, token_pieces, trim
 from models.stopping import StopSignal, current_signal
 
 

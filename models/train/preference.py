@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 
 from models.jsonl import iter_jsonl
-from models.train.common import (DeepSpeedStrategy, TrainJobConfig, count_parameters, resume_batches, run_rank)
+from models.train.common import DeepSpeedStrategy, TrainJobConfig, count_parameters, resume_batches, run_rank
 from models.train.losses import dpo_loss, orpo_loss, sequence_logps
 from models.train.options import PreferenceHyperParameters
 from models.train.sft import IGNORE_INDEX, build_example, collate

@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 
 from models.jsonl import iter_jsonl
-from models.train.common import (DeepSpeedStrategy, TrainJobConfig, count_parameters, resume_batches, run_rank)
+from models.train.common import DeepSpeedStrategy, TrainJobConfig, count_parameters, resume_batches, run_rank
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's ignore_index)
 
