@@ -10,5 +10,6 @@ demo: setup
 test: setup
 	.venv/bin/pytest -q
 
+# The folders that need no server (PostgreSQL, Redis) and launch no DeepSpeed training.
 test-fast: setup
-	.venv/bin/pytest -q -m "not slow"
+	.venv/bin/pytest -q -m "unit or models or conformance"

@@ -14,6 +14,17 @@ POSTGRES_ADMIN_URL = os.environ.get("W2S_TEST_POSTGRES", "postgresql://postgres@
 REDIS_URL = os.environ.get("W2S_TEST_REDIS", "redis://127.0.0.1:6379")
 # The tiny demo models are cached across test runs here (the build is idempotent and checked).
 DEMO_CACHE = Path(os.environ.get("W2S_TEST_CACHE", REPO / ".w2s-test-cache"))
+# Each test folder is a marker of the same name (registered in pyproject.toml), so `-m` selects by
+# what a test needs: `make test-fast` runs the folders that need no server and no DeepSpeed launch.
+FOLDER_MARKERS = ("unit", "models", "train", "embedded", "cluster", "conformance")
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = item.path.relative_to(TESTS).parts[0] if item.path.is_relative_to(TESTS) else None
+        if folder in FOLDER_MARKERS:
+            item.add_marker(getattr(pytest.mark, folder))
 
 
 @pytest.fixture

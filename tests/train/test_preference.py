@@ -14,7 +14,7 @@ from models.train.launch import launch_training
 from models.train.losses import sequence_logps
 from models.train.preference import PreferenceConfig, collate_pairs, load_pairs
 from models.train.sft import IGNORE_INDEX, build_example, collate
-from tests.test_sft import WORDS, tiny_model, tokenizer, write_job  # noqa: F401 - fixtures
+from tests.train.test_sft import WORDS, tiny_model, tokenizer, write_job  # noqa: F401 - fixtures
 
 
 def pair_rows(n: int = 32) -> list[dict[str, str]]:
@@ -113,7 +113,6 @@ def test_collate_pairs_puts_chosen_rows_first():
 # -- through the real launcher -----------------------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["dpo", "orpo"])
 def test_preference_through_deepspeed_launcher(tmp_path, tiny_model, loss):  # noqa: F811
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -16,16 +16,14 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 import torch
 
 from models.prompts import zero_shot
 from models.train.launch import ClusterSpec, launch_training
-from tests.test_preference import margin, pair_rows, write_pairs
-from tests.test_sft import tiny_model, tokenizer, write_job, write_rows  # noqa: F401 - fixtures
+from tests.train.test_preference import margin, pair_rows, write_pairs
+from tests.train.test_sft import tiny_model, tokenizer, write_job, write_rows  # noqa: F401 - fixtures
 
-pytestmark = pytest.mark.slow
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def rank_processes(job_file: Path, **env: str) -> list[psutil.Process]:

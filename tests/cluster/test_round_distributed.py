@@ -13,10 +13,8 @@ from sqlalchemy import func, select
 
 from db.schema import Job, Round
 from db.session import session_scope
+from tests.embedded.test_round_embedded import POOL_LIMIT, TINY_ROUND
 from tests.support import check_stage1_round, stop_process_group
-from tests.test_round_embedded import POOL_LIMIT, TINY_ROUND
-
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 W2SCTL = [sys.executable, "-m", "cli"]
 

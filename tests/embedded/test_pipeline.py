@@ -96,7 +96,6 @@ def test_config_errors_name_the_step_and_field():
         parse_pipeline_config({**BASE, "colour": "red"})
 
 
-@pytest.mark.slow
 def test_pipeline_embedded(w2s_home, cli_runner, demo_assets, tmp_path):
     """Runs until the chain ends; every round records its parent, and the chain stops exactly at
     the first round that was not promoted."""

@@ -190,13 +190,13 @@ def test_svamp_imports_with_one_command_and_exports(w2s_home, cli_runner, tmp_pa
                                                                       "item 0", "item 1"]),
 ])
 def test_bad_mappings_name_the_row_and_field_and_import_nothing(w2s_home, cli_runner, options, fragments):
-    from tests.test_bad_input import fails_with
+    from tests.embedded.test_bad_input import fails_with
 
     fails_with(cli_runner, ["dataset", "import", SVAMP, "--name", "svamp", *options], *fragments)
 
 
 def test_unreadable_and_duplicated_files_import_nothing(w2s_home, cli_runner, tmp_path):
-    from tests.test_bad_input import fails_with
+    from tests.embedded.test_bad_input import fails_with
 
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"question": "a?", "answer": "1"}\n{"question": "caf\xe9?", "answer": "2"}\n')

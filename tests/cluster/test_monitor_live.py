@@ -29,8 +29,6 @@ from db.session import session_scope
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.support import drop_database, fresh_database, invoke_cli, stop_process_group
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
 W2SCTL = [sys.executable, "-m", "cli"]
 WORKER_NAME = "w2s-monitor@" + socket.gethostname()
 QUEUE_NAMES = ["weak", "strong", "train", "control"]

@@ -16,7 +16,7 @@ import pytest
 from models.answers import answers_match, extract_answer, gold_answer_from_solution, grade
 from tests.support import read_reference
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 POOL_SIZE = 7000
 PAIRS = 2563
 WEAK_CHOSEN, WEAK_REJECTED = 866, 1697

@@ -152,7 +152,6 @@ def write_job(tmp_path: Path, **fields) -> Path:
     return job
 
 
-@pytest.mark.slow
 def test_sft_through_deepspeed_launcher(tmp_path, tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -206,7 +205,6 @@ def test_sft_through_deepspeed_launcher(tmp_path, tiny_model):
     (tmp_path / "train.log").read_text().index('"step": 32')
 
 
-@pytest.mark.slow
 def test_failed_launch_raises_with_the_cause_and_writes_nothing(tmp_path):
     train_file = tmp_path / "train.jsonl"
     write_rows(train_file, 4)
@@ -224,7 +222,6 @@ def test_failed_launch_raises_with_the_cause_and_writes_nothing(tmp_path):
     assert not out.exists() and not out.parent.exists()
 
 
-@pytest.mark.slow
 def test_failed_launch_without_check_returns_the_code(tmp_path):
     job = write_job(tmp_path, anything="at all")
     result = launch_training(
@@ -234,7 +231,6 @@ def test_failed_launch_without_check_returns_the_code(tmp_path):
     assert "No module named models.train.no_such_module" in result.log_tail
 
 
-@pytest.mark.slow
 def test_a_stopped_job_kills_the_launch_process_group(tmp_path, tiny_model):
     """The job's stop signal (set by its heartbeat on a cancel) ends the launch's wait at once and
     takes every rank with it: the launcher's whole process group."""
@@ -266,7 +262,6 @@ def test_a_stopped_job_kills_the_launch_process_group(tmp_path, tiny_model):
     assert not out.exists()
 
 
-@pytest.mark.slow
 def test_timeout_kills_the_whole_process_group(tmp_path, tiny_model):
     import psutil
 

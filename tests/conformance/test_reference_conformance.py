@@ -20,7 +20,7 @@ from models.answers import (
 )
 from tests.support import read_reference
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 POOL_SIZE = 7000
 
 # ALGORITHMS.md, "Figures the reference data shows": iteration 1 kept count, share and accuracy.

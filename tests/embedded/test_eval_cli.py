@@ -9,8 +9,6 @@ from db.schema import Evaluation
 from db.session import session_scope
 from services.settings import load_settings
 
-pytestmark = pytest.mark.slow
-
 FAST = ["--limit", 4, "--shots", 0, "--max-new-tokens", 30, "--batch-size", 4]
 
 

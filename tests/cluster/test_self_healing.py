@@ -24,8 +24,6 @@ from db.schema import Generation, Job, Question, Round, TrainingExample
 from tests.cluster_support import REPO, W2SCTL, Cluster, RedisServer, drop_database, free_port, fresh_database
 from tests.conftest import POSTGRES_ADMIN_URL
 
-pytestmark = [pytest.mark.integration]
-
 # Short periods, so that the bound below is small: a queued job without a message is re-sent at
 # the first reconciliation after it has been seen without one for the grace period.
 RECONCILE = {"W2S_RECONCILE_S": "1", "W2S_RECONCILE_GRACE_S": "2"}

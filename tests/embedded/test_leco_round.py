@@ -12,8 +12,6 @@ from models.answers import answers_match
 from services.selection import Vote, agreed, min_step_score
 from services.settings import load_settings
 
-pytestmark = pytest.mark.slow
-
 POOL_LIMIT = 32
 SAMPLES = 3
 

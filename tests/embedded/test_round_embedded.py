@@ -12,8 +12,6 @@ from db.session import session_scope
 from services.settings import load_settings
 from tests.support import check_stage1_round, invoke_cli
 
-pytestmark = pytest.mark.slow
-
 POOL_LIMIT = 120
 TINY_ROUND = ["--stage", "sft", "--weak", "weak", "--strong", "strong", "--pool", "pool", "--eval", "test",
               "--pool-limit", POOL_LIMIT, "--eval-limit", 60, "--demonstrations", 0, "--variants", "hybrid",
@@ -120,7 +118,7 @@ def test_iteration_2_round_votes_with_the_fine_tuned_students(in_round_home, cli
 
     import workers.telemetry  # noqa: F401  (the worker's counter of tracking failures)
     from db.schema import Checkpoint, Round
-    from tests.test_tracking import closed_port
+    from tests.embedded.test_tracking import closed_port
 
     def tracking_failures() -> float:
         return REGISTRY.get_sample_value("w2s_worker_tracking_failures_total", {"backend": "mlflow"}) or 0.0
@@ -211,7 +209,7 @@ def _a_student_from_round_1(session) -> str:
 
 
 def test_preference_round_bad_input(in_round_home, cli_runner):
-    from tests.test_bad_input import fails_with
+    from tests.embedded.test_bad_input import fails_with
 
     base = ["round", "start", "--stage", "preference", "--weak", "weak", "--pool", "pool", "--eval", "test"]
     fails_with(cli_runner, [*base, "--student", "strong"], "student 'strong' is a base checkpoint")

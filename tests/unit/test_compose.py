@@ -12,7 +12,7 @@ import yaml
 
 from services.config import QUEUES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CODE_DIRS = ("cli", "services", "workers", "models", "db")
 
 

@@ -17,8 +17,6 @@ from db.schema import Checkpoint, Generation, Job, Round
 from tests.cluster_support import Cluster, RedisServer, drop_database, free_port, fresh_database
 from tests.conftest import POSTGRES_ADMIN_URL
 
-pytestmark = [pytest.mark.integration]
-
 
 @pytest.fixture
 def cluster(postgres_url, redis_url, tmp_path):
@@ -113,7 +111,6 @@ def test_control_worker_killed_between_steps_then_resume_completes(cluster):
                                .order_by(Job.key)).all() == jobs
 
 
-@pytest.mark.slow  # launches DeepSpeed
 def test_crashing_training_job_fails_the_round_and_keeps_the_promoted_checkpoint(cluster):
     pool = 4
     # The voters agree, so training starts; the student is a replay directory, not a model: the

@@ -15,8 +15,6 @@ from models.prompts import step_by_step
 from services.config import StrategyConfig
 from services.evaluation import EvalMethod, GoldQuestion, SolveStats, evaluate_questions
 
-pytestmark = pytest.mark.slow
-
 N_QUESTIONS = 6
 MAX_NEW_TOKENS = 40
 

@@ -2,7 +2,7 @@
 training job read back with TensorBoard's own reader, an unreachable MLflow server, lazy imports.
 
 The rounds logged to MLflow (stage I and DPO, on the tiny demo models) are checked in
-tests/test_round_embedded.py, which runs those rounds anyway."""
+tests/embedded/test_round_embedded.py, which runs those rounds anyway."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from services.config import StrategyConfig
 from services.errors import InputError
 from services.evaluation import check_prompts_fit, solve
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAX_NEW_TOKENS = 40
 
 

@@ -19,8 +19,6 @@ from db.schema import Generation, Job
 from tests.cluster_support import Cluster, RedisServer, drop_database, free_port, fresh_database
 from tests.conftest import POSTGRES_ADMIN_URL
 
-pytestmark = [pytest.mark.integration]
-
 
 def sh(*command: str) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
