@@ -333,13 +333,21 @@ def test_heartbeat_log_lines_carry_the_job_ids():
 
     stream = io.StringIO()
     handler = configure_logging(logging.INFO, "json", stream=stream)
+
+    def failed_beats() -> list[dict]:
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        return [line for line in lines if "heartbeat failed" in line["message"]]
+
     try:
         bind_job(round_id=5, job_id=11, attempt=1)
         with Heartbeat(SimpleNamespace(job_id=11, beat=unreachable), 0.05, lease=60.0):
-            time.sleep(0.3)
+            # Until two beats have failed (a starved thread on a loaded machine may take a while).
+            deadline = time.monotonic() + 60
+            while len(failed_beats()) < 2:
+                assert time.monotonic() < deadline, f"two failed heartbeats logged within 60 s: {stream.getvalue()!r}"
+                time.sleep(0.05)
     finally:
         logging.getLogger().removeHandler(handler)
         clear_job()
-    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    beats = [line for line in lines if "heartbeat failed" in line["message"]]
+    beats = failed_beats()
     assert beats and all((line["round_id"], line["job_id"]) == (5, 11) for line in beats)
