@@ -1,5 +1,5 @@
 """JSON Lines files, read in one place for the whole project (dataset import, training files,
-replay checkpoints, the demo's splits).
+recorded-response checkpoints, the demo's splits).
 
 One JSON object per line; blank lines are skipped. A bad line is a ``JsonlError`` (a
 ``ValueError``) whose message names the file and the line: ``train.jsonl:3: malformed JSON: ...``.
