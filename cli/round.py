@@ -395,6 +395,7 @@ def watch_round(app: App, round_id: int, as_json: bool, interval: float) -> None
                     click.echo(line)
                 printed = [line.split(" ", 1)[-1] for line in lines]
             if snapshot["state"] in TERMINAL_ROUND_STATES:
+                console.print(render_snapshot(snapshot))  # the ended round in full: every step, the report
                 break
             time.sleep(interval)
             snapshot = round_snapshot(app, round_id, snapshot)

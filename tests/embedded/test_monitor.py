@@ -351,3 +351,17 @@ def test_heartbeat_log_lines_carry_the_job_ids():
         clear_job()
     beats = failed_beats()
     assert beats and all((line["round_id"], line["job_id"]) == (5, 11) for line in beats)
+
+
+def test_watch_into_a_pipe_shows_an_ended_round_in_full(w2s_home, cli_runner):
+    """`round status --watch` into a pipe prints only what is under way as it goes; once the round has
+    ended it prints the round in full (every step), as the live view does, and exits 1 for a failed round."""
+    cli_runner("round", "list")  # migrates the embedded database
+    with session_scope(load_settings().database_url) as session:
+        done = _round_with_jobs(session, [("evaluate:baseline", "done", 1), ("generate:weak:0000", "done", 1)],
+                                round_state="done").id
+        failed = _round_with_jobs(session, [("evaluate:baseline", "failed", 3)]).id
+    view = cli_runner("round", "status", done, "--watch", "--interval", "0.2").output
+    assert "evaluate:baseline" in view and "generate:weak" in view, view
+    result = cli_runner("round", "status", failed, "--watch", "--interval", "0.2", ok=False)
+    assert result.exit_code == 1 and f"round {failed} failed: job 1 (evaluate:baseline) failed: boom" in result.output
