@@ -1,6 +1,10 @@
 # The two commands of the quick start. Each sets up what it needs first.
 .PHONY: setup demo test test-fast
 
+# DeepSpeed compiles a small op on first use into this cache; one per checkout, so a build killed in
+# another checkout (its lock file left behind) can never make this one's launches wait forever.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
+
 setup:
 	@scripts/setup.sh
 
