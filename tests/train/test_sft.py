@@ -241,9 +241,9 @@ def test_a_stopped_job_kills_the_launch_process_group(tmp_path, tiny_model):
     from models.stopping import Stopped, StopSignal, stopping
 
     train_file = tmp_path / "train.jsonl"
-    write_rows(train_file, 64)
+    write_rows(train_file, 640)
     out = tmp_path / "ckpt" / "cancelled"
-    job = write_job(tmp_path, base_model=tiny_model, train_file=train_file, output_dir=out, epochs=1000)
+    job = write_job(tmp_path, base_model=tiny_model, train_file=train_file, output_dir=out, epochs=100)
     signal, stopped_at = StopSignal(), []
 
     def cancel_once_training(record):  # from the log reader thread, as a heartbeat thread would
@@ -269,7 +269,7 @@ def test_timeout_kills_the_whole_process_group(tmp_path, tiny_model):
     write_rows(train_file, 64)
     out = tmp_path / "ckpt" / "slow"
     job = write_job(
-        tmp_path, base_model=tiny_model, train_file=train_file, output_dir=out, epochs=1000
+        tmp_path, base_model=tiny_model, train_file=train_file, output_dir=out, epochs=100
     )
     with pytest.raises(LaunchError, match="timed out") as err:
         launch_training("models.train.sft", job, log_path=tmp_path / "t.log", timeout_s=10)
