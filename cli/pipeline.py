@@ -24,7 +24,8 @@ def pipeline() -> None:
 def pipeline_start(app: App, config_file: Path, wait: bool | None) -> None:
     """Start the first round of a pipeline; each round that ends starts the next."""
     from services.config import read_config_file
-    from services.pipeline import parse_pipeline_config, start_pipeline
+    from services.pipeline import parse_pipeline_config
+    from services.rounds import start_pipeline
     from workers.dispatch import SendFailed
 
     config = parse_pipeline_config(read_config_file(config_file), str(config_file))

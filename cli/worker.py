@@ -24,7 +24,8 @@ def worker(app: App, roles: str | None, queues: str | None, gpus: str | None, co
 
     from celery.utils.nodenames import default_nodename, host_format
 
-    from workers.roles import apply_gpus, celery_argv, plan_worker, start_watchdog
+    from workers.roles import apply_gpus, celery_argv, plan_worker
+    from workers.watchdog import start_watchdog
 
     if app.settings.embedded:
         raise click.ClickException("W2S_BROKER_URL is not set: embedded mode runs jobs in-process, no worker needed")

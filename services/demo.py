@@ -122,7 +122,8 @@ def _run_pipeline(settings: Settings, dispatcher: Dispatcher, render_report: Cal
     in-process, and print each round as it goes: its jobs as they finish, then its report."""
     from db.schema import Job, Round
     from db.session import session_scope
-    from services.pipeline import get_pipeline, parse_pipeline_config, start_pipeline
+    from services.pipeline import get_pipeline, parse_pipeline_config
+    from services.rounds import start_pipeline
 
     database_url = settings.database_url
     config = parse_pipeline_config(config_data, "demo pipeline")

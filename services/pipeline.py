@@ -1,8 +1,10 @@
 """The progressive chain: (weak-sft) → stage I iteration 1 → iteration 2 → stage II, each round gated.
 
-`next_step` is the rule, a pure function over the outcomes so far; `advance_pipeline` applies it
-when a round of the pipeline ends (called from `rounds.advance`, so it runs wherever the last job
-of a round finished, embedded or on a worker). A rejected or failed round stops the chain.
+`next_step` is the rule, a pure function over the outcomes so far; `services.rounds.advance_pipeline`
+applies it when a round of the pipeline ends (called from `rounds.advance`, so it runs wherever the
+last job of a round finished, embedded or on a worker), and `services.rounds.start_pipeline` starts
+one. They live there because ending a round and starting the next call each other; this module
+imports nothing of rounds. A rejected or failed round stops the chain.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ from pydantic import Field, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.schema import Pipeline, Round, utcnow
+from db.schema import Pipeline, Round
 from services.config import ConfigError, EvalConfig, TrackingConfig, _merge, _Strict, parse_round_config
 from services.contracts import CheckpointStatus, RoundState
 from services.lookup import get_by_id
-from services.settings import DeliverySettings
 
 STEPS = ("weak-sft", "iteration1", "iteration2", "preference")
 
@@ -131,59 +132,6 @@ def parse_pipeline_config(data: dict[str, Any], source: str = "pipeline config")
         finished = [StepOutcome("weak-sft", RoundState.DONE, CheckpointStatus.PROMOTED, {}, config.weak)]
     parse_round_config(next_step(config, finished)[1], f"{source}: iteration1")
     return config
-
-
-def start_pipeline(session: Session, config: PipelineConfig, delivery: DeliverySettings) -> tuple[Pipeline, list[int]]:
-    from services.rounds import start_round
-
-    pipeline = Pipeline(config=config.model_dump(mode="json"), state="running")
-    session.add(pipeline)
-    session.flush()
-    step, round_data = next_step(config, [])
-    round_, job_ids = start_round(session, parse_round_config(round_data, f"pipeline {pipeline.id} {step}"), delivery)
-    round_.pipeline_id, round_.pipeline_step = pipeline.id, step
-    return pipeline, job_ids
-
-
-def advance_pipeline(session: Session, pipeline_id: int, delivery: DeliverySettings) -> list[int]:
-    """After one of its rounds ended: start the next round, or close the pipeline. Idempotent:
-    the unique (pipeline, step) key lets only one caller create the next round."""
-    from db.session import insert_ignore
-    from services.rounds import advance, resolve
-
-    pipeline = session.scalar(select(Pipeline).where(Pipeline.id == pipeline_id).with_for_update())
-    if pipeline is None or pipeline.state != "running":
-        return []
-    rounds = session.scalars(select(Round).where(Round.pipeline_id == pipeline_id).order_by(Round.id)).all()
-    if any(r.state == RoundState.RUNNING for r in rounds):
-        return []
-    config = PipelineConfig.model_validate(pipeline.config)
-    decision = next_step(config, [_outcome(session, r) for r in rounds])
-    if isinstance(decision, str):
-        complete = decision.startswith(ALL_RAN) or decision == ALL_PROMOTED
-        pipeline.state, pipeline.reason, pipeline.finished_at = ("done" if complete else "stopped"), decision, utcnow()
-        return []
-    step, round_data = decision
-    try:
-        round_config = parse_round_config(round_data, f"pipeline {pipeline_id} {step}")
-        resolved = resolve(session, round_config)
-    except Exception as exc:  # noqa: BLE001 - a step that cannot start ends the chain with its reason
-        pipeline.state, pipeline.reason, pipeline.finished_at = "failed", f"{step}: {exc}", utcnow()
-        return []
-    new = insert_ignore(session, Round, [{
-        "stage": round_config.stage, "iteration": getattr(round_config, "iteration", 1), "state": RoundState.RUNNING,
-        "config": round_config.model_dump(mode="json"), "resolved": resolved.stored(), "pipeline_id": pipeline_id,
-        "pipeline_step": step, "created_at": utcnow()}])
-    return advance(session, new[0], delivery) if new else []
-
-
-def _outcome(session: Session, round_: Round) -> StepOutcome:
-    from db.schema import Checkpoint
-
-    candidates = {c.variant: c.name for c in session.scalars(select(Checkpoint).where(Checkpoint.round_id == round_.id))}
-    promoted = next((c.name for c in session.scalars(select(Checkpoint).where(
-        Checkpoint.round_id == round_.id, Checkpoint.status == CheckpointStatus.PROMOTED))), None)
-    return StepOutcome(round_.pipeline_step, round_.state, round_.outcome, candidates, promoted)
 
 
 def get_pipeline(session: Session, pipeline_id: int) -> Pipeline:

@@ -32,7 +32,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.schema import Generation, Job, Question, Round, utcnow
+from db.schema import Checkpoint, Generation, Job, Pipeline, Question, Round, utcnow
 from db.session import insert_ignore
 from services.config import AnyRoundConfig, PreferenceRoundConfig, SFTRoundConfig, WeakSFTRoundConfig, parse_round_config
 from services.contracts import (
@@ -66,6 +66,7 @@ from services.contracts.jobs import (
 )
 from services.errors import InputError, StateError
 from services.lookup import get_by_id
+from services.pipeline import ALL_PROMOTED, ALL_RAN, PipelineConfig, StepOutcome, next_step
 from services.registry import current_student, get_checkpoint, get_dataset, lineage_root
 from services.settings import DeliverySettings
 
@@ -270,8 +271,6 @@ def _next_in_pipeline(session: Session, round_: Round, delivery: DeliverySetting
     """A round of a pipeline that ends starts the next one (or ends the pipeline)."""
     if round_.pipeline_id is None:
         return []
-    from services.pipeline import advance_pipeline
-
     session.flush()
     return advance_pipeline(session, round_.pipeline_id, delivery)
 
@@ -458,8 +457,57 @@ def cancel_round(session: Session, round_id: int, delivery: DeliverySettings,
                     .execution_options(synchronize_session=False))
     round_.state, round_.finished_at, round_.error = RoundState.CANCELLED, now, reason
     if round_.pipeline_id is not None:  # its chain stops here, saying why
-        from services.pipeline import advance_pipeline
-
         advance_pipeline(session, round_.pipeline_id, delivery)
     return Cancelled(queued=[j for j, state in open_jobs if state == JobState.QUEUED],
                      running=[j for j, state in open_jobs if state == JobState.RUNNING])
+
+
+# --- pipelines (services.pipeline has the rule; a round that ends and the next one it starts call each other) ---
+
+
+def start_pipeline(session: Session, config: PipelineConfig, delivery: DeliverySettings) -> tuple[Pipeline, list[int]]:
+    pipeline = Pipeline(config=config.model_dump(mode="json"), state="running")
+    session.add(pipeline)
+    session.flush()
+    step, round_data = next_step(config, [])
+    round_, job_ids = start_round(session, parse_round_config(round_data, f"pipeline {pipeline.id} {step}"), delivery)
+    round_.pipeline_id, round_.pipeline_step = pipeline.id, step
+    return pipeline, job_ids
+
+
+def advance_pipeline(session: Session, pipeline_id: int, delivery: DeliverySettings) -> list[int]:
+    """After one of its rounds ended: start the next round, or close the pipeline. Idempotent:
+    the unique (pipeline, step) key lets only one caller create the next round."""
+    from db.session import insert_ignore
+
+    pipeline = session.scalar(select(Pipeline).where(Pipeline.id == pipeline_id).with_for_update())
+    if pipeline is None or pipeline.state != "running":
+        return []
+    rounds = session.scalars(select(Round).where(Round.pipeline_id == pipeline_id).order_by(Round.id)).all()
+    if any(r.state == RoundState.RUNNING for r in rounds):
+        return []
+    config = PipelineConfig.model_validate(pipeline.config)
+    decision = next_step(config, [_outcome(session, r) for r in rounds])
+    if isinstance(decision, str):
+        complete = decision.startswith(ALL_RAN) or decision == ALL_PROMOTED
+        pipeline.state, pipeline.reason, pipeline.finished_at = ("done" if complete else "stopped"), decision, utcnow()
+        return []
+    step, round_data = decision
+    try:
+        round_config = parse_round_config(round_data, f"pipeline {pipeline_id} {step}")
+        resolved = resolve(session, round_config)
+    except Exception as exc:  # noqa: BLE001 - a step that cannot start ends the chain with its reason
+        pipeline.state, pipeline.reason, pipeline.finished_at = "failed", f"{step}: {exc}", utcnow()
+        return []
+    new = insert_ignore(session, Round, [{
+        "stage": round_config.stage, "iteration": getattr(round_config, "iteration", 1), "state": RoundState.RUNNING,
+        "config": round_config.model_dump(mode="json"), "resolved": resolved.stored(), "pipeline_id": pipeline_id,
+        "pipeline_step": step, "created_at": utcnow()}])
+    return advance(session, new[0], delivery) if new else []
+
+
+def _outcome(session: Session, round_: Round) -> StepOutcome:
+    candidates = {c.variant: c.name for c in session.scalars(select(Checkpoint).where(Checkpoint.round_id == round_.id))}
+    promoted = next((c.name for c in session.scalars(select(Checkpoint).where(
+        Checkpoint.round_id == round_.id, Checkpoint.status == CheckpointStatus.PROMOTED))), None)
+    return StepOutcome(round_.pipeline_step, round_.state, round_.outcome, candidates, promoted)

@@ -11,9 +11,9 @@ from celery import Celery
 from celery.signals import task_rejected, worker_process_init
 from kombu import Queue
 
-import workers.telemetry  # noqa: F401  (logs with job ids, Prometheus metrics, worker info: Celery signals)
 from services.config import QUEUES
 from services.settings import Settings, load_settings
+from workers import telemetry  # logs with job ids, Prometheus metrics, worker info: Celery signals
 
 log = logging.getLogger("w2s.worker")
 
@@ -60,6 +60,7 @@ def make_app(settings: Settings) -> Celery:
 
 
 settings = load_settings()  # the worker's settings (`w2sctl worker` sets its GPUs and name first)
+telemetry.use_settings(settings)  # its signal handlers read them
 app = make_app(settings)
 
 

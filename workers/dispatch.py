@@ -14,7 +14,7 @@ from services.errors import W2SError
 from services.settings import Settings
 
 # Embedded mode: jobs wait here and `drain` runs them one at a time in this process, through the
-# same code a worker's task runs (workers.tasks.execute), so both modes share one path.
+# same code a worker's task runs (workers.execute), so both modes share one path.
 _local_queue: deque[int] = deque()
 
 
@@ -48,8 +48,8 @@ class JobDispatcher:
 
     def drain(self, on_job_done: Callable[[int], None] | None = None) -> int:
         """Run queued jobs in-process until none is left, through the same code a worker's task
-        runs (workers.tasks.execute). Returns how many ran."""
-        from workers.tasks import execute
+        runs (workers.execute). Returns how many ran."""
+        from workers.execute import execute  # the handlers (and torch) only when a job runs here
 
         ran = 0
         while _local_queue:

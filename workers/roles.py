@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from services.config import QUEUES
 from services.errors import InputError
-from services.settings import Settings
 
 MODEL_ROLES = ("weak", "strong")
 
@@ -86,29 +85,3 @@ def pin_this_process(pin_gpus: str | None) -> None:
 
     index = getattr(current_process(), "index", 0) or 0
     os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-
-
-def start_watchdog(settings: Settings, interval_s: float):
-    """Every interval, advance every running round: expired leases are re-planned, missed steps
-    planned, and what that yields is sent. Safe beside other watchdogs (advance locks the round).
-    Every W2S_RECONCILE_S, re-send queued jobs that have no message (workers.reconcile).
-
-    A separate (spawned) process, not a thread: the worker forks its pool, and a fork taken while
-    a thread holds a lock (logging, imports, a connection pool) leaves the child stuck on it. It
-    exits when the worker does.
-    """
-    if interval_s <= 0 and settings.delivery.reconcile_s <= 0:
-        return None
-    import multiprocessing
-
-    if settings.metrics_port:  # the watchdog's counters go where the worker's endpoint reads
-        from workers.telemetry import metrics_directory
-
-        metrics_directory()
-
-    from workers.watchdog import watch
-
-    process = multiprocessing.get_context("spawn").Process(target=watch, args=(settings, interval_s, os.getpid()),
-                                                           name="w2s-watchdog", daemon=True)
-    process.start()
-    return process

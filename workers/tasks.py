@@ -11,11 +11,10 @@ from __future__ import annotations
 import logging
 
 from services.contracts.graph import KINDS
-from services.dispatch import Dispatcher
-from services.settings import Settings
 from workers.app import app, settings
 from workers.dispatch import JobDispatcher
-from workers.runner import DatabaseUnavailable, run_job
+from workers.execute import execute
+from workers.runner import DatabaseUnavailable
 from workers.steps import HANDLERS
 
 log = logging.getLogger("w2s.worker")
@@ -33,11 +32,6 @@ ACK_ON_START = {str(kind) for kind, spec in KINDS.items() if spec.ack_on_start} 
 # A message whose job could not even be read (the database is down) is sent back with back-off,
 # doubling from W2S_RETRY_BACKOFF_S up to this, for as long as the outage lasts.
 DATABASE_RETRY_MAX_S = 300.0
-
-
-def execute(kind: str, job_id: int, settings: Settings, dispatcher: Dispatcher) -> str:
-    """What a task runs, and what an embedded drain runs for each job."""
-    return run_job(job_id, HANDLERS[kind], settings=settings, enqueue=dispatcher.enqueue)
 
 
 def _make_task(kind: str):

@@ -28,8 +28,24 @@ from celery.worker.control import inspect_command
 
 from models import tracking
 from services.logs import bind_job, clear_job, configure_logging
+from services.settings import Settings
 
 log = logging.getLogger("w2s.telemetry")
+
+# The worker's settings, handed in by workers.app (the worker's edge) when it builds the app, so this
+# module never imports the app back (the handlers below run only in a worker, after that).
+_settings: Settings | None = None
+
+
+def use_settings(settings: Settings) -> None:
+    global _settings
+    _settings = settings
+
+
+def worker_settings() -> Settings:
+    if _settings is None:
+        raise RuntimeError("workers.telemetry has no settings: workers.app hands them in (use_settings) when it loads")
+    return _settings
 
 _metrics_enabled = False  # set in the worker's main process before it forks its children
 _started: dict[str, float] = {}  # task id → monotonic start, for the duration histogram
@@ -40,9 +56,7 @@ JOB_SECONDS_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600)
 @setup_logging.connect
 def _configure_worker_logging(loglevel: Any = logging.INFO, **_kwargs: Any) -> None:
     """Connected receivers replace Celery's own logging setup: one format for every line."""
-    from workers.app import settings
-
-    configure_logging(loglevel or logging.INFO, settings.log_format)
+    configure_logging(loglevel or logging.INFO, worker_settings().log_format)
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -50,8 +64,7 @@ def _configure_worker_logging(loglevel: Any = logging.INFO, **_kwargs: Any) -> N
 
 @worker_init.connect
 def _start_metrics_server(**_kwargs: Any) -> None:
-    from workers.app import settings
-
+    settings = worker_settings()
     port = settings.metrics_port  # validated with the settings: a TCP port, or None
     if not port:
         return
@@ -168,9 +181,8 @@ def job_figures(job_id: int) -> dict[str, Any]:
     """Throughput of a finished job's last attempt, from what it wrote to the database."""
     from db.session import session_scope
     from services.monitor import job_throughput
-    from workers.app import settings
 
-    with session_scope(settings.database_url) as session:
+    with session_scope(worker_settings().database_url) as session:
         return job_throughput(session, job_id)
 
 
@@ -202,7 +214,6 @@ def visible_gpus() -> list[str]:
 @inspect_command()
 def w2s_info(state: Any, **_kwargs: Any) -> dict[str, Any]:
     """`celery inspect w2s_info`: what `w2sctl queues` shows beside each worker."""
-    from workers.app import settings
-
+    settings = worker_settings()
     metrics_port = str(settings.metrics_port) if settings.metrics_port else None
     return {"gpus": visible_gpus(), "pid": os.getpid(), "metrics_port": metrics_port}

@@ -69,3 +69,27 @@ def watch(settings: Settings, interval_s: float, parent_pid: int | None = None, 
                 reconciler.run_once()
             except Exception as exc:  # noqa: BLE001 - the database or broker is away; try again next time
                 record_failure("reconciliation", exc)
+
+
+def start_watchdog(settings: Settings, interval_s: float):
+    """Every interval, advance every running round: expired leases are re-planned, missed steps
+    planned, and what that yields is sent. Safe beside other watchdogs (advance locks the round).
+    Every W2S_RECONCILE_S, re-send queued jobs that have no message (workers.reconcile).
+
+    A separate (spawned) process, not a thread: the worker forks its pool, and a fork taken while
+    a thread holds a lock (logging, imports, a connection pool) leaves the child stuck on it. It
+    exits when the worker does.
+    """
+    if interval_s <= 0 and settings.delivery.reconcile_s <= 0:
+        return None
+    import multiprocessing
+
+    if settings.metrics_port:  # the watchdog's counters go where the worker's endpoint reads
+        from workers.telemetry import metrics_directory
+
+        metrics_directory()
+
+    process = multiprocessing.get_context("spawn").Process(target=watch, args=(settings, interval_s, os.getpid()),
+                                                           name="w2s-watchdog", daemon=True)
+    process.start()
+    return process

@@ -246,8 +246,8 @@ def test_a_cancelled_job_is_stopped_by_its_heartbeat(round_db):
 
 def test_cancelling_a_pipeline_round_stops_the_pipeline(postgres_url, tmp_path):
     from db.schema import Pipeline
-    from services.pipeline import PipelineConfig, start_pipeline
-    from services.rounds import cancel_round
+    from services.pipeline import PipelineConfig
+    from services.rounds import cancel_round, start_pipeline
 
     url, name = fresh_database(POSTGRES_ADMIN_URL)
     cluster = Cluster(tmp_path, url, "redis://unused")
