@@ -4,6 +4,7 @@ tests (they fail, never skip, when a server is down), and the tiny demo models b
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,27 @@ DEMO_CACHE = Path(os.environ.get("W2S_TEST_CACHE", REPO / ".w2s-test-cache"))
 # what a test needs: `make test-fast` runs the folders that need no server and no DeepSpeed launch.
 FOLDER_MARKERS = ("unit", "models", "train", "embedded", "cluster", "conformance")
 TESTS = Path(__file__).resolve().parent
+
+
+# The tiny models run many small ops: torch's default of one thread per core spends most of its time
+# synchronising threads, and on a shared 2-core machine that measured 3-4x slower (CPU and wall)
+# than one thread (tests/models: 25 s against 8 s of CPU). Set in this process only, once torch is
+# loaded; subprocesses (training launches, workers) choose their own.
+TORCH_THREADS = int(os.environ.get("W2S_TEST_TORCH_THREADS", "1"))
+
+
+def _limit_torch_threads() -> None:
+    torch = sys.modules.get("torch")  # never imported here: tests that need no model stay light
+    if torch is not None and hasattr(torch, "get_num_threads") and torch.get_num_threads() != TORCH_THREADS:
+        torch.set_num_threads(TORCH_THREADS)
+
+
+def pytest_fixture_setup(fixturedef, request):
+    _limit_torch_threads()  # a module or session fixture may generate before any test runs
+
+
+def pytest_runtest_call(item):
+    _limit_torch_threads()
 
 
 def pytest_collection_modifyitems(config, items):

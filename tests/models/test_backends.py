@@ -67,7 +67,8 @@ def test_the_loader_recognises_the_backend_and_obeys_an_explicit_one(demo_assets
 
 @pytest.mark.parametrize("strategy", ["cot", "leco"])
 def test_the_same_solve_over_both_backends_gives_the_same_answers(strong, recorded, prompts, strategy):
-    config = StrategyConfig(strategy=strategy)
+    # one rethink is enough here: what is compared is the original attempt (LECO's depth: test_leco_models)
+    config = StrategyConfig(strategy=strategy, max_rethinks=1)
     live = solve(strong, prompts, "gsm8k", config, max_new_tokens=MAX_NEW_TOKENS, batch_size=4)
     replayed = solve(recorded, prompts, "gsm8k", config, max_new_tokens=MAX_NEW_TOKENS, batch_size=4)
     if strategy == "cot":  # the replay holds the greedy answers: same texts, same answers

@@ -43,9 +43,24 @@ def _solve(loaded, questions, **options):
     return generator, leco_solve([q.text for q in questions], generator, task="gsm8k")
 
 
-def test_rethinks_read_the_kept_prefix_from_the_cache_with_the_same_result_as_re_encoding(strong, questions):
-    cached_gen, cached = _solve(strong, questions)
-    fresh_gen, fresh = _solve(strong, questions, reuse_cache=False)
+@pytest.fixture(scope="module")
+def solved(strong, questions):
+    """LECO over the questions once per set of generator options, read by every test that needs
+    that run (the default one, from the cache and diverting, is checked by two tests)."""
+    runs: dict[tuple, tuple] = {}
+
+    def run(**options):
+        key = tuple(sorted(options.items()))
+        if key not in runs:
+            runs[key] = _solve(strong, questions, **options)
+        return runs[key]
+
+    return run
+
+
+def test_rethinks_read_the_kept_prefix_from_the_cache_with_the_same_result_as_re_encoding(strong, questions, solved):
+    cached_gen, cached = solved()
+    fresh_gen, fresh = solved(reuse_cache=False)
 
     assert any(len(r.attempts) > 1 for r in cached), "no question was rethought: nothing tested"
     for a, b in zip(cached, fresh):
@@ -83,9 +98,9 @@ def _new_text_length(attempt, previous) -> int:
     return len(attempt.text) - kept_end
 
 
-def test_a_rethink_keeps_the_steps_before_the_suspect_and_turns_away_from_the_dropped_step(strong, questions):
-    _, diverted = _solve(strong, questions)
-    _, greedy = _solve(strong, questions, divert=False)
+def test_a_rethink_keeps_the_steps_before_the_suspect_and_turns_away_from_the_dropped_step(solved):
+    _, diverted = solved()
+    _, greedy = solved(divert=False)
     for result in diverted:
         for previous, attempt in zip(result.attempts, result.attempts[1:]):
             kept = previous.steps[: previous.suspect]
