@@ -43,8 +43,8 @@ class Completion:
       token, so ``"".join(token_texts) == text`` whenever a token was counted. ``token_probs`` is
       the chosen token's probability under the model's raw logits at that step (not the
       temperature/top-p processed scores): ``"full"`` the full softmax, ``"top5"`` renormalised
-      over the top-5 logits (plus the chosen token's own logit if it is not among them, which
-      sampling can do), as LECO's reference does. So 0 < full <= top5 <= 1.
+      over the top-5 logits, as LECO's reference does (a sampled token outside the top 5 gets its
+      share against those 5: ``tokens.chosen_token_prob``). So 0 < full <= top5 <= 1.
     """
 
     text: str
@@ -118,6 +118,7 @@ class CallStats:
     input_tokens: int  # tokens the model actually encoded (cached prefixes are not)
     reencode_tokens: int  # tokens it would have encoded without the cache (prompt + kept text, every time)
     output_tokens: int
+    cache_lost: int = 0  # rows whose reusable state the engine could not keep: their next rethink re-encodes
 
 
 class StepGenerator(Protocol):

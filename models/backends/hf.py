@@ -20,18 +20,38 @@ Loading: only local directories (``local_files_only=True``), only safetensors we
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Sequence
+import logging
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from models.backends.base import Completion, GenerationParams, StepOptions
 from models.backends.checkpoints import check_remote_code, fingerprint
-from models.backends.tokens import Continued, Row, TokenStepGenerator, count_tokens, decode, stop_tail, token_pieces, trim
+from models.backends.tokens import (
+    Continued,
+    Row,
+    TokenStepGenerator,
+    chosen_token_prob,
+    count_tokens,
+    decode,
+    stop_tail,
+    token_pieces,
+    trim,
+)
 from models.stopping import StopSignal, current_signal
+
+_log = logging.getLogger(__name__)
+
+# ``generate``'s cache argument and output field: ``cache`` since transformers 5.2x (``past_key_values``
+# is deprecated and goes in 6.0), ``past_key_values`` before.
+CACHE_KWARG = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
 
 
 @dataclass
@@ -80,8 +100,7 @@ class TransformersBackend:
     def _generate_batch(self, signal: StopSignal, prompts, *, max_new_tokens, sampling, num_samples, stop_strings,
                         seed, return_token_probs) -> list[Completion]:
         """One ``model.generate`` call; completions grouped by prompt, as HF returns the rows.
-        ``return_token_probs`` keeps every step's logits until the batch ends (steps × sequences ×
-        vocabulary floats): lower ``batch_size`` for long generations."""
+        ``return_token_probs`` keeps 7 floats per generated token (``StepScores``), not the logits."""
         model, tokenizer = self.model, self.tokenizer
         device = model.device
         inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
@@ -89,7 +108,8 @@ class TransformersBackend:
         stop = [StopOnText(tokenizer, stop_strings, width)] if stop_strings else []
         stop.append(StopOnSignal(signal))
         rng_devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=rng_devices, enabled=seed is not None):
+        scores = StepScores() if return_token_probs else None
+        with torch.random.fork_rng(devices=rng_devices, enabled=seed is not None), _recording(model, scores):
             if seed is not None:
                 torch.manual_seed(seed)
             out = model.generate(
@@ -100,14 +120,11 @@ class TransformersBackend:
                 stopping_criteria=StoppingCriteriaList(stop),
                 pad_token_id=tokenizer.pad_token_id,
                 return_dict_in_generate=True,
-                output_logits=return_token_probs is not None,
                 **sampling,
             )
         signal.check()  # a generate cut short by the signal: its sequences are not answers
         new_tokens = out.sequences[:, width:]
-        probs = None
-        if return_token_probs:
-            probs = _chosen_probs(out.logits, new_tokens, return_token_probs)
+        stats = scores.finish(new_tokens) if scores is not None else None
         input_counts = inputs["attention_mask"].sum(dim=1).repeat_interleave(num_samples).tolist()
         end_ids = self._end_ids()
 
@@ -116,9 +133,9 @@ class TransformersBackend:
             ids, text = trim(tokenizer, ids, end_ids, stop_strings)
             count = count_tokens(tokenizer, ids, text)
             completion = Completion(text=text, input_tokens=input_counts[row], output_tokens=count)
-            if probs is not None:
+            if stats is not None:
                 completion.token_texts = token_pieces(tokenizer, ids[:count], text)
-                completion.token_probs = probs[row, :count].tolist()
+                completion.token_probs = stats.probs(row, count, return_token_probs)
             completions.append(completion)
         return completions
 
@@ -156,22 +173,31 @@ class TransformersBackend:
             mask[i, left - c : left] = 1
             mask[i, width - n :] = 1
             columns.append(list(range(left - c, left)) + list(range(width - n, width)))
-        past = _assemble_cache(rows, cached, left) if left else None
+        past = _assemble_cache(model.config, rows, cached, left) if left else None
         stop = [StopOnText(tokenizer, stop_strings, width)] if stop_strings else []
         signal = current_signal()
         stop.append(StopOnSignal(signal))
         diverts = [row.divert for row in rows]
-        out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=mask.to(device), past_key_values=past,
-            max_new_tokens=options.max_new_tokens, do_sample=False, pad_token_id=pad,
-            stopping_criteria=StoppingCriteriaList(stop),
-            logits_processor=LogitsProcessorList([_DivertFromDroppedStep(diverts, width)] if any(diverts) else []),
-            return_dict_in_generate=True, output_logits=True,
-        )
+        scores = StepScores()
+        with _recording(model, scores):
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), **{CACHE_KWARG: past},
+                max_new_tokens=options.max_new_tokens, do_sample=False, pad_token_id=pad,
+                stopping_criteria=StoppingCriteriaList(stop),
+                logits_processor=LogitsProcessorList([_DivertFromDroppedStep(diverts, width)] if any(diverts) else []),
+                return_dict_in_generate=True,
+            )
         signal.check()
         new_tokens = out.sequences[:, width:]
-        probs = _chosen_probs(out.logits, new_tokens, options.token_probs)
-        cache = out.past_key_values if options.reuse_cache and _plain_cache(out.past_key_values) else None
+        stats = scores.finish(new_tokens)
+        cache, lost = None, False
+        if options.reuse_cache:
+            cache = getattr(out, CACHE_KWARG)
+            if not _whole_cache(cache):  # a sliding window dropped columns (or an engine-specific cache)
+                cache, lost = None, True
+                _log.warning("LECO: %s's KV cache does not hold the whole sequence (%d columns; sliding window %s): "
+                             "the next rethinks of these %d rows re-encode their prompt and kept steps",
+                             self.path.name, width + new_tokens.shape[1], _sliding_window(model.config), len(rows))
         end_ids = self._end_ids()
         results = []
         for i, ids in enumerate(new_tokens.tolist()):
@@ -186,8 +212,8 @@ class TransformersBackend:
                              for layer in cache.layers]
                 row_cached = len(keep_columns)
             results.append(Continued(ids=ids[:count], text=text, pieces=token_pieces(tokenizer, ids[:count], text),
-                                     probs=probs[i, :count].tolist(), encoded=fresh[i], state=row_cache,
-                                     cached=row_cached))
+                                     probs=stats.probs(i, count, options.token_probs), encoded=fresh[i],
+                                     state=row_cache, cached=row_cached, cache_lost=lost))
         return results
 
 
@@ -218,20 +244,71 @@ class StopOnSignal(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.signal.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-def _chosen_probs(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, mode: str):
-    """(sequences, steps) probability of each chosen token under the raw logits of its step."""
-    columns = []
-    for step, step_logits in enumerate(logits):  # (sequences, vocab) each, fp32
-        chosen = step_logits.gather(1, tokens[:, step : step + 1])  # (sequences, 1)
-        if mode == "full":
-            columns.append(torch.exp(chosen - step_logits.logsumexp(dim=1, keepdim=True)))
-            continue
-        top = step_logits.topk(min(5, step_logits.shape[1]), dim=1).values  # (sequences, 5)
-        outside = chosen < top[:, -1:]  # sampled below the top 5: renormalise over top 5 + it
-        extra = torch.where(outside, chosen, torch.full_like(chosen, -torch.inf))
-        pool = torch.cat([top, extra], dim=1)
-        columns.append(torch.exp(chosen - pool.logsumexp(dim=1, keepdim=True)))
-    return torch.cat(columns, dim=1).cpu()
+class StepScores:
+    """The chosen tokens' probabilities recorded as ``generate`` goes, in constant memory per step.
+
+    A forward hook on the generating model sees each step's raw logits (before any logits
+    processor: the suppressed tokens, a repetition penalty, LECO's diversion, temperature, top-p)
+    and keeps, per sequence, their log-sum-exp and top-5 values; the chosen token's logit is
+    taken at the next step, whose input is that token (the last step's, from the output ids).
+    So one step's logits live at a time, instead of every step's until the batch ends, and
+    ``tokens.chosen_token_prob`` turns these 7 floats per token into the probability.
+    """
+
+    def __init__(self) -> None:
+        self.totals: list[torch.Tensor] = []  # per step: (sequences,) log-sum-exp of the logits
+        self.tops: list[torch.Tensor] = []  # per step: (sequences, 5) the highest logits
+        self.chosen: list[torch.Tensor] = []  # per step: (sequences,) the chosen token's logit
+        self._last: torch.Tensor | None = None  # the latest step's logits, until its token is known
+        self._done: tuple[list[list[float]], list[list[float]], list[list[list[float]]]] | None = None
+
+    def __call__(self, module, args, kwargs, output) -> None:
+        logits = output.logits[:, -1]
+        if self._last is not None:  # this step reads the token chosen at the previous one
+            self._take_chosen(kwargs["input_ids"][:, -1])
+        values = logits.float()  # as generate scores them
+        self.totals.append(values.logsumexp(dim=-1))
+        self.tops.append(values.topk(min(5, values.shape[-1]), dim=-1).values)
+        self._last = logits
+
+    def _take_chosen(self, tokens: torch.Tensor) -> None:
+        assert self._last is not None
+        self.chosen.append(self._last.gather(1, tokens[:, None].to(self._last.device))[:, 0].float())
+        self._last = None
+
+    def finish(self, new_tokens: torch.Tensor) -> StepScores:
+        """Close the record with the generated tokens ``(sequences, steps)``."""
+        steps = new_tokens.shape[1]
+        if self._last is not None and len(self.chosen) < steps:
+            self._take_chosen(new_tokens[:, len(self.chosen)])
+        if steps:
+            self._done = (torch.stack(self.chosen[:steps], dim=1).tolist(),
+                          torch.stack(self.totals[:steps], dim=1).tolist(),
+                          torch.stack(self.tops[:steps], dim=1).tolist())
+        self.totals, self.tops, self.chosen, self._last = [], [], [], None
+        return self
+
+    def probs(self, row: int, count: int, mode: str) -> list[float]:
+        """The first ``count`` chosen-token probabilities of one sequence."""
+        if not count:
+            return []
+        assert self._done is not None, "finish() first"
+        chosen, totals, tops = (part[row][:count] for part in self._done)
+        return [chosen_token_prob(c, t, z, mode) for c, z, t in zip(chosen, totals, tops)]
+
+
+@contextmanager
+def _recording(model, scores: StepScores | None) -> Iterator[None]:
+    """Hook ``scores`` onto the module whose forward ``generate`` calls (a PEFT model's base)."""
+    if scores is None:
+        yield
+        return
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    handle = target.register_forward_hook(scores, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _DivertFromDroppedStep(LogitsProcessor):
@@ -249,11 +326,12 @@ class _DivertFromDroppedStep(LogitsProcessor):
         return scores
 
 
-def _assemble_cache(rows: list[Row], cached: list[int], left: int) -> DynamicCache:
+def _assemble_cache(config, rows: list[Row], cached: list[int], left: int) -> DynamicCache:
     """One batch cache of ``left`` columns: each row's cached keys/values right-aligned, zeros
-    (masked out) before them."""
+    (masked out) before them. Built from the model's config, so a sliding-window model gets its
+    sliding layers, as ``generate`` would make them."""
     donor = next(row.state for row, c in zip(rows, cached) if c)
-    cache = DynamicCache()
+    cache = DynamicCache(config=config)
     for layer, (keys, values) in enumerate(donor):
         heads, _, dim = keys.shape
         k = keys.new_zeros((len(rows), heads, left, dim))
@@ -266,11 +344,19 @@ def _assemble_cache(rows: list[Row], cached: list[int], left: int) -> DynamicCac
     return cache
 
 
-def _plain_cache(cache) -> bool:
-    """A DynamicCache whose every layer holds whole key/value tensors (no sliding window, no offload)."""
+def _whole_cache(cache) -> bool:
+    """A DynamicCache whose every layer holds whole key/value tensors for every column: full
+    layers, and sliding-window layers that have not reached their window (no offload, no
+    quantisation)."""
     return isinstance(cache, DynamicCache) and all(
-        type(layer).__name__ == "DynamicLayer" and isinstance(getattr(layer, "keys", None), torch.Tensor)
+        type(layer) in (DynamicLayer, DynamicSlidingWindowLayer)
+        and isinstance(getattr(layer, "keys", None), torch.Tensor)
+        and layer.keys.shape[-2] == layer.get_seq_length()
         for layer in cache.layers)
+
+
+def _sliding_window(config) -> int | None:
+    return getattr(config.get_text_config(decoder=True), "sliding_window", None)
 
 
 # --- loading ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ LECO cut come out the same whichever engine generated.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -59,6 +60,28 @@ def stop_tail(stop_strings: Sequence[str]) -> int:
     return 2 * max(len(stop) for stop in stop_strings) + 4
 
 
+def chosen_token_prob(chosen: float, top: Sequence[float], total: float, mode: str) -> float:
+    """The chosen token's probability at one step, from a few numbers an engine keeps per token.
+
+    ``chosen``: the chosen token's logit; ``top``: the highest logits at that step (at least the
+    top 5, any order); ``total``: the log-sum-exp of every logit. Log-probabilities work as well
+    (``total`` 0: vLLM's ``logprobs=5``), as only differences of these values count.
+
+    ``"full"``: the softmax over the vocabulary. ``"top5"`` (LECO's reference): renormalised over
+    the 5 highest logits, ``exp(chosen) / sum(exp(top 5))``. A sampled token outside the top 5 is
+    not added to the pool: it gets its share against the top 5 alone, which is below the 5th's,
+    so it reads as at least as doubtful as any top-5 token (docs/design-notes.md says why).
+    Always 0 < full <= top5 <= 1.
+    """
+    if mode == "full":
+        return math.exp(chosen - total)
+    if mode != "top5":
+        raise ValueError(f"token prob mode must be 'top5' or 'full', got {mode!r}")
+    best = sorted(top, reverse=True)[:5]
+    peak = best[0]
+    return min(1.0, math.exp(chosen - peak) / sum(math.exp(value - peak) for value in best))
+
+
 # --- LECO: continuing kept steps ----------------------------------------------------------------
 
 
@@ -98,6 +121,7 @@ class Continued:
     encoded: int  # tokens the engine actually encoded for this row (not served from ``state``)
     state: object  # reusable state for the first ``cached`` of row.ids + ids, or None
     cached: int
+    cache_lost: bool = False  # reuse was asked but the engine could not keep its state (a sliding window reached)
 
 
 class TokenStepGenerator:
@@ -128,7 +152,7 @@ class TokenStepGenerator:
     def __call__(self, requests: list[RethinkRequest]) -> list[Attempt]:
         rows = [self._row(request) for request in requests]
         attempts: list[Attempt] = []
-        encoded = reencode = 0
+        encoded = reencode = lost = 0
         size = self.options.batch_size
         signal = current_signal()
         for start in range(0, len(rows), size):  # a call is one round of rethinks: stoppable between batches
@@ -144,7 +168,9 @@ class TokenStepGenerator:
                                         input_tokens=result.encoded, output_tokens=len(result.ids)))
                 encoded += result.encoded
                 reencode += len(row.ids)
-        self.calls.append(CallStats(len(requests), encoded, reencode, sum(a.output_tokens for a in attempts)))
+                lost += result.cache_lost
+        self.calls.append(CallStats(len(requests), encoded, reencode, sum(a.output_tokens for a in attempts),
+                                    cache_lost=lost))
         return attempts
 
     def _row(self, request: RethinkRequest) -> Row:
