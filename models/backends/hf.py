@@ -151,8 +151,9 @@ class TransformersBackend:
         positions from the mask), so questions with different kept lengths share a ``generate``
         call. A row's state is its keys/values per layer, ``(heads, cached, head_dim)`` each, on
         the device. With ``reuse_cache=False`` the same ids are encoded from scratch (for
-        comparison); models whose cache is not a ``DynamicCache`` of plain key/value tensors fall
-        back to that."""
+        comparison). A sliding-window cache is kept until a generation reaches the window; then
+        (and for caches that are not whole key/value tensors) the rows re-encode next time, and
+        ``Continued.cache_lost`` says so."""
         return TokenStepGenerator(self.tokenizer, prompts, options, functools.partial(self._continue, options))
 
     @torch.inference_mode()
