@@ -185,7 +185,8 @@ class TransformersBackend:
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), **{CACHE_KWARG: past},
                 max_new_tokens=options.max_new_tokens, do_sample=False, pad_token_id=pad,
                 stopping_criteria=StoppingCriteriaList(stop),
-                logits_processor=LogitsProcessorList([_DivertFromDroppedStep(diverts, width)] if any(diverts) else []),
+                logits_processor=LogitsProcessorList(
+                    [_DivertFromDroppedStep(diverts, width, scores)] if any(diverts) else []),
                 return_dict_in_generate=True,
             )
         signal.check()
@@ -272,6 +273,14 @@ class StepScores:
         self.tops.append(values.topk(min(5, values.shape[-1]), dim=-1).values)
         self._last = logits
 
+    def exclude(self, row: int, token: int) -> None:
+        """Leave ``token`` out of the latest step's scores for sequence ``row`` (it was banned from the choice)."""
+        assert self._last is not None
+        values = self._last[row].to(dtype=torch.float32, copy=True)
+        values[token] = -torch.inf
+        self.totals[-1][row] = values.logsumexp(dim=-1)
+        self.tops[-1][row] = values.topk(self.tops[-1].shape[-1]).values
+
     def _take_chosen(self, tokens: torch.Tensor) -> None:
         assert self._last is not None
         self.chosen.append(self._last.gather(1, tokens[:, None].to(self._last.device))[:, 0].float())
@@ -314,16 +323,19 @@ def _recording(model, scores: StepScores | None) -> Iterator[None]:
 
 class _DivertFromDroppedStep(LogitsProcessor):
     """Bans, per row, one token at one step of the new text, but only while the text generated so
-    far is the dropped step's own beginning: greedy decoding then takes the next best token there."""
+    far is the dropped step's own beginning: greedy decoding then takes the next best token there.
+    The banned token leaves that step's scores too (``StepScores.exclude``): the step is scored
+    over the choices it had."""
 
-    def __init__(self, diverts: list[tuple[int, list[int], int] | None], width: int):
-        self.diverts, self.width = diverts, width
+    def __init__(self, diverts: list[tuple[int, list[int], int] | None], width: int, scores: StepScores):
+        self.diverts, self.width, self.step_scores = diverts, width, scores
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.width
         for row, divert in enumerate(self.diverts):
             if divert and divert[0] == step and input_ids[row, self.width :].tolist() == divert[1]:
                 scores[row, divert[2]] = -torch.inf
+                self.step_scores.exclude(row, divert[2])
         return scores
 
 
