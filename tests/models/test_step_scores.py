@@ -131,3 +131,30 @@ def test_prefix_reuse_uses_the_current_cache_api(demo_assets):
     deprecations = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     deprecations += [m for m in records.messages if "deprecat" in m.lower()]
     assert not [d for d in deprecations if "cache" in d or "past_key_values" in d], deprecations
+
+
+@pytest.mark.parametrize("mode", ["top5", "full"])
+def test_a_diverted_step_is_scored_over_the_choices_it_had(mode):
+    """LECO's divert bans a token at one step of one row: that row's score at that step leaves the
+    banned token out (as the choice did); the other rows keep the raw logits."""
+    from types import SimpleNamespace
+
+    from models.backends.hf import StepScores, _DivertFromDroppedStep
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 50)
+    banned = int(logits[0, -1].argmax())
+    scores = StepScores()
+    scores(None, (), {"input_ids": torch.zeros(2, 3, dtype=torch.long)}, SimpleNamespace(logits=logits))
+    divert = _DivertFromDroppedStep([(0, [], banned), None], width=3, scores=scores)
+    chosen = divert(torch.zeros(2, 3, dtype=torch.long), logits[:, -1].clone()).argmax(-1)
+    assert int(chosen[0]) != banned
+    scores.finish(chosen[:, None])
+
+    masked = logits[:, -1].double().clone()
+    masked[0, banned] = -torch.inf
+    for row in (0, 1):
+        values = masked[row] if row == 0 else logits[1, -1].double()
+        pick = values[chosen[row]]
+        expected = (pick - (values.logsumexp(-1) if mode == "full" else values.topk(5).values.logsumexp(-1))).exp()
+        assert scores.probs(row, 1, mode) == pytest.approx([expected.item()], abs=1e-6)
