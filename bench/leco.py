@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     cached, fresh = outcome, stats_by_name["LECO (divert, re-encode)"][0]
     same = sum(a.answer == b.answer for a, b in zip(cached.solutions, fresh.solutions))
     print(f"  answers with and without the cache agree on {same}/{len(questions)} questions")
+    lost = sum(c.cache_lost for c in stats.calls)
+    if lost:  # a sliding-window model whose generations reached the window
+        print(f"  {lost} generated rows could not keep their cache (sliding window reached): they re-encoded next time")
 
 
 def _count(values) -> dict[str, int]:
