@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.train.options import LoraOptions, PreferenceHyperParameters, SFTHyperParameters
@@ -119,6 +119,9 @@ class VoteConfig(_Strict):
         None, description="drop an agreed question when either voter's lowest step score is below this (off: null)")
 
 
+_DEFAULT_VARIANTS: list[Literal["weak", "icl", "hybrid"]] = ["weak", "icl"]
+
+
 class SFTRoundConfig(_Strict):
     """Stage I: two voters answer the pool, agreed answers train the student."""
 
@@ -132,7 +135,7 @@ class SFTRoundConfig(_Strict):
     eval: EvalConfig
     demonstrations: int = Field(4, ge=0, le=64, description="ref: K = 4 weak (question, response) pairs")
     variants: list[Literal["weak", "icl", "hybrid"]] = Field(
-        default_factory=lambda: ["weak", "icl"], min_length=1, description="training sets to fine-tune on"
+        default_factory=lambda: _DEFAULT_VARIANTS.copy(), min_length=1, description="training sets to fine-tune on"
     )
     seed: int = 0
     generation: GenerationConfig = GenerationConfig()

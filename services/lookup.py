@@ -16,7 +16,7 @@ def get_by_id(session: Session, model: type[Row], row_id: int, what: str, *, loc
     """`model` row `row_id`, else NotFound("round 7 does not exist"). `lock`: SELECT … FOR UPDATE
     (a row lock on PostgreSQL; SQLite ignores it)."""
     if lock:
-        row = session.scalar(select(model).where(model.id == row_id).with_for_update())  # type: ignore[attr-defined]
+        row = session.scalar(select(model).where(model.id == row_id).with_for_update())  # type: ignore[attr-defined,arg-type]
     else:
         row = session.get(model, row_id)
     if row is None:
@@ -28,6 +28,6 @@ def get_by_name(session: Session, model: Any, name: str, what: str, none_yet: st
     """`model` row named `name`, else NotFound listing the known names (or `none_yet` if there are none)."""
     row = session.scalar(select(model).where(model.name == name))
     if row is None:
-        known = session.scalars(select(model.name).order_by(model.name)).all()
+        known: list[str] = list(session.scalars(select(model.name).order_by(model.name)).all())
         raise NotFound(f"unknown {what} {name!r}" + (f" (known: {', '.join(known)})" if known else f" ({none_yet})"))
     return row

@@ -115,6 +115,14 @@ def next_step(config: PipelineConfig, finished: list[StepOutcome]) -> tuple[str,
     return step, _merge({"stage": "preference", "student": m_plus, "weak": weak, **shared}, config.preference or {})
 
 
+def first_round(config: PipelineConfig, finished: list[StepOutcome]) -> tuple[str, dict[str, Any]]:
+    """The step a chain starts with (after weak-sft, when it has one): there always is one."""
+    decision = next_step(config, finished)
+    if isinstance(decision, str):
+        raise AssertionError(f"a pipeline's first steps always run, next_step said: {decision}")
+    return decision
+
+
 def parse_pipeline_config(data: dict[str, Any], source: str = "pipeline config") -> PipelineConfig:
     from pydantic import ValidationError
 
@@ -128,9 +136,9 @@ def parse_pipeline_config(data: dict[str, Any], source: str = "pipeline config")
     # checkpoints that exist only once the earlier steps have run, so they are checked then.
     finished: list[StepOutcome] = []
     if config.weak_sft is not None:
-        parse_round_config(next_step(config, [])[1], f"{source}: weak_sft")
+        parse_round_config(first_round(config, [])[1], f"{source}: weak_sft")
         finished = [StepOutcome("weak-sft", RoundState.DONE, CheckpointStatus.PROMOTED, {}, config.weak)]
-    parse_round_config(next_step(config, finished)[1], f"{source}: iteration1")
+    parse_round_config(first_round(config, finished)[1], f"{source}: iteration1")
     return config
 
 

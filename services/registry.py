@@ -12,7 +12,7 @@ from models.backends import CheckpointError, check_checkpoint_dir
 from services.contracts import CheckpointStatus
 from services.dataset_files import TASKS, FieldMapping, export_format, parse_questions, read_records, write_records
 from services.errors import InputError
-from services.lookup import get_by_name
+from services.lookup import get_by_id, get_by_name
 
 ROLES = ("weak", "strong")
 
@@ -38,7 +38,7 @@ def import_dataset(session: Session, path: Path, *, name: str, task: str, labell
     session.add(dataset)
     session.flush()
     session.execute(
-        Question.__table__.insert(),
+        Question.__table__.insert(),  # type: ignore[attr-defined]  # a Table: the ORM types it as a FromClause
         [
             {"dataset_id": dataset.id, "index": i, "text": q.text, "gold_answer": q.gold_answer,
              "gold_solution": q.gold_solution, "source_id": q.source_id}
@@ -103,4 +103,4 @@ def current_student(session: Session, checkpoint: Checkpoint) -> Checkpoint:
         .order_by(Checkpoint.promoted_at.desc(), Checkpoint.id.desc())
         .limit(1)
     )
-    return promoted or session.get(Checkpoint, root)
+    return promoted or get_by_id(session, Checkpoint, root, "checkpoint")

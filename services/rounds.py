@@ -66,7 +66,7 @@ from services.contracts.jobs import (
 )
 from services.errors import InputError, StateError
 from services.lookup import get_by_id
-from services.pipeline import ALL_PROMOTED, ALL_RAN, PipelineConfig, StepOutcome, next_step
+from services.pipeline import ALL_PROMOTED, ALL_RAN, PipelineConfig, StepOutcome, first_round, next_step
 from services.registry import current_student, get_checkpoint, get_dataset, lineage_root
 from services.settings import DeliverySettings
 
@@ -261,7 +261,7 @@ def expire_leases(session: Session, round_id: int, delivery: DeliverySettings) -
                 values = {"state": JobState.QUEUED, "error": lost}
             changed = session.execute(update(Job).where(
                 Job.id == job_id, Job.state == JobState.RUNNING, Job.attempts == attempts, Job.heartbeat_at < cutoff,
-            ).values(**values).execution_options(synchronize_session=False)).rowcount
+            ).values(**values).execution_options(synchronize_session=False)).rowcount  # type: ignore[attr-defined]
             if changed and values["state"] == JobState.QUEUED:
                 requeued.append(job_id)
     return requeued
@@ -469,7 +469,7 @@ def start_pipeline(session: Session, config: PipelineConfig, delivery: DeliveryS
     pipeline = Pipeline(config=config.model_dump(mode="json"), state="running")
     session.add(pipeline)
     session.flush()
-    step, round_data = next_step(config, [])
+    step, round_data = first_round(config, [])
     round_, job_ids = start_round(session, parse_round_config(round_data, f"pipeline {pipeline.id} {step}"), delivery)
     round_.pipeline_id, round_.pipeline_step = pipeline.id, step
     return pipeline, job_ids
@@ -507,7 +507,10 @@ def advance_pipeline(session: Session, pipeline_id: int, delivery: DeliverySetti
 
 
 def _outcome(session: Session, round_: Round) -> StepOutcome:
-    candidates = {c.variant: c.name for c in session.scalars(select(Checkpoint).where(Checkpoint.round_id == round_.id))}
+    if round_.pipeline_step is None:
+        raise StateError(f"round {round_.id} of pipeline {round_.pipeline_id} names no pipeline step")
+    candidates = {c.variant: c.name for c in session.scalars(select(Checkpoint).where(Checkpoint.round_id == round_.id))
+                  if c.variant is not None}
     promoted = next((c.name for c in session.scalars(select(Checkpoint).where(
         Checkpoint.round_id == round_.id, Checkpoint.status == CheckpointStatus.PROMOTED))), None)
     return StepOutcome(round_.pipeline_step, round_.state, round_.outcome, candidates, promoted)

@@ -3,6 +3,7 @@ both modes. Below workers.tasks and workers.dispatch, so neither imports the oth
 
 from __future__ import annotations
 
+from services.contracts import JobKind
 from services.dispatch import Dispatcher
 from services.settings import Settings
 from workers.runner import run_job
@@ -10,4 +11,4 @@ from workers.steps import HANDLERS
 
 
 def execute(kind: str, job_id: int, settings: Settings, dispatcher: Dispatcher) -> str:
-    return run_job(job_id, HANDLERS[kind], settings=settings, enqueue=dispatcher.enqueue)
+    return run_job(job_id, HANDLERS[JobKind(kind)], settings=settings, enqueue=dispatcher.enqueue)

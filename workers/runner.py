@@ -31,7 +31,9 @@ from sqlalchemy.orm import Session
 from db.schema import Job, Round, utcnow
 from db.session import session_scope
 from models.stopping import Stopped, StopSignal, stopping
-from services.rounds import TERMINAL_ROUND_STATES, advance
+from services.contracts import TERMINAL_ROUND_STATES
+from services.lookup import get_by_id
+from services.rounds import advance
 from services.settings import Settings
 from services.tracking import record_round_end
 
@@ -75,7 +77,7 @@ class JobContext:
             .where(Job.id == self.job_id, Job.attempts == self.attempt, Job.state == "running")
             .values(heartbeat_at=utcnow(), **values)
         )
-        if result.rowcount != 1:
+        if result.rowcount != 1:  # type: ignore[attr-defined]  # an UPDATE gives a CursorResult
             raise Superseded(f"job {self.job_id} attempt {self.attempt} no longer owns the job")
 
     def progress(self, session: Session, fraction: float) -> None:
@@ -164,7 +166,7 @@ def claim(session: Session, job_id: int, lease: timedelta, owner: str | None = N
         .values(state="running", attempts=Job.attempts + 1, owner=owner or worker_id(), heartbeat_at=now, started_at=now,
                 progress=0.0)
     )
-    if result.rowcount != 1:
+    if result.rowcount != 1:  # type: ignore[attr-defined]
         return None
     return session.get(Job, job_id, populate_existing=True)
 
@@ -179,7 +181,7 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, settings: Set
             if job is None:
                 log.warning("job %s does not exist; message dropped", job_id)
                 return "missing"
-            round_ = session.get(Round, job.round_id)
+            round_ = get_by_id(session, Round, job.round_id, "round")  # a job's round exists (foreign key)
             if round_.state in TERMINAL_ROUND_STATES:
                 if job.state == "queued":
                     job.state, job.finished_at = "cancelled", utcnow()
@@ -243,7 +245,7 @@ def _record_failure(settings: Settings, ctx: JobContext, exc: Exception, retry_l
         result = session.execute(
             update(Job).where(Job.id == ctx.job_id, Job.attempts == ctx.attempt, Job.state == "running").values(**values)
         )
-        if result.rowcount != 1:
+        if result.rowcount != 1:  # type: ignore[attr-defined]  # an UPDATE gives a CursorResult
             return "superseded"
     log.debug("job %s traceback:\n%s", ctx.job_id, detail)
     return "retry" if retry_left else "failed"

@@ -138,7 +138,8 @@ def _job_started(task_id: str | None = None, task: Any = None, args: Any = None,
         return
     bind_job(job_id=args[0] if args else None, round_id=None, attempt=None)
     if _metrics_enabled:
-        _started[task_id] = time.monotonic()
+        if task_id is not None:  # Celery always gives one
+            _started[task_id] = time.monotonic()
         worker_metrics()["running"].labels(kind).inc()
 
 
@@ -164,7 +165,7 @@ def _record_job(kind: str, task_id: str | None, job_id: int | None, retval: Any)
     figures = job_figures(job_id) if job_id is not None else {}
     queue = figures.get("queue", "unknown")
     metrics["jobs"].labels(kind, queue, outcome).inc()
-    started = _started.pop(task_id, None)
+    started = _started.pop(task_id, None) if task_id is not None else None
     if started is not None:
         metrics["seconds"].labels(kind, queue).observe(time.monotonic() - started)
     if outcome != "done":
