@@ -1,5 +1,5 @@
 # The two commands of the quick start. Each sets up what it needs first.
-.PHONY: setup demo test test-fast
+.PHONY: setup demo test test-fast venv-vllm test-vllm
 
 # DeepSpeed compiles a small op on first use into this cache; one per checkout, so a build killed in
 # another checkout (its lock file left behind) can never make this one's launches wait forever.
@@ -18,3 +18,11 @@ test: setup
 # folders as well as the markers keeps pytest from importing the other folders' modules to collect them.
 test-fast: setup
 	.venv/bin/pytest -q -m "unit or models or conformance" tests/unit tests/models tests/conformance
+
+# The vLLM backend: its own environment (vLLM pins its own torch and transformers), never needed by
+# the targets above. test-vllm compares it with transformers on the tiny models (tests/vllm).
+venv-vllm:
+	@scripts/setup-vllm.sh
+
+test-vllm: setup venv-vllm
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv-vllm/bin/pytest -q tests/vllm tests/models/test_vllm_outputs.py

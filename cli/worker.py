@@ -14,11 +14,13 @@ from services.config import QUEUES
 @click.option("--queues", default=None, help=f"Queues to consume, instead of --role (default: {','.join(QUEUES)}).")
 @click.option("--gpus", default=None, help="GPU indices, e.g. 0,1: model roles run one process per GPU.")
 @click.option("--concurrency", type=int, default=None, help="Processes (default: 1 per GPU for model roles, else 1).")
+@click.option("--backend", type=click.Choice(["transformers", "vllm"]), default=None,
+              help="Engine for the models (vllm: one solo process over all --gpus; start one worker per GPU set).")
 @click.option("--loglevel", default="info", show_default=True)
 @click.option("--hostname", default=None, help="Celery node name (default: celery@<host>).")
 @pass_app
 def worker(app: App, roles: str | None, queues: str | None, gpus: str | None, concurrency: int | None,
-           loglevel: str, hostname: str | None) -> None:
+           backend: str | None, loglevel: str, hostname: str | None) -> None:
     """Consume jobs from the broker (W2S_BROKER_URL)."""
     import os
 
@@ -29,7 +31,7 @@ def worker(app: App, roles: str | None, queues: str | None, gpus: str | None, co
 
     if app.settings.embedded:
         raise click.ClickException("W2S_BROKER_URL is not set: embedded mode runs jobs in-process, no worker needed")
-    plan = plan_worker(roles=roles, queues=queues, gpus=gpus, concurrency=concurrency)
+    plan = plan_worker(roles=roles, queues=queues, gpus=gpus, concurrency=concurrency, backend=backend)
     ensure_schema(app.settings.database_url)
     apply_gpus(plan)
     os.environ["W2S_WORKER_NAME"] = host_format(default_nodename(hostname))  # job owners name the node

@@ -43,6 +43,8 @@ class GenerationConfig(_Strict):
     max_new_tokens: int = Field(1024, ge=1, le=32768, description="ref: 1024 for GSM8K, 2048 for MATH")
     batch_size: int = Field(16, ge=1, le=4096, description="prompts per generate() call")
     chunk_size: int = Field(256, ge=1, le=100_000, description="questions per generation job")
+    backend: Literal["transformers", "vllm"] | None = Field(
+        None, description="engine for the round's generation; None: the worker's (W2S_BACKEND) or recognised")
 
 
 class TrainingConfig(SFTHyperParameters):
@@ -91,6 +93,8 @@ class StrategyConfig(_Strict):
         "divert", description="leco: divert = greedy, but turned away from the dropped step at its least confident "
         "token; greedy = plain greedy (usually writes the dropped step again)")
     reuse_cache: bool = Field(True, description="leco: serve the prompt and kept steps from the KV cache")
+    backend: Literal["transformers", "vllm"] | None = Field(
+        None, description="engine for this voter's answers; None: the round's generation.backend")
 
     def label(self) -> str:
         """The name evaluations are stored under: cot, sc@10, leco."""

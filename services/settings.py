@@ -111,6 +111,15 @@ class Settings(BaseSettings):
     worker_name: str | None = Field(None, description="the Celery node name, recorded as a job's owner")
     pin_gpus: str | None = Field(None, description="model roles: one of these GPUs per pool process")
 
+    # --- generation engine of a model worker (`w2sctl worker --backend`); a round's config may name its own ---
+    backend: Literal["transformers", "vllm"] | None = Field(
+        None, description="engine for checkpoints this worker loads; None: recognised from the directory")
+    vllm_gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of each GPU's memory")
+    vllm_enforce_eager: bool = Field(False, description="vllm: no CUDA graphs (slower, starts faster)")
+    vllm_tensor_parallel_size: int | None = Field(None, ge=1, description="vllm: GPUs per engine; None: the worker's --gpus")
+    vllm_max_model_len: int | None = Field(None, ge=16, description="vllm: context length; None: the model's own")
+    vllm_max_lora_rank: int = Field(64, ge=1, description="vllm: largest LoRA rank served")
+
     # --- experiment tracking of rounds without a `tracking:` of their own ---
     tracking_backend: Literal["mlflow", "tensorboard", "none"] = "none"
     tracking_uri: str | None = Field(None, description="MLflow URI or TensorBoard directory; None: under home")
@@ -176,6 +185,13 @@ class Settings(BaseSettings):
     @property
     def remote_code_allowed(self) -> tuple[str, ...]:
         return tuple(item.strip() for item in self.trust_remote_code.split(",") if item.strip())
+
+    def backend_options(self) -> dict[str, dict[str, Any]]:
+        """Per-backend load options (models.backends.loader.ModelCache's backend_options)."""
+        return {"vllm": {"gpu_memory_utilization": self.vllm_gpu_memory_utilization,
+                         "enforce_eager": self.vllm_enforce_eager,
+                         "tensor_parallel_size": self.vllm_tensor_parallel_size or 1,
+                         "max_model_len": self.vllm_max_model_len, "max_lora_rank": self.vllm_max_lora_rank}}
 
     def cluster_options(self) -> dict[str, Any]:
         """The keyword arguments of models.train.launch.ClusterSpec."""

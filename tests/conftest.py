@@ -3,6 +3,7 @@ tests (they fail, never skip, when a server is down), and the tiny demo models b
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -17,8 +18,11 @@ REDIS_URL = os.environ.get("W2S_TEST_REDIS", "redis://127.0.0.1:6379")
 DEMO_CACHE = Path(os.environ.get("W2S_TEST_CACHE", REPO / ".w2s-test-cache"))
 # Each test folder is a marker of the same name (registered in pyproject.toml), so `-m` selects by
 # what a test needs: `make test-fast` runs the folders that need no server and no DeepSpeed launch.
-FOLDER_MARKERS = ("unit", "models", "train", "embedded", "cluster", "conformance")
+FOLDER_MARKERS = ("unit", "models", "train", "embedded", "cluster", "conformance", "vllm")
 TESTS = Path(__file__).resolve().parent
+# tests/vllm needs vLLM, which lives in its own environment (make venv-vllm / make test-vllm): the
+# default install never has it, so there the folder is not collected (nothing imports vLLM).
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
 
 
 # The tiny models run many small ops: torch's default of one thread per core spends most of its time

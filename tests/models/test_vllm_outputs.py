@@ -1,0 +1,148 @@
+"""The vllm backend's own code that needs no vLLM: its outputs (token ids, per-position log-prob
+dicts shaped as vLLM returns them) turned into Completions, step-score probabilities and LECO
+continuations by the same shared code as the transformers backend. The traces are recorded from
+the transformers backend's own generation on the tiny demo model, so "the same" is checked
+against the real thing. Importing ``models.backends.vllm`` must not import vLLM."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from models.backends import default_cache
+from models.backends.hf import _chosen_probs
+from models.backends.tokens import Row
+from models.backends.vllm import (
+    Piece,
+    PromptTooLong,
+    check_lengths,
+    chosen_prob,
+    chosen_probs,
+    completion_from,
+    continued_from,
+    join_pieces,
+    request_seeds,
+)
+from models.generation import generate
+from models.prompts import STOP_STRINGS, zero_shot
+from services.errors import InputError
+from services.evaluation import check_prompts_fit
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def vllm_position(logits_row: torch.Tensor, chosen: int) -> dict[int, float]:
+    """What vLLM returns at one position with logprobs=5 (raw log-probs): the top 5, and the
+    chosen token as a 6th entry when it is not among them."""
+    logprobs = torch.log_softmax(logits_row.double(), dim=-1)
+    top = logprobs.topk(5).indices.tolist()
+    return {token: float(logprobs[token]) for token in {*top, chosen}}
+
+
+def test_the_top5_rule_matches_the_transformers_backend_inside_and_outside_the_top5():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=generator) * 3
+    chosen = torch.tensor([[int(logits[0].argmax()), 7, 13, int(logits[3].argsort()[-2]), 49, 0]])
+    expected_top5 = _chosen_probs(tuple(logits.unsqueeze(1)), chosen, "top5")
+    expected_full = _chosen_probs(tuple(logits.unsqueeze(1)), chosen, "full")
+    positions = [vllm_position(logits[k], int(chosen[0, k])) for k in range(6)]
+    outside = [len(p) == 6 for p in positions]
+    assert any(outside) and not all(outside)  # both cases are exercised
+    ours_top5 = chosen_probs(chosen[0].tolist(), positions, "top5")
+    ours_full = chosen_probs(chosen[0].tolist(), positions, "full")
+    assert ours_top5 == pytest.approx(expected_top5[0].tolist(), abs=1e-6)
+    assert ours_full == pytest.approx(expected_full[0].tolist(), abs=1e-6)
+    assert all(0 < f <= t <= 1 for f, t in zip(ours_full, ours_top5))
+
+
+def test_a_vllm_logprob_object_and_a_missing_token_are_handled():
+    position = {3: SimpleNamespace(logprob=math.log(0.5), rank=1), 4: SimpleNamespace(logprob=math.log(0.25), rank=2)}
+    assert chosen_prob(position, 3, "top5") == pytest.approx(2 / 3)
+    assert chosen_prob(position, 4, "full") == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="token 9 has no log-prob"):
+        chosen_prob(position, 9, "top5")
+    with pytest.raises(ValueError, match="no log-probs"):
+        chosen_probs([3], None, "top5")
+
+
+def test_seeds_give_every_sequence_its_own_and_do_not_depend_on_batching():
+    assert request_seeds(100, 3, 10) == [100, 110, 120]  # vLLM: sample i of prompt j gets 100 + 10j + i
+    assert request_seeds(None, 2, 4) == [None, None]
+
+
+def test_a_prompt_too_long_is_refused_with_the_services_message(demo_assets):
+    strong = default_cache().get(demo_assets.strong_model)
+    prompt = zero_shot(" ".join(["What is 1 + 1 ?"] * strong.context_length))
+    with pytest.raises(InputError) as services_error:
+        check_prompts_fit(strong, [prompt])
+    with pytest.raises(PromptTooLong) as ours:
+        check_lengths(strong.count_tokens([prompt]), strong.context_length, strong.path)
+    assert str(ours.value) == str(services_error.value)
+    check_lengths([strong.context_length - 1], strong.context_length, strong.path)  # fits: nothing raised
+
+
+@pytest.fixture(scope="module")
+def traces(demo_assets):
+    """The transformers backend's raw sequences and logits on five test questions, recorded as
+    vLLM would return them (token ids past the stop string, log-prob dicts per position)."""
+    strong = default_cache().get(demo_assets.strong_model)
+    rows = [json.loads(line) for line in demo_assets.test.read_text().splitlines()[:5]]
+    prompts = [zero_shot(row["question"]) for row in rows]
+    tokenizer = strong.tokenizer
+    recorded = []
+    for prompt in prompts:  # one at a time: no padding in the trace
+        inputs = tokenizer([prompt], return_tensors="pt")
+        with torch.inference_mode():
+            out = strong.model.generate(**inputs, max_new_tokens=60, do_sample=False, return_dict_in_generate=True,
+                                        output_logits=True, pad_token_id=tokenizer.pad_token_id)
+        ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        positions = [vllm_position(step[0], token) for step, token in zip(out.logits, ids)]
+        recorded.append((prompt, SimpleNamespace(token_ids=ids, logprobs=positions, index=0),
+                         inputs["input_ids"].shape[1]))
+    return strong, recorded
+
+
+def test_a_recorded_output_becomes_the_transformers_backends_completion(traces):
+    strong, recorded = traces
+    prompts = [prompt for prompt, _, _ in recorded]
+    expected = generate(strong, prompts, max_new_tokens=60, batch_size=1, return_token_probs="top5")
+    assert any(STOP_STRINGS[0] in strong.tokenizer.decode(o.token_ids) or len(o.token_ids) < 60 for _, o, _ in recorded)
+    for (_prompt, output, width), [hf] in zip(recorded, expected):
+        ours = completion_from(strong.tokenizer, output, input_tokens=width, end_ids=strong._end_ids(),
+                               stop_strings=STOP_STRINGS, token_probs="top5")
+        assert (ours.text, ours.output_tokens, ours.input_tokens) == (hf.text, hf.output_tokens, hf.input_tokens)
+        assert ours.token_texts == hf.token_texts
+        assert ours.token_probs == pytest.approx(hf.token_probs, abs=1e-5)
+        assert ours.output_tokens <= len(output.token_ids)  # the stop string's tokens are not counted
+
+
+def test_a_continuation_joins_its_requests_and_counts_what_the_cache_served(traces):
+    strong, recorded = traces
+    _, output, width = recorded[0]
+    ids, logprobs = output.token_ids, output.logprobs
+    whole = Piece(list(ids), list(logprobs), True, cached=16)
+    split = join_pieces(Piece(ids[:5], logprobs[:5], False, cached=16), Piece(ids[5:6], logprobs[5:6]),
+                        Piece(ids[6:], logprobs[6:], True))
+    assert (split.ids, split.logprobs, split.finished, split.cached) == (whole.ids, whole.logprobs, True, 16)
+    row = Row(ids=list(range(width)), state=None, cached=0)
+    continued = continued_from(strong.tokenizer, row, split, end_ids=strong._end_ids(), stop_strings=STOP_STRINGS,
+                               mode="top5")
+    completion = completion_from(strong.tokenizer, output, input_tokens=width, end_ids=strong._end_ids(),
+                                 stop_strings=STOP_STRINGS, token_probs="top5")
+    assert continued.text == completion.text and continued.pieces == completion.token_texts
+    assert continued.probs == completion.token_probs and len(continued.ids) == completion.output_tokens
+    assert continued.encoded == width - 16 and continued.state is None
+
+
+def test_the_default_install_never_imports_vllm():
+    code = ("import sys, models.backends, models.backends.vllm, models.backends.loader, workers.steps, cli.main; "
+            "print('vllm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
