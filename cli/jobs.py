@@ -36,14 +36,30 @@ def jobs(app: App, round_id: int | None, state: str | None, as_json: bool, watch
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    if len(rows) > PLAIN_ROWS:  # rich measures every cell: seconds for a big round's thousands of chunks
+        click.echo(_plain_jobs_table(rows))
+        return
     console.print(_jobs_table(rows))
+
+
+PLAIN_ROWS = 300
+
+
+def _plain_jobs_table(rows: list[dict[str, Any]]) -> str:
+    """The same columns as the rich table, as fixed-width text."""
+    lines = [f"{'id':>8} {'round':>5} {'key':<28} {'queue':<7} {'state':<9} {'att':>3} {'prog':>5} {'owner':<24} error"]
+    lines += [f"{r['id']:>8} {r['round']:>5} {r['key']:<28} {r['queue']:<7} {r['state']:<9} {r['attempts']:>3} "
+              f"{r['progress']:>5.0%} {(r['owner'] or ''):<24} {(r['error'] or '')[:80]}" for r in rows]
+    return "\n".join(lines)
 
 
 def _job_rows(app: App, round_id: int | None, state: str | None) -> list[dict[str, Any]]:
     from services.rounds import get_round
 
     with app.session() as session:
-        query = select(Job).order_by(Job.id)
+        # The listed columns only: a job's payload (its chunk's question ids) stays in the database.
+        query = select(Job.id, Job.round_id, Job.key, Job.queue, Job.state, Job.attempts, Job.progress, Job.owner,
+                       Job.error).order_by(Job.id)
         if round_id is not None:
             get_round(session, round_id)
             query = query.where(Job.round_id == round_id)
@@ -51,7 +67,7 @@ def _job_rows(app: App, round_id: int | None, state: str | None) -> list[dict[st
             query = query.where(Job.state == state)
         return [{"id": j.id, "round": j.round_id, "key": j.key, "queue": j.queue, "state": j.state,
                  "attempts": j.attempts, "progress": j.progress, "owner": j.owner, "error": j.error}
-                for j in session.scalars(query)]
+                for j in session.execute(query)]
 
 
 def _jobs_table(rows: list[dict[str, Any]]) -> Table:

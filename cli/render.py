@@ -24,6 +24,8 @@ def pct(value: float | None) -> str:
 
 def render_report(report: dict[str, Any]) -> Table:
     table = Table("", "value", title="report", show_header=False)
+    if "deferred" in report:
+        table.add_row("not yet", report["deferred"])
     if "pool" in report:
         table.add_row("pool questions", str(report["pool"]))
         table.add_row("answered (weak / strong)", f"{report['weak_answered']} / {report['strong_answered']}")

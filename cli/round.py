@@ -181,13 +181,14 @@ def print_notices(notices: dict[str, list[str]]) -> None:
 
 
 def _print_status(app: App, round_id: int, as_json: bool = False) -> None:
-    from services.report import job_counts, round_report
+    from services.monitor import status_report
+    from services.report import job_counts
     from services.rounds import get_round
 
     with app.session() as session:
         round_obj = get_round(session, round_id)
         counts = job_counts(session, round_id)
-        report = round_obj.report or round_report(session, round_obj)
+        report = status_report(session, round_obj)
         status = {"round": round_id, "stage": round_obj.stage, "iteration": round_obj.iteration,
                   "state": round_obj.state, "outcome": round_obj.outcome, "error": round_obj.error,
                   "jobs": counts, "report": report}

@@ -15,6 +15,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -137,7 +138,10 @@ class Job(Base):
     """One unit of work on one queue. `key` is unique per round, so planning is idempotent."""
 
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("round_id", "key"),)
+    # (round, step, state): a round's step counts and the planner's "is the step finished?";
+    # (state, queue): the queue view. Migration 0007.
+    __table_args__ = (UniqueConstraint("round_id", "key"), Index("ix_jobs_round_id_step_state", "round_id", "step", "state"),
+                      Index("ix_jobs_state_queue", "state", "queue"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)

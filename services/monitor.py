@@ -21,8 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session, defer
 
 from db.schema import Checkpoint, Evaluation, Generation, Job, Question, Round, utcnow
 from services.config import QUEUES
@@ -74,15 +74,21 @@ def waiting_since(job: Job) -> datetime:
 
 
 def oldest_waiting(session: Session, now: datetime | None = None) -> dict[str, dict[str, Any]]:
-    """queue → queued jobs in the database and the age in seconds of the one waiting longest."""
+    """queue → queued jobs in the database and the age in seconds of the one waiting longest.
+    Counted in SQL (the `(state, queue)` index): a big round queues thousands of chunks."""
     now = now or utcnow()
     out: dict[str, dict[str, Any]] = {q: {"queued_jobs": 0, "oldest_waiting_s": None, "oldest_job": None} for q in QUEUES}
-    for job in session.scalars(select(Job).where(Job.state == JobState.QUEUED)):
-        entry = out.setdefault(job.queue, {"queued_jobs": 0, "oldest_waiting_s": None, "oldest_job": None})
-        entry["queued_jobs"] += 1
-        age = _seconds(waiting_since(job), now)
-        if entry["oldest_waiting_s"] is None or age > entry["oldest_waiting_s"]:
-            entry["oldest_waiting_s"], entry["oldest_job"] = age, job.id
+    # waiting_since in SQL: the later of the creation and the end of the last failed attempt.
+    since = case((Job.finished_at.is_not(None) & (Job.finished_at > Job.created_at), Job.finished_at),
+                 else_=Job.created_at)
+    counts = session.execute(select(Job.queue, func.count()).where(Job.state == JobState.QUEUED).group_by(Job.queue)).all()
+    for queue, count in counts:
+        oldest = session.execute(select(Job.id, since.label("since")).where(Job.state == JobState.QUEUED, Job.queue == queue)
+                                 .order_by(since, Job.id).limit(1)).first()
+        entry = out.setdefault(queue, {"queued_jobs": 0, "oldest_waiting_s": None, "oldest_job": None})
+        entry["queued_jobs"] = count
+        if oldest is not None and oldest.since is not None:
+            entry["oldest_waiting_s"], entry["oldest_job"] = _seconds(_aware(oldest.since), now), oldest.id
     return out
 
 
@@ -411,8 +417,11 @@ def last_training_step(log_path: str | None) -> dict[str, Any] | None:
 def round_progress(session: Session, round_: Round, now: datetime | None = None) -> list[StepProgress]:
     now = now or utcnow()
     jobs: dict[str, list[Job]] = defaultdict(list)
-    for job in session.scalars(select(Job).where(Job.round_id == round_.id).order_by(Job.id)):
+    # Payloads (a chunk's question ids each) load only for the few jobs that need them.
+    for job in session.scalars(select(Job).where(Job.round_id == round_.id).order_by(Job.id)
+                               .options(defer(Job.payload))):
         jobs[str(JobKey.parse(job.key).display_step)].append(job)
+    pool_size: int | None = None
     steps = expected_steps(round_.stage, round_.config)
     steps += [s for s in jobs if s not in steps]
     generated = {voter: (count, tokens) for voter, count, tokens in session.execute(
@@ -439,9 +448,10 @@ def round_progress(session: Session, round_: Round, now: datetime | None = None)
             samples = int(round_.config.get("sampling", {}).get("samples", 1)) if subject == "student" else 1
             count, tokens = generated.get(subject, (0, 0))
             progress.unit = "samples" if subject == "student" else "questions"
-            resolved = resolved_of(round_)
-            pool = resolved.question_ids if isinstance(resolved, (ResolvedSFT, ResolvedPreference)) else []
-            progress.total = len(pool) * samples
+            if pool_size is None:  # parsed once: the pool's ids are a million at the largest
+                resolved = resolved_of(round_)
+                pool_size = len(resolved.question_ids) if isinstance(resolved, (ResolvedSFT, ResolvedPreference)) else 0
+            progress.total = pool_size * samples
             progress.completed = count
             progress.tokens_per_s = tokens / elapsed if elapsed and tokens else None
         elif kind == JobKind.TRAIN and step_jobs:
@@ -467,7 +477,8 @@ def round_notices(session: Session, round_: Round, census: MessageCensus | None,
     (with the error), and, given the broker's census, a queue no worker consumes and jobs queued
     with no message (with what the reconciliation will do about them, and when)."""
     queued: dict[str, list[Job]] = defaultdict(list)
-    for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.state == JobState.QUEUED).order_by(Job.id)):
+    for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.state == JobState.QUEUED).order_by(Job.id)
+                               .options(defer(Job.payload))):
         queued[str(JobKey.parse(job.key).display_step)].append(job)
     notices: dict[str, list[str]] = {}
     for step, jobs in queued.items():
@@ -531,11 +542,31 @@ def overall_progress(round_state: str, steps: list[StepProgress]) -> float:
     return sum(s.fraction for s in steps) / len(steps) if steps else 0.0
 
 
-def known_metrics(session: Session, round_: Round) -> dict[str, Any]:
-    """The report as far as it goes: the vote's figures once the vote ran, each accuracy once evaluated."""
+# Above this many pool questions a running round's status shows no live report: computing it reads
+# every generation of the round (seconds at a million questions, on every refresh). `round report`
+# still computes it on demand, and the round stores it when it ends.
+LIVE_REPORT_MAX_QUESTIONS = 100_000
+
+
+def status_report(session: Session, round_: Round) -> dict[str, Any]:
+    """The report the status views show: the stored one once the round ended, else the live one
+    for pools up to LIVE_REPORT_MAX_QUESTIONS, else a note saying where to get it."""
     from services.report import round_report
 
-    report = round_.report or round_report(session, round_)
+    if round_.report:
+        return round_.report
+    resolved = resolved_of(round_)
+    pool = len(resolved.question_ids) if isinstance(resolved, (ResolvedSFT, ResolvedPreference)) else 0
+    if pool > LIVE_REPORT_MAX_QUESTIONS:
+        return {"round": round_.id, "stage": round_.stage, "iteration": round_.iteration,
+                "deferred": f"{pool} pool questions: the report is computed when the round ends "
+                            "(the vote's counts are in its job's result: `w2sctl jobs show ID`)"}
+    return round_report(session, round_)
+
+
+def known_metrics(session: Session, round_: Round) -> dict[str, Any]:
+    """The report as far as it goes: the vote's figures once the vote ran, each accuracy once evaluated."""
+    report = status_report(session, round_)
     evaluations = {JobKey.parse(job.key).display_step.detail: _accuracy(job) for job in session.scalars(
         select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.EVALUATE, Job.state == JobState.DONE))}
     return {"report": report, "eval_accuracy": evaluations}
@@ -571,9 +602,7 @@ def _entry(name: str, status: str, evaluation: Evaluation | None, **extra: Any) 
 
 def round_summary(session: Session, round_: Round) -> dict[str, Any]:
     """One round's line of the pipeline table: its vote or pair figures, baseline and candidates."""
-    from services.report import round_report
-
-    report = round_.report or round_report(session, round_)
+    report = status_report(session, round_)
     evaluation_ids = {}
     for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.EVALUATE,
                                                  Job.state == JobState.DONE)):

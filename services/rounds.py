@@ -201,17 +201,27 @@ def load_config(round_: Round) -> AnyRoundConfig:
 # --- advance -------------------------------------------------------------------------------------
 
 
-def advance(session: Session, round_id: int, delivery: DeliverySettings) -> list[int]:
+def advance(session: Session, round_id: int, delivery: DeliverySettings, *, after_job: int | None = None) -> list[int]:
     """Plan every step that has become ready; finish or fail the round. Returns new job ids to enqueue.
     `delivery` gives the leases (expired ones are re-planned) and new jobs' attempts.
 
     Takes a row lock on the round (PostgreSQL) so concurrent callers plan one after the other;
     the unique job keys make a second planner's inserts no-ops either way.
+
+    `after_job`: the job whose end prompts this call. When it is a generation chunk whose step
+    still has chunks to finish, nothing can have become ready (every step waits for whole steps),
+    so only leases are checked: the full planning reads every job of the round, and a round of a
+    million questions has thousands of chunks, each of which calls this.
     """
-    round_ = get_by_id(session, Round, round_id, "round", lock=True)
-    if round_.state in TERMINAL_ROUND_STATES:
+    state = session.scalar(select(Round.state).where(Round.id == round_id).with_for_update())
+    if state is None:
+        get_by_id(session, Round, round_id, "round")  # raises NotFound with the usual message
+    if state in TERMINAL_ROUND_STATES:
         return []
     requeued = expire_leases(session, round_id, delivery)
+    if after_job is not None and _step_still_running(session, round_id, after_job):
+        return requeued
+    round_ = get_by_id(session, Round, round_id, "round")
     jobs = {JobKey.parse(job.key): job for job in session.scalars(select(Job).where(Job.round_id == round_id))}
 
     failed = [job for job in jobs.values() if job.state == JobState.FAILED]
@@ -236,6 +246,15 @@ def advance(session: Session, round_id: int, delivery: DeliverySettings) -> list
         round_.outcome = promoted.outcome if promoted else None
         new_ids += _next_in_pipeline(session, round_, delivery)
     return new_ids
+
+
+def _step_still_running(session: Session, round_id: int, job_id: int) -> bool:
+    """The job is a generation chunk that did not fail, and another chunk of its step is not done."""
+    job = session.execute(select(Job.kind, Job.step, Job.state).where(Job.id == job_id, Job.round_id == round_id)).first()
+    if job is None or job.kind != JobKind.GENERATE or job.state not in (JobState.DONE, JobState.QUEUED):
+        return False
+    return session.scalar(select(Job.id).where(Job.round_id == round_id, Job.step == job.step,
+                                               Job.state != JobState.DONE).limit(1)) is not None
 
 
 def expire_leases(session: Session, round_id: int, delivery: DeliverySettings) -> list[int]:

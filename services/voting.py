@@ -1,21 +1,29 @@
 """The stage I vote of one round, read from its generations: computed here once, for the vote job
-(which writes the training sets) and for the round report (which grades it)."""
+(which writes the training sets) and for the round report (which grades it).
+
+A round may hold a million questions, so neither reader loads the round's generations whole:
+the vote job walks the pool a page of questions at a time (`voted_pages`), and the report's
+`round_vote` reads answers only, never the responses' text.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
-from db.schema import Generation
-from services.selection import Vote, dropped_by_step_score, min_step_score, stage1_vote
+from db.schema import Generation, Question
+from services.selection import Vote, agreed, dropped_by_step_score, low_step_score, min_step_score, stage1_vote
+
+PAGE = 2000  # questions per read: a few MiB of responses, whatever the pool's size
 
 
 @dataclass(frozen=True)
 class RoundVote:
-    first: dict[int, Any]  # question id → the weak voter's answer (id, text, answer, step_scores)
+    first: dict[int, Any]  # question id → the weak voter's answer (id, answer, step_scores)
     second: dict[int, Any]  # question id → the strong voter's answer
     votes: list[Vote]  # questions both voters answered, in pool order
     kept: list[int]  # question ids the vote keeps
@@ -24,10 +32,10 @@ class RoundVote:
 
 def round_vote(session: Session, round_id: int, question_ids: list[int], task: str,
                min_step: float | None) -> RoundVote:
-    """Each voter's first answer to each question, and the vote over them (services.selection)."""
+    """Each voter's first answer to each question, and the vote over them (services.selection).
+    Answers only (no response text): what the report grades."""
     rows = session.execute(
-        select(Generation.id, Generation.voter, Generation.question_id, Generation.text, Generation.answer,
-               Generation.step_scores)
+        select(Generation.id, Generation.voter, Generation.question_id, Generation.answer, Generation.step_scores)
         .where(Generation.round_id == round_id, Generation.sample_index == 0)
     ).all()
     first = {r.question_id: r for r in rows if r.voter == "weak"}
@@ -37,3 +45,56 @@ def round_vote(session: Session, round_id: int, question_ids: list[int], task: s
              for qid in question_ids if qid in first and qid in second]
     return RoundVote(first, second, votes, stage1_vote(votes, task, min_step),
                      dropped_by_step_score(votes, task, min_step))
+
+
+@dataclass(frozen=True)
+class VotedQuestion:
+    """One question both voters answered, with what the vote job writes from it."""
+
+    question_id: int
+    question: str  # the question's text
+    first: Any  # the weak voter's generation (id, text, answer)
+    second: Any  # the strong voter's generation
+    kept: bool
+    dropped_by_step_score: bool
+
+
+def voted_pages(session: Session, round_id: int, question_ids: Sequence[int], task: str,
+                min_step: float | None, page: int = PAGE) -> Iterator[list[VotedQuestion]]:
+    """The vote, a page of questions at a time in pool order: each page is one indexed query
+    (the generations' unique key leads with round, voter, question), so memory holds one page."""
+    weak, strong = aliased(Generation), aliased(Generation)
+    for start in range(0, len(question_ids), page):
+        ids = question_ids[start : start + page]
+        rows = session.execute(
+            select(Question.id, Question.text,
+                   weak.id.label("first_id"), weak.text.label("first_text"), weak.answer.label("first_answer"),
+                   weak.step_scores.label("first_steps"),
+                   strong.id.label("second_id"), strong.text.label("second_text"),
+                   strong.answer.label("second_answer"), strong.step_scores.label("second_steps"))
+            .join(weak, (weak.question_id == Question.id) & (weak.round_id == round_id) & (weak.voter == "weak")
+                  & (weak.sample_index == 0))
+            .join(strong, (strong.question_id == Question.id) & (strong.round_id == round_id)
+                  & (strong.voter == "strong") & (strong.sample_index == 0))
+            .where(Question.id.in_(ids))
+        ).all()
+        by_id = {row.id: row for row in rows}
+        out = []
+        for qid in ids:
+            row = by_id.get(qid)
+            if row is None:  # a voter left it unanswered: no vote
+                continue
+            vote = Vote(qid, row.first_answer, row.second_answer, min_step_score(row.first_steps),
+                        min_step_score(row.second_steps))
+            agree, low = agreed(vote, task), low_step_score(vote, min_step)
+            out.append(VotedQuestion(qid, row.text, _Answer(row.first_id, row.first_text, row.first_answer),
+                                     _Answer(row.second_id, row.second_text, row.second_answer),
+                                     kept=agree and not low, dropped_by_step_score=agree and low))
+        yield out
+
+
+@dataclass(frozen=True)
+class _Answer:
+    id: int
+    text: str
+    answer: str

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -32,7 +32,6 @@ from db.schema import Job, Round, utcnow
 from db.session import session_scope
 from models.stopping import Stopped, StopSignal, stopping
 from services.contracts import TERMINAL_ROUND_STATES
-from services.lookup import get_by_id
 from services.rounds import advance
 from services.settings import Settings
 from services.tracking import record_round_end
@@ -181,8 +180,9 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, settings: Set
             if job is None:
                 log.warning("job %s does not exist; message dropped", job_id)
                 return "missing"
-            round_ = get_by_id(session, Round, job.round_id, "round")  # a job's round exists (foreign key)
-            if round_.state in TERMINAL_ROUND_STATES:
+            # The state only: the round row's JSON holds the pool's question ids (megabytes at scale).
+            round_state = session.scalar(select(Round.state).where(Round.id == job.round_id))
+            if round_state in TERMINAL_ROUND_STATES:
                 if job.state == "queued":
                     job.state, job.finished_at = "cancelled", utcnow()
                 return "round-over"
@@ -218,7 +218,7 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, settings: Set
         outcome = _record_failure(settings, ctx, exc, retry_left)
 
     with session_scope(settings.database_url) as session:
-        new_ids = advance(session, ctx.round_id, delivery)
+        new_ids = advance(session, ctx.round_id, delivery, after_job=job_id)
     record_round_end(settings, ctx.round_id)  # a round that just ended: its figures to experiment tracking
     enqueue(new_ids)
     if outcome == "retry":  # back off: transient causes (a busy GPU, a network blip) get time to clear

@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Update, select, update
@@ -50,7 +51,7 @@ from services.rounds import load_config
 from services.selection import decide_pairs, variant_sources
 from services.store import checkpoint_path
 from services.tracking import training_run_spec
-from services.voting import round_vote
+from services.voting import voted_pages
 from workers.runner import JobContext
 
 
@@ -74,29 +75,62 @@ def _batches(items: list, size: int) -> list[list]:
 # --- generate ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _GenerationSetup:
+    config: Any
+    task: str
+    checkpoint_id: int
+    path: str
+    model_name: str
+    demonstrations: list[tuple[str, str]]
+
+
+# (round, voter) → what every generation chunk of that voter needs. Reading it costs a parse of the
+# round's resolved ids, whose pool list is megabytes at a million questions, and a round has
+# thousands of chunks; so each worker process reads it once. It cannot go stale: a round's config
+# and checkpoints are fixed at its start, and the one fact fixed later (the strong voter's
+# demonstrations) is fixed before any strong chunk is planned; weak and student chunks use none.
+# Keyed by the database too, and the round's creation time: ids restart in a new database.
+_SETUPS: dict[tuple[str, int, Any, str], _GenerationSetup] = {}
+
+
+def _generation_setup(session, round_id: int, voter: str) -> _GenerationSetup:
+    created = session.scalar(select(Round.created_at).where(Round.id == round_id))
+    key = (str(session.get_bind().url), round_id, created, voter)
+    cached = _SETUPS.get(key)
+    if cached is not None:
+        return cached
+    round_ = session.get(Round, round_id)
+    config = load_config(round_)
+    resolved = resolved_of(round_)
+    checkpoint = session.get(Checkpoint, resolved.voters()[voter])
+    demonstrations: list[tuple[str, str]] = []
+    if voter == "strong" and isinstance(resolved, ResolvedSFT) and resolved.demonstration_ids:
+        demos = session.execute(
+            select(Question.text, Generation.text).join(Generation, Generation.question_id == Question.id)
+            .where(Generation.id.in_(resolved.demonstration_ids)).order_by(Generation.id)
+        ).all()
+        demonstrations = [(q, a) for q, a in demos]
+    setup = _GenerationSetup(config, resolved.task, checkpoint.id, checkpoint.path, checkpoint.name, demonstrations)
+    if len(_SETUPS) >= 64:  # a long-lived worker serves many rounds: keep the recent ones
+        _SETUPS.pop(next(iter(_SETUPS)))
+    _SETUPS[key] = setup
+    return setup
+
+
 def run_generate(ctx: JobContext) -> None:
     """Answer a chunk of questions: greedy for the stage I voters, n samples for the stage II student."""
     payload = parse_contract(GeneratePayload, ctx.payload, f"job {ctx.job_id} payload")
     voter = payload.voter
     with ctx.session() as session:
-        round_ = session.get(Round, ctx.round_id)
-        config = load_config(round_)
-        resolved = resolved_of(round_)
-        checkpoint = session.get(Checkpoint, resolved.voters()[voter])
+        setup = _generation_setup(session, ctx.round_id, voter)
         existing = Counter(session.scalars(select(Generation.question_id).where(
             Generation.round_id == ctx.round_id, Generation.voter == voter,
             Generation.question_id.in_(payload.question_ids))))
         by_id = {q.id: q for q in session.scalars(select(Question).where(Question.id.in_(payload.question_ids)))}
         questions = [by_id[qid] for qid in payload.question_ids]
-        demonstrations = []
-        if voter == "strong" and isinstance(resolved, ResolvedSFT) and resolved.demonstration_ids:
-            demos = session.execute(
-                select(Question.text, Generation.text).join(Generation, Generation.question_id == Question.id)
-                .where(Generation.id.in_(resolved.demonstration_ids)).order_by(Generation.id)
-            ).all()
-            demonstrations = [(q, a) for q, a in demos]
-        task = resolved.task
-        checkpoint_id, path, model_name = checkpoint.id, checkpoint.path, checkpoint.name
+    config, task, demonstrations = setup.config, setup.task, setup.demonstrations
+    checkpoint_id, path, model_name = setup.checkpoint_id, setup.path, setup.model_name
 
     sampling = getattr(config, "sampling", None) if voter == "student" else None
     # Stage I voters answer with their configured strategy (cot: greedy, as the reference).
@@ -108,10 +142,11 @@ def run_generate(ctx: JobContext) -> None:
     backend = (answering.backend if answering else None) or config.generation.backend or ctx.settings.backend
     loaded = load_named(model_name, path, backend, ctx.settings)
     groups = _batches(questions, max(1, config.generation.batch_size * 4 // n))
-    generated = 0
+    generated, finished = 0, False
+    result = GenerateResult(generated=0, questions=len(questions), samples_per_question=n, engine=describe(loaded))
     # Commit group by group: a retry skips the groups already complete. Groups are fixed by the
     # chunk, and each group's sampling seed by (round seed, group's first question), so a re-run
-    # reproduces the same samples.
+    # reproduces the same samples. The last group's rows commit with the job's done mark.
     for done_groups, group in enumerate(groups, start=1):
         if all(existing[q.id] >= n for q in group):
             continue
@@ -137,10 +172,14 @@ def run_generate(ctx: JobContext) -> None:
                              "output_tokens": sample.output_tokens})
         with ctx.session() as session:
             generated += len(insert_ignore(session, Generation, rows))
-            ctx.progress(session, done_groups / len(groups))
-    with ctx.session() as session:
-        ctx.finish(session, GenerateResult(generated=generated, questions=len(questions), samples_per_question=n,
-                                           engine=describe(loaded)).stored())
+            if done_groups == len(groups):
+                ctx.finish(session, result.model_copy(update={"generated": generated}).stored())
+                finished = True
+            else:
+                ctx.progress(session, done_groups / len(groups))
+    if not finished:  # every group was already in (a redelivery after the last commit but one)
+        with ctx.session() as session:
+            ctx.finish(session, result.model_copy(update={"generated": generated}).stored())
 
 
 def _scored_sample(completion, task: str) -> Sample:
@@ -153,67 +192,85 @@ def _scored_sample(completion, task: str) -> Sample:
 
 
 def run_vote(ctx: JobContext) -> None:
+    """Vote a page of questions at a time and write each page's training examples in bulk, all in
+    the transaction that marks the job done (a redelivered vote writes nothing twice: the unique
+    keys; a stale attempt keeps nothing: the fenced finish rolls the whole transaction back)."""
     with ctx.session() as session:
         round_ = session.get(Round, ctx.round_id)
         config: SFTRoundConfig = load_config(round_)
         resolved = resolved_of(round_, ResolvedSFT)
-        vote = round_vote(session, ctx.round_id, resolved.question_ids, resolved.task, config.vote.min_step_score)
-        first, second, kept = vote.first, vote.second, vote.kept
-        texts = dict(session.execute(select(Question.id, Question.text).where(
-            Question.id.in_(resolved.question_ids))).all())
-
-        examples, counts = [], {}
-        for variant in config.variants:
-            sources = variant_sources(variant)
-            for qid in kept:
-                for source in sources:
-                    generation = first[qid] if source == "first" else second[qid]
-                    examples.append({"round_id": ctx.round_id, "variant": variant, "question_id": qid,
-                                     "generation_id": generation.id, "prompt": zero_shot(texts[qid]),
-                                     "response": generation.text})
-            counts[variant] = len(kept) * len(sources)
-        insert_ignore(session, TrainingExample, examples)
-        ctx.finish(session, VoteResult(pool=len(resolved.question_ids), voted=len(vote.votes), kept=len(kept),
-                                       dropped_by_step_score=len(vote.dropped_by_step_score), examples=counts).stored())
+        sources = {variant: variant_sources(variant) for variant in config.variants}
+        voted = kept = dropped = 0
+        for page in voted_pages(session, ctx.round_id, resolved.question_ids, resolved.task, config.vote.min_step_score):
+            examples = []
+            for question in page:
+                voted += 1
+                dropped += question.dropped_by_step_score
+                if not question.kept:
+                    continue
+                kept += 1
+                prompt = zero_shot(question.question)
+                for variant, variant_from in sources.items():
+                    for source in variant_from:
+                        generation = question.first if source == "first" else question.second
+                        examples.append({"round_id": ctx.round_id, "variant": variant, "question_id": question.question_id,
+                                         "generation_id": generation.id, "prompt": prompt, "response": generation.text})
+            insert_ignore(session, TrainingExample, examples)
+            ctx.progress(session, 0.99 * voted / max(len(resolved.question_ids), 1))
+        counts = {variant: kept * len(variant_from) for variant, variant_from in sources.items()}
+        ctx.finish(session, VoteResult(pool=len(resolved.question_ids), voted=voted, kept=kept,
+                                       dropped_by_step_score=dropped, examples=counts).stored())
 
 
 # --- pairs (stage II) ----------------------------------------------------------------------------
 
+PAIR_PAGE = 1000  # questions per read: their weak answers and every student sample
+
 
 def run_pairs(ctx: JobContext) -> None:
     """Apply the stage II pair rules to every question: the student's samples against the weak
-    model's original stage I response."""
+    model's original stage I response. A page of questions at a time (memory holds one page),
+    each page's pairs inserted in bulk, in the transaction that marks the job done."""
     with ctx.session() as session:
         round_ = session.get(Round, ctx.round_id)
         config = load_config(round_)
         resolved = resolved_of(round_, ResolvedPreference)
         question_ids = resolved.question_ids
-        texts = dict(session.execute(select(Question.id, Question.text).where(Question.id.in_(question_ids))).all())
-        weak = {g.question_id: g for g in session.scalars(select(Generation).where(
-            Generation.round_id == resolved.weak_round_id, Generation.voter == "weak", Generation.sample_index == 0,
-            Generation.question_id.in_(question_ids)))}
-        samples: dict[int, list[Generation]] = {}
-        for g in session.scalars(select(Generation).where(Generation.round_id == ctx.round_id, Generation.voter == "student")
-                                 .order_by(Generation.question_id, Generation.sample_index)):
-            samples.setdefault(g.question_id, []).append(g)
+        total, skipped, cases = 0, Counter(), Counter()
+        for start in range(0, len(question_ids), PAIR_PAGE):
+            page = question_ids[start : start + PAIR_PAGE]
+            texts = dict(session.execute(select(Question.id, Question.text).where(Question.id.in_(page))).all())
+            weak = {g.question_id: g for g in session.execute(select(
+                Generation.id, Generation.question_id, Generation.text, Generation.answer).where(
+                Generation.round_id == resolved.weak_round_id, Generation.voter == "weak", Generation.sample_index == 0,
+                Generation.question_id.in_(page)))}
+            samples: dict[int, list[Any]] = {}
+            for g in session.execute(select(Generation.id, Generation.question_id, Generation.text, Generation.answer)
+                                     .where(Generation.round_id == ctx.round_id, Generation.voter == "student",
+                                            Generation.question_id.in_(page))
+                                     .order_by(Generation.question_id, Generation.sample_index)):
+                samples.setdefault(g.question_id, []).append(g)
 
-        rows, skipped, cases = [], Counter(), Counter()
-        for qid in question_ids:
-            decision = decide_pairs(
-                weak[qid].answer, weak[qid].text, [(g.answer, g.text) for g in samples[qid]], task=resolved.task,
-                floor=config.pairs.floor, tau=config.pairs.tau, per_question=config.pairs.pairs_per_question,
-                rng=random.Random(f"{config.seed}:{qid}"))  # per question: independent of processing order
-            if decision.skipped:
-                skipped[decision.skipped] += 1
-            source = {g.text: g.id for g in reversed(samples[qid])} | {weak[qid].text: weak[qid].id}
-            for index, pair in enumerate(decision.pairs):
-                cases[pair.case] += 1
-                rows.append({"round_id": ctx.round_id, "question_id": qid, "pair_index": index, "case": pair.case,
-                             "confidence": decision.confidence, "prompt": zero_shot(texts[qid]),
-                             "chosen": pair.chosen, "rejected": pair.rejected,
-                             "chosen_generation_id": source[pair.chosen], "rejected_generation_id": source[pair.rejected]})
-        insert_ignore(session, PreferencePair, rows)
-        ctx.finish(session, PairsResult(questions=len(question_ids), pairs=len(rows), by_case=dict(cases),
+            rows = []
+            for qid in page:
+                decision = decide_pairs(
+                    weak[qid].answer, weak[qid].text, [(g.answer, g.text) for g in samples[qid]], task=resolved.task,
+                    floor=config.pairs.floor, tau=config.pairs.tau, per_question=config.pairs.pairs_per_question,
+                    rng=random.Random(f"{config.seed}:{qid}"))  # per question: independent of processing order
+                if decision.skipped:
+                    skipped[decision.skipped] += 1
+                source = {g.text: g.id for g in reversed(samples[qid])} | {weak[qid].text: weak[qid].id}
+                for index, pair in enumerate(decision.pairs):
+                    cases[pair.case] += 1
+                    rows.append({"round_id": ctx.round_id, "question_id": qid, "pair_index": index, "case": pair.case,
+                                 "confidence": decision.confidence, "prompt": zero_shot(texts[qid]),
+                                 "chosen": pair.chosen, "rejected": pair.rejected,
+                                 "chosen_generation_id": source[pair.chosen],
+                                 "rejected_generation_id": source[pair.rejected]})
+            insert_ignore(session, PreferencePair, rows)
+            total += len(rows)
+            ctx.progress(session, 0.99 * (start + len(page)) / max(len(question_ids), 1))
+        ctx.finish(session, PairsResult(questions=len(question_ids), pairs=total, by_case=dict(cases),
                                         skipped=dict(skipped)).stored())
 
 

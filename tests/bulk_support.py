@@ -1,0 +1,157 @@
+"""Idempotence and fencing of the bulk write paths, on whichever database a test passes (PostgreSQL
+in tests/cluster, SQLite in tests/embedded): the generation chunks, the paged vote, and
+`insert_ignore` itself over more rows than one multi-row INSERT holds.
+
+A redelivered job (its state reset, as after a lost acknowledgement) writes nothing twice; a stale
+attempt (another worker took the job over) writes nothing at all, though its rows went out in
+batches before the fenced `done` mark refused it."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, update
+
+from db.schema import Generation, Job, Question, TrainingExample
+from db.session import insert_ignore, session_scope, upgrade
+from services.settings import load_settings
+from tests.cluster_support import write_questions, write_replay_models
+
+POOL = 13  # chunks of 5 (the last short), vote pages of 4: every bulk path spans several batches
+
+
+def make_round(url: str, tmp_path: Path) -> int:
+    """A stage I round on replay voters that agree, planned and not run; names unique per call
+    (the session's PostgreSQL database is shared by the tests)."""
+    from services.config import parse_round_config
+    from services.registry import import_dataset, register_model
+    from services.rounds import start_round
+
+    tag = uuid.uuid4().hex[:8]
+    upgrade(url)
+    pool_file, test_file = write_questions(tmp_path / "data", POOL, 2)
+    weak, strong = write_replay_models(tmp_path / "models", POOL, 2, agree=True, delay_s=0)
+    with session_scope(url) as session:
+        import_dataset(session, pool_file, name=f"pool-{tag}", task="gsm8k", labelled=False)
+        import_dataset(session, test_file, name=f"test-{tag}", task="gsm8k", labelled=True)
+        register_model(session, name=f"weak-{tag}", path=weak, role="weak")
+        register_model(session, name=f"strong-{tag}", path=strong, role="strong")
+        config = parse_round_config({"stage": "sft", "weak": f"weak-{tag}", "strong": f"strong-{tag}",
+                                     "pool": f"pool-{tag}", "eval": {"dataset": f"test-{tag}"}, "demonstrations": 0,
+                                     "variants": ["hybrid"], "generation": {"chunk_size": 5, "batch_size": 1}})
+        round_, _ = start_round(session, config, load_settings({"W2S_DATABASE_URL": url}).delivery)
+        return round_.id
+
+
+def _settings(url: str, tmp_path: Path):
+    return load_settings({"W2S_DATABASE_URL": url, "W2S_HOME": str(tmp_path / "home"),
+                          "W2S_CHECKPOINT_DIR": str(tmp_path / "checkpoints")})
+
+
+def _jobs(url: str, round_id: int, kind: str) -> list[int]:
+    with session_scope(url) as session:
+        return list(session.scalars(select(Job.id).where(Job.round_id == round_id, Job.kind == kind).order_by(Job.id)))
+
+
+def _count(url: str, model, round_id: int, **where) -> int:
+    with session_scope(url) as session:
+        query = select(func.count()).select_from(model).where(model.round_id == round_id)
+        for column, value in where.items():
+            query = query.where(getattr(model, column) == value)
+        return session.scalar(query)
+
+
+def _stale_attempt(url: str, settings, job_id: int, handler) -> None:
+    """Claim the job, let another worker take it over (attempt 2), then run attempt 1's handler:
+    it must raise Superseded, and its batches must be rolled back with the refused `done` mark."""
+    from workers.runner import JobContext, Superseded, claim
+
+    with session_scope(url) as session:
+        job = claim(session, job_id, timedelta(seconds=60), owner="zombie@host:1")
+        ctx = JobContext(settings, job.id, job.round_id, job.attempts, dict(job.payload or {}), kind=job.kind)
+    with session_scope(url) as session:  # the lease ran out and a second worker claimed the job
+        session.execute(update(Job).where(Job.id == job_id).values(attempts=Job.attempts + 1, owner="live@host:2"))
+    with pytest.raises(Superseded):
+        handler(ctx)
+    with session_scope(url) as session:  # back to queued, as the live worker would leave it for the test
+        session.execute(update(Job).where(Job.id == job_id).values(state="queued", attempts=0, owner=None))
+
+
+def _redeliver(url: str, job_id: int) -> None:
+    """The job's message again after its work committed: the broker lost the acknowledgement and
+    an operator (or `jobs retry`) queued it again."""
+    with session_scope(url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(state="queued", attempts=0))
+
+
+def check_bulk_paths(url: str, tmp_path: Path, monkeypatch) -> None:
+    from workers import steps
+    from workers.runner import run_job
+
+    monkeypatch.setattr("services.voting.PAGE", 4)
+    settings = _settings(url, tmp_path)
+    round_id = make_round(url, tmp_path)
+    no_enqueue = lambda *a, **k: None  # noqa: E731 - the test runs every job itself
+
+    # Generation: a stale chunk writes nothing; a redelivered one writes nothing twice.
+    generate = _jobs(url, round_id, "generate")
+    assert len(generate) == 6  # 13 questions in chunks of 5, two voters
+    _stale_attempt(url, settings, generate[0], steps.run_generate)
+    assert _count(url, Generation, round_id) == 0, "a stale generation attempt kept rows"
+    for job_id in generate:
+        assert run_job(job_id, steps.run_generate, settings=settings, enqueue=no_enqueue) == "done"
+    assert _count(url, Generation, round_id) == 2 * POOL
+    _redeliver(url, generate[0])
+    assert run_job(generate[0], steps.run_generate, settings=settings, enqueue=no_enqueue) == "done"
+    assert _count(url, Generation, round_id) == 2 * POOL, "a redelivered generation job wrote rows twice"
+    with session_scope(url) as session:
+        assert session.get(Job, generate[0]).result["generated"] == 0  # everything was in already
+
+    # The vote: pages of 4 questions, each page's examples in bulk, all with the done mark.
+    vote = _jobs(url, round_id, "vote")
+    assert len(vote) == 1, "generation done: the vote is planned"
+    _stale_attempt(url, settings, vote[0], steps.run_vote)
+    assert _count(url, TrainingExample, round_id) == 0, "a stale vote attempt kept training examples"
+    assert run_job(vote[0], steps.run_vote, settings=settings, enqueue=no_enqueue) == "done"
+    assert _count(url, TrainingExample, round_id) == 2 * POOL  # hybrid: both voters' answers of every question
+    with session_scope(url) as session:
+        first = session.get(Job, vote[0]).result
+        examples = session.execute(select(TrainingExample.question_id, TrainingExample.generation_id)
+                                   .where(TrainingExample.round_id == round_id).order_by(TrainingExample.id)).all()
+        pool_order = list(session.scalars(select(Question.id).join(Generation, Generation.question_id == Question.id)
+                                          .where(Generation.round_id == round_id, Generation.voter == "weak")
+                                          .order_by(Question.index)))
+    assert first["kept"] == POOL and first["voted"] == POOL and first["examples"] == {"hybrid": 2 * POOL}
+    assert [q for q, _ in examples[::2]] == pool_order, "examples follow the pool's order across pages"
+    _redeliver(url, vote[0])
+    assert run_job(vote[0], steps.run_vote, settings=settings, enqueue=no_enqueue) == "done"
+    with session_scope(url) as session:
+        again = session.execute(select(TrainingExample.question_id, TrainingExample.generation_id)
+                                .where(TrainingExample.round_id == round_id).order_by(TrainingExample.id)).all()
+        assert session.get(Job, vote[0]).result == first
+    assert again == examples, "a redelivered vote wrote training examples twice"
+
+
+def check_insert_ignore_pages(url: str, tmp_path: Path) -> None:
+    """More rows than one multi-row INSERT page (1,000): every new row's id comes back once, the
+    rows already in come back as nothing, across pages. (Job rows: their unique key has no NULL.)"""
+    round_id = make_round(url, tmp_path)
+    planned = _count(url, Job, round_id)
+
+    def rows(keys: range) -> list[dict]:
+        return [{"round_id": round_id, "key": f"bulk:{k:05d}", "step": "bulk", "kind": "bulk", "queue": "control",
+                 "state": "done", "payload": {"k": k}} for k in keys]
+
+    with session_scope(url) as session:
+        first = insert_ignore(session, Job, rows(range(0, 2600)))  # three pages
+    assert len(first) == len(set(first)) == 2600
+    with session_scope(url) as session:
+        second = insert_ignore(session, Job, rows(range(1300, 3900)))  # half of them in already
+    assert len(second) == 1300 and not set(second) & set(first)
+    with session_scope(url) as session:
+        payload = session.scalar(select(Job.payload).where(Job.round_id == round_id, Job.key == "bulk:02000"))
+    assert payload == {"k": 2000}  # the first write stands
+    assert _count(url, Job, round_id) == planned + 3900
