@@ -372,7 +372,7 @@ def print_latencies(latencies: dict[str, float]) -> None:
 
 
 def status_only(work: Path, env: dict, n: int) -> None:
-    from sqlalchemy import select, text, update
+    from sqlalchemy import bindparam, select, text, update
 
     from db.schema import Dataset, Job, Round
     from db.session import get_engine, session_scope, upgrade
@@ -420,6 +420,7 @@ def status_only(work: Path, env: dict, n: int) -> None:
         weak_id, strong_id = round_.resolved["weak_id"], round_.resolved["strong_id"]
         chunks = [(job.id, job.step, job.payload["question_ids"]) for job in session.scalars(
             select(Job).where(Job.round_id == round_id, Job.kind == "generate"))]
+    tokens: dict[int, int] = {}
     raw = get_engine(url).raw_connection()
     try:
         with raw.cursor() as cursor:
@@ -428,9 +429,11 @@ def status_only(work: Path, env: dict, n: int) -> None:
                 now = time.strftime("%Y-%m-%d %H:%M:%S+00", time.gmtime())
                 for job_id, step, question_ids in chunks:
                     voter = step.split(":")[1]
+                    tokens[job_id] = 0
                     for qid in question_ids:
                         base = real[(qid - 11) % len(real)]  # any real answer: the text's size is what matters
                         response = outputs.get(f"Question: {base['question']}\nAnswer:", "")
+                        tokens[job_id] += len(response.split())
                         copy.write_row((round_id, job_id, qid, weak_id if voter == "weak" else strong_id, voter, 0,
                                         "zero-shot", response, response.split("####")[-1].strip(),
                                         40, len(response.split()), now))
@@ -438,9 +441,11 @@ def status_only(work: Path, env: dict, n: int) -> None:
     finally:
         raw.close()
     with session_scope(url) as session:
-        session.execute(update(Job).where(Job.round_id == round_id, Job.kind == "generate")
-                        .values(state="done", attempts=1, progress=1.0,
-                                result={"generated": 256, "questions": 256, "samples_per_question": 1}))
+        sizes = {job_id: len(question_ids) for job_id, _, question_ids in chunks}
+        session.execute(update(Job.__table__).where(Job.__table__.c.id == bindparam("job")), [
+            {"job": job_id, "state": "done", "attempts": 1, "progress": 1.0,
+             "result": {"generated": sizes[job_id], "questions": sizes[job_id], "samples_per_question": 1,
+                        "output_tokens": count}} for job_id, count in tokens.items()])
         advance(session, round_id, settings.delivery)
         session.execute(text("ANALYZE"))
     print(f"loaded {n} questions, {2 * n} generations, {len(chunks)} generation jobs in "

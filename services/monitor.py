@@ -29,11 +29,11 @@ from services.config import QUEUES
 from services.contracts import (
     EvaluatePayload,
     EvaluateResult,
+    GeneratePayload,
+    GenerateResult,
     JobKey,
     JobKind,
     JobState,
-    ResolvedPreference,
-    ResolvedSFT,
     RoundState,
     StepName,
     TrainResult,
@@ -421,12 +421,9 @@ def round_progress(session: Session, round_: Round, now: datetime | None = None)
     for job in session.scalars(select(Job).where(Job.round_id == round_.id).order_by(Job.id)
                                .options(defer(Job.payload))):
         jobs[str(JobKey.parse(job.key).display_step)].append(job)
-    pool_size: int | None = None
     steps = expected_steps(round_.stage, round_.config)
     steps += [s for s in jobs if s not in steps]
-    generated = {voter: (count, tokens) for voter, count, tokens in session.execute(
-        select(Generation.voter, func.count(), func.coalesce(func.sum(Generation.output_tokens), 0))
-        .where(Generation.round_id == round_.id).group_by(Generation.voter))}
+    generated = generated_so_far(session, round_.id, [job for group in jobs.values() for job in group])
     skipped_variants = {key.subject for key, job in ((JobKey.parse(job.key), job) for group in jobs.values() for job in group)
                         if key.kind == JobKind.TRAIN and job.state == JobState.DONE
                         and (result_of(job, TrainResult) or TrainResult()).skipped}
@@ -448,10 +445,7 @@ def round_progress(session: Session, round_: Round, now: datetime | None = None)
             samples = int(round_.config.get("sampling", {}).get("samples", 1)) if subject == "student" else 1
             count, tokens = generated.get(subject, (0, 0))
             progress.unit = "samples" if subject == "student" else "questions"
-            if pool_size is None:  # parsed once: the pool's ids are a million at the largest
-                resolved = resolved_of(round_)
-                pool_size = len(resolved.question_ids) if isinstance(resolved, (ResolvedSFT, ResolvedPreference)) else 0
-            progress.total = pool_size * samples
+            progress.total = pool_size(round_) * samples
             progress.completed = count
             progress.tokens_per_s = tokens / elapsed if elapsed and tokens else None
         elif kind == JobKind.TRAIN and step_jobs:
@@ -469,6 +463,43 @@ def round_progress(session: Session, round_: Round, now: datetime | None = None)
             progress.rate = progress.completed / elapsed if progress.completed else None
         out.append(progress)
     return out
+
+
+def generated_so_far(session: Session, round_id: int, jobs: list[Job]) -> dict[str, tuple[int, int]]:
+    """voter → (samples generated, output tokens). A done chunk counts from its result; only the
+    chunks begun and not done are counted in the generations table, on its unique index by their
+    questions: a round of a million questions is never scanned whole. A voter with a done chunk
+    whose result predates token counts is counted in the table, as before."""
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    begun: dict[str, list[Job]] = defaultdict(list)
+    whole: set[str] = set()
+    for job in jobs:
+        key = JobKey.parse(job.key)
+        if key.kind != JobKind.GENERATE or key.subject is None:
+            continue
+        result = result_of(job, GenerateResult) if job.state == JobState.DONE else None
+        if result is not None and result.output_tokens is not None:
+            out[key.subject][0] += result.questions * result.samples_per_question
+            out[key.subject][1] += result.output_tokens
+        elif job.state == JobState.DONE:
+            whole.add(key.subject)
+        elif job.attempts:  # a job never claimed has written nothing
+            begun[key.subject].append(job)
+    counted = {voter: (count, tokens) for voter, count, tokens in session.execute(
+        select(Generation.voter, func.count(), func.coalesce(func.sum(Generation.output_tokens), 0))
+        .where(Generation.round_id == round_id, Generation.voter.in_(whole)).group_by(Generation.voter))} if whole else {}
+    for voter, begun_jobs in begun.items():
+        if voter in whole:
+            continue
+        ids = sorted({qid for job in begun_jobs for qid in payload_of(job, GeneratePayload).question_ids})
+        for start in range(0, len(ids), 5000):
+            count, tokens = session.execute(
+                select(func.count(), func.coalesce(func.sum(Generation.output_tokens), 0)).where(
+                    Generation.round_id == round_id, Generation.voter == voter,
+                    Generation.question_id.in_(ids[start : start + 5000]))).one()
+            out[voter][0] += count
+            out[voter][1] += tokens
+    return {**{voter: (count, tokens) for voter, (count, tokens) in out.items()}, **counted}
 
 
 def round_notices(session: Session, round_: Round, census: MessageCensus | None, *, reconcile_s: float,
@@ -542,6 +573,12 @@ def overall_progress(round_state: str, steps: list[StepProgress]) -> float:
     return sum(s.fraction for s in steps) / len(steps) if steps else 0.0
 
 
+def pool_size(round_: Round) -> int:
+    """How many pool questions the round answers (0 for weak-sft): the length of the stored list,
+    without validating a million ids into a model on every status refresh."""
+    return len((round_.resolved or {}).get("question_ids") or [])
+
+
 # Above this many pool questions a running round's status shows no live report: computing it reads
 # every generation of the round (seconds at a million questions, on every refresh). `round report`
 # still computes it on demand, and the round stores it when it ends.
@@ -555,8 +592,7 @@ def status_report(session: Session, round_: Round) -> dict[str, Any]:
 
     if round_.report:
         return round_.report
-    resolved = resolved_of(round_)
-    pool = len(resolved.question_ids) if isinstance(resolved, (ResolvedSFT, ResolvedPreference)) else 0
+    pool = pool_size(round_)
     if pool > LIVE_REPORT_MAX_QUESTIONS:
         return {"round": round_.id, "stage": round_.stage, "iteration": round_.iteration,
                 "deferred": f"{pool} pool questions: the report is computed when the round ends "

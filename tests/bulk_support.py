@@ -109,6 +109,15 @@ def check_bulk_paths(url: str, tmp_path: Path, monkeypatch) -> None:
     assert _count(url, Generation, round_id) == 2 * POOL, "a redelivered generation job wrote rows twice"
     with session_scope(url) as session:
         assert session.get(Job, generate[0]).result["generated"] == 0  # everything was in already
+        # `round status` counts done chunks from their results, not the table: the same figures.
+        from services.monitor import generated_so_far
+
+        jobs = list(session.scalars(select(Job).where(Job.round_id == round_id)))
+        tokens = dict(session.execute(select(Generation.voter, func.sum(Generation.output_tokens))
+                                      .where(Generation.round_id == round_id).group_by(Generation.voter)).all())
+        counted = generated_so_far(session, round_id, jobs)
+    assert {voter: count for voter, (count, _) in counted.items()} == {"weak": POOL, "strong": POOL}
+    assert counted["strong"][1] == tokens["strong"] > 0
 
     # The vote: pages of 4 questions, each page's examples in bulk, all with the done mark.
     vote = _jobs(url, round_id, "vote")

@@ -142,8 +142,12 @@ def run_generate(ctx: JobContext) -> None:
     backend = (answering.backend if answering else None) or config.generation.backend or ctx.settings.backend
     loaded = load_named(model_name, path, backend, ctx.settings)
     groups = _batches(questions, max(1, config.generation.batch_size * 4 // n))
-    generated, finished = 0, False
-    result = GenerateResult(generated=0, questions=len(questions), samples_per_question=n, engine=describe(loaded))
+    generated, tokens, finished = 0, 0, False
+
+    def result() -> dict[str, Any]:
+        return GenerateResult(generated=generated, questions=len(questions), samples_per_question=n,
+                              output_tokens=tokens, engine=describe(loaded)).stored()
+
     # Commit group by group: a retry skips the groups already complete. Groups are fixed by the
     # chunk, and each group's sampling seed by (round seed, group's first question), so a re-run
     # reproduces the same samples. The last group's rows commit with the job's done mark.
@@ -170,16 +174,17 @@ def run_generate(ctx: JobContext) -> None:
                              "strategy": strategy, "text": sample.text, "answer": sample.answer,
                              "step_scores": sample.steps, "input_tokens": sample.input_tokens,
                              "output_tokens": sample.output_tokens})
+        tokens += sum(row["output_tokens"] for row in rows)
         with ctx.session() as session:
             generated += len(insert_ignore(session, Generation, rows))
             if done_groups == len(groups):
-                ctx.finish(session, result.model_copy(update={"generated": generated}).stored())
+                ctx.finish(session, result())
                 finished = True
             else:
                 ctx.progress(session, done_groups / len(groups))
     if not finished:  # every group was already in (a redelivery after the last commit but one)
         with ctx.session() as session:
-            ctx.finish(session, result.model_copy(update={"generated": generated}).stored())
+            ctx.finish(session, result())
 
 
 def _scored_sample(completion, task: str) -> Sample:

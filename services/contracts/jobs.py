@@ -78,6 +78,9 @@ class GenerateResult(Contract):
     questions: int
     samples_per_question: int
     engine: dict[str, Any] | None = None  # the backend that generated: {"name", "versions": {package: version}}
+    # Output tokens of the samples this attempt generated: `round status` sums them per step from
+    # the done jobs instead of reading every generation row (None in rows written before).
+    output_tokens: int | None = None
 
 
 class VoteResult(Contract):
