@@ -28,6 +28,35 @@ def training_target(response: str) -> str:
     return " " + response.strip()
 
 
+PROMPT_FORMATS = ("plain", "chat")
+
+
+def model_text(tokenizer, prompt: str, prompt_format: str = "plain") -> str:
+    """The text the model reads for a w2s prompt: the prompt itself (``plain``, the reference's
+    format, right for base models) or the prompt as one user turn of the tokenizer's chat template,
+    ready for the assistant's answer (``chat``, for instruct checkpoints). The one place w2s
+    applies a prompt format: the transformers backend calls it on every prompt it reads, and
+    training calls it on every training prompt, so a model is trained on what it is asked.
+
+    A template that writes the BOS token itself loses it here when the tokenizer adds one anyway
+    (Gemma, Llama 3): the model reads one BOS, not two.
+    """
+    if prompt_format == "plain":
+        return prompt
+    if prompt_format != "chat":
+        raise ValueError(f"prompt_format: expected one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(f"prompt_format chat: the tokenizer of {name} has no chat template "
+                         "(use prompt_format plain, or a checkpoint whose tokenizer_config.json has one)")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text
+
+
 def clean_response(text: str) -> str:
     """Cut a raw generation at the first stop string, strip white space and a trailing period."""
     cut = len(text)

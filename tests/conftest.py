@@ -81,6 +81,14 @@ def demo_assets():
 
 
 @pytest.fixture(scope="session")
+def real_models() -> dict[str, Path]:
+    """Tiny Llama, Qwen2, Mistral and Gemma checkpoints with real-shaped tokenizers (tests/real_models.py)."""
+    from tests.real_models import build_real_models
+
+    return build_real_models(DEMO_CACHE / "real-models")
+
+
+@pytest.fixture(scope="session")
 def postgres_url() -> str:
     """A fresh database on the real PostgreSQL server, dropped at the end of the session."""
     from tests.support import drop_database, fresh_database

@@ -152,6 +152,11 @@ class ModelBackend(Protocol):
         """How many tokens each text is as a prompt (special tokens included, as generation reads it)."""
         ...
 
+    def formatted(self, prompt_format: str) -> ModelBackend:
+        """This backend reading every prompt in ``prompt_format`` (``plain`` or ``chat``:
+        ``models.prompts.model_text``), sharing the loaded model; ValueError when it cannot."""
+        ...
+
     def generate(self, prompts: list[str], params: GenerationParams) -> list[list[Completion]]:
         """``params.num_samples`` completions per prompt, in the order of ``prompts`` (non-empty)."""
         ...

@@ -14,7 +14,12 @@ from collections.abc import Collection
 from pathlib import Path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Every file a published checkpoint's tokenizer may consist of: what a trained or merged checkpoint
+# copies byte for byte from its base (a re-save by another transformers version may not load elsewhere).
+TOKENIZER_FILE_NAMES = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                        "vocab.txt", "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class CheckpointError(ValueError):
@@ -27,7 +32,11 @@ class CheckpointError(ValueError):
 
 
 def check_hf_dir(path: Path) -> None:
-    """Raise CheckpointError unless ``path`` holds config.json, safetensors weights and a tokenizer."""
+    """Raise CheckpointError unless ``path`` holds config.json, safetensors weights and a tokenizer,
+    or is a PEFT adapter directory (adapter config, adapter weights, tokenizer) whose base passes."""
+    if (path / ADAPTER_CONFIG).is_file():
+        _check_adapter_dir(path)
+        return
     if not (path / "config.json").is_file():
         raise CheckpointError(path, "config.json is missing")
     if not _weight_files(path):
@@ -80,9 +89,36 @@ def check_weights(path: Path) -> dict[str, list[int]]:
     if absent:
         raise CheckpointError(path, f"{SAFETENSORS_INDEX} lists {len(absent)} tensor(s) no shard holds, "
                                     f"e.g. {absent[0]}")
-    if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+    if (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
         _check_shapes(path, shapes)
     return shapes
+
+
+def adapter_base(path: Path) -> Path:
+    """The base model directory a PEFT adapter names (``base_model_name_or_path``), resolved
+    against the adapter's directory when relative."""
+    try:
+        base = json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(path, f"{ADAPTER_CONFIG} names no base model (base_model_name_or_path): {exc}") from None
+    if not isinstance(base, str) or not base:
+        raise CheckpointError(path, f"{ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    return (path / base).resolve() if not Path(base).is_absolute() else Path(base)
+
+
+def _check_adapter_dir(path: Path) -> None:
+    if not (path / "adapter_model.safetensors").is_file():
+        raise CheckpointError(path, f"{ADAPTER_CONFIG} but no adapter_model.safetensors (w2s loads safetensors only)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(path, f"no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
+    check_weights(path)
+    base = adapter_base(path)
+    if not base.is_dir():
+        raise CheckpointError(path, f"the base model of this adapter, {base}, is not a directory here")
+    try:
+        check_hf_dir(base)
+    except CheckpointError as exc:
+        raise CheckpointError(path, f"the base model of this adapter does not load: {exc}") from None
 
 
 # config.json keys of the sizes the weights must have, across model families (Llama/Qwen, GPT-2).
@@ -144,7 +180,7 @@ def fingerprint(path: str | os.PathLike) -> str:
     files: it changes when the checkpoint is rewritten in place."""
     path = Path(path).resolve()
     parts = [str(path)]
-    names = ["config.json", "generation_config.json", *TOKENIZER_FILES]
+    names = ["config.json", ADAPTER_CONFIG, "generation_config.json", *TOKENIZER_FILES]
     for file in [path / name for name in names] + _weight_files(path):
         if file.is_file():
             stat = file.stat()

@@ -19,6 +19,7 @@ Loading: only local directories (``local_files_only=True``), only safetensors we
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Collection, Iterator, Sequence
@@ -45,6 +46,7 @@ from models.backends.tokens import (
     token_pieces,
     trim,
 )
+from models.prompts import model_text
 from models.stopping import StopSignal, current_signal
 
 _log = logging.getLogger(__name__)
@@ -61,20 +63,34 @@ class TransformersBackend:
     path: Path  # resolved
     fingerprint: str
     name: str = "transformers"
+    prompt_format: str = "plain"  # how a w2s prompt becomes the text the model reads (prompts.model_text)
 
     @property
     def context_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
 
+    def formatted(self, prompt_format: str) -> TransformersBackend:
+        """The same model and tokenizer reading prompts in ``prompt_format``; a chat format is
+        refused here when the tokenizer has no chat template."""
+        model_text(self.tokenizer, "", prompt_format)
+        return self if prompt_format == self.prompt_format else dataclasses.replace(self, prompt_format=prompt_format)
+
+    def _texts(self, prompts: Sequence[str]) -> list[str]:
+        return [model_text(self.tokenizer, p, self.prompt_format) for p in prompts]
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return self._count(self._texts(texts))
+
+    def _count(self, texts: Sequence[str]) -> list[int]:
         return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
 
     def generate(self, prompts: list[str], params: GenerationParams) -> list[list[Completion]]:
+        prompts = self._texts(prompts)
         sampling: dict[str, Any] = dict(do_sample=False)
         if params.do_sample:  # transformers' default top-k of 50 is turned off
             sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
         num_samples = params.num_samples
-        lengths = self.count_tokens(prompts)
+        lengths = self._count(prompts)
         order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: OOM early
         per_batch = max(1, params.batch_size // num_samples)
         results: list[list[Completion]] = [[] for _ in prompts]
@@ -154,7 +170,8 @@ class TransformersBackend:
         comparison). A sliding-window cache is kept until a generation reaches the window; then
         (and for caches that are not whole key/value tensors) the rows re-encode next time, and
         ``Continued.cache_lost`` says so."""
-        return TokenStepGenerator(self.tokenizer, prompts, options, functools.partial(self._continue, options))
+        return TokenStepGenerator(self.tokenizer, self._texts(prompts), options,
+                                  functools.partial(self._continue, options))
 
     @torch.inference_mode()
     def _continue(self, options: StepOptions, rows: list[Row]) -> list[Continued]:

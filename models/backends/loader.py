@@ -106,7 +106,12 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def get(self, path: str | os.PathLike, *, backend: str | None = None,
-            trust_remote_code: bool = False) -> ModelBackend:
+            trust_remote_code: bool = False, prompt_format: str = "plain") -> ModelBackend:
+        """The loaded backend of ``path``, reading prompts in ``prompt_format`` (both formats
+        share one loaded copy of the model)."""
+        return self._get(path, backend=backend, trust_remote_code=trust_remote_code).formatted(prompt_format)
+
+    def _get(self, path: str | os.PathLike, *, backend: str | None, trust_remote_code: bool) -> ModelBackend:
         resolved = str(check_checkpoint_dir(path, backend).resolve())
         key = (resolved, backend_for(resolved, backend), trust_remote_code)
         with self._lock:

@@ -60,6 +60,11 @@ class ReplayBackend:
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(text.split()) for text in texts]
 
+    def formatted(self, prompt_format: str) -> ReplayBackend:
+        if prompt_format != "plain":  # responses are recorded per plain prompt; there is no template
+            raise ValueError(f"prompt_format {prompt_format}: replay checkpoint {self.path} has no chat template")
+        return self
+
     def generate(self, prompts: list[str], params: GenerationParams) -> list[list[Completion]]:
         out = []
         for prompt in prompts:

@@ -4,6 +4,12 @@
   directory's ``config.json`` (a ZeRO-3 save that forgot to gather writes a checkpoint of empty
   shards a few hundred kilobytes large; this catches it before the checkpoint is registered).
 - :func:`merge_lora`: a LoRA checkpoint (adapter) merged into its base, as a full model directory.
+- :func:`copy_tokenizer_files`: the base's tokenizer files, byte for byte, into a new checkpoint.
+
+A LoRA checkpoint is a plain PEFT adapter directory (``adapter_config.json`` naming the base by
+absolute path, ``adapter_model.safetensors``, the tokenizer files, w2s's own JSON files) with no
+``config.json``: plain ``AutoModelForCausalLM.from_pretrained(dir)`` (with peft installed) then
+loads the base and applies the adapter, as it does for any adapter on the Hub.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any
 
 import torch
 
-ADAPTER_CONFIG = "adapter_config.json"
+from models.backends.checkpoints import ADAPTER_CONFIG, TOKENIZER_FILE_NAMES, adapter_base
 
 
 class CheckpointMismatch(ValueError):
@@ -42,6 +48,32 @@ def saved_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def config_dir(path: str | Path) -> Path:
+    """The directory whose config.json describes the architecture: the checkpoint's own, or for
+    an adapter its base's (followed through adapters trained on adapters)."""
+    path = Path(path)
+    seen = set()
+    while is_lora_checkpoint(path) and not (path / "config.json").is_file() and path not in seen:
+        seen.add(path)
+        path = adapter_base(path)
+    return path
+
+
+def copy_tokenizer_files(source: str | Path, target: str | Path) -> list[str]:
+    """Copy the tokenizer files of ``source`` (a model directory) into ``target`` byte for byte:
+    a checkpoint w2s writes carries the tokenizer its base shipped, which every serving stack that
+    loads the base also loads. Returns the names copied."""
+    source, target = Path(source), Path(target)
+    copied = []
+    for name in TOKENIZER_FILE_NAMES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+            copied.append(name)
+    if not copied:
+        raise FileNotFoundError(f"{source}: no tokenizer files to copy ({', '.join(TOKENIZER_FILE_NAMES[:2])})")
+    return copied
+
+
 def _meta_model(config_dir: Path) -> Any:
     """The architecture of ``config_dir/config.json`` with no memory behind its weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -55,7 +87,7 @@ def expected_tensor_shapes(path: str | Path) -> tuple[dict[str, tuple[int, ...]]
     """What the checkpoint at ``path`` should hold: ``(name → shape, name → names it may be
     saved under instead)`` (tied weights such as a shared embedding and LM head are saved once)."""
     path = Path(path)
-    model = _meta_model(path)
+    model = _meta_model(config_dir(path))
     if is_lora_checkpoint(path):
         from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
@@ -76,8 +108,9 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     Returns a summary (tensor count, parameter count, lora) for the registration's metrics.
     """
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CheckpointMismatch(f"checkpoint {path}: config.json is missing")
+    if not (config_dir(path) / "config.json").is_file():
+        what = "the base model's config.json" if is_lora_checkpoint(path) else "config.json"
+        raise CheckpointMismatch(f"checkpoint {path}: {what} is missing")
     saved = saved_tensor_shapes(path)
     expected, tied = expected_tensor_shapes(path)
     problems = []
@@ -110,29 +143,31 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, *, base_dir: str | 
     temporary name and renamed when complete; refuses to overwrite.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not is_lora_checkpoint(adapter_dir):
         raise ValueError(f"checkpoint {adapter_dir}: not a LoRA checkpoint (no {ADAPTER_CONFIG})")
     if out_dir.exists():
         raise FileExistsError(f"output {out_dir} already exists; refusing to overwrite")
-    adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    base = Path(base_dir or adapter_config.get("base_model_name_or_path") or "")
-    if not (base / "config.json").is_file():
+    base = Path(base_dir) if base_dir else adapter_base(adapter_dir)
+    if not (base / "config.json").is_file() and not is_lora_checkpoint(base):
         raise FileNotFoundError(
             f"base model {base} of LoRA checkpoint {adapter_dir} is not a model directory (give --base)"
         )
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True, local_files_only=True)
+    if is_lora_checkpoint(base):
+        model = load_trained_model(base).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True,
+                                                     local_files_only=True)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir, local_files_only=True)
 
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        copy_tokenizer_files(adapter_dir, tmp)  # the base's own files, as the adapter carries them
         metadata_file = adapter_dir / "w2s.json"
         metadata = json.loads(metadata_file.read_text(encoding="utf-8")) if metadata_file.is_file() else {}
         metadata["lineage"] = {**metadata.get("lineage", {}), "merged_from": str(adapter_dir.resolve()),
@@ -157,6 +192,9 @@ def load_trained_model(path: str | Path, *, dtype: torch.dtype = torch.float32) 
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, local_files_only=True).eval()
     from peft import PeftModel
 
-    base = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True, local_files_only=True)
+    base = adapter_base(path)
+    if is_lora_checkpoint(base):  # an adapter trained on a merged adapter (training merges a LoRA student)
+        model = load_trained_model(base, dtype=dtype).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True, local_files_only=True)
     return PeftModel.from_pretrained(model, str(path)).eval()

@@ -107,10 +107,10 @@ class TrainJobConfig(SFTHyperParameters):
 
     def check_inputs(self) -> None:
         """Fail before any work if an input is missing or the output would be overwritten."""
-        if not (self.base_model / "config.json").is_file():
+        if not (self.base_model / "config.json").is_file() and not (self.base_model / "adapter_config.json").is_file():
             raise FileNotFoundError(
                 f"base_model: {self.base_model} is not a Hugging Face model directory "
-                "(no config.json there)"
+                "(no config.json there, nor an adapter_config.json)"
             )
         if not self.train_file.is_file():
             raise FileNotFoundError(f"train_file: {self.train_file} does not exist")
@@ -384,11 +384,11 @@ class DeepSpeedStrategy:
         casts to bf16 on GPUs, with an fp32 master copy under ZeRO), gradient checkpointing and
         LoRA, AdamW with linear warm-up then linear decay to 0 over every update, and the latest
         saved state when there is one. Returns (engine, total updates, resumed client state)."""
-        from transformers import AutoModelForCausalLM
+        from models.train.checkpoint import is_lora_checkpoint, load_trained_model
 
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.base_model, dtype=torch.float32, use_safetensors=True, trust_remote_code=False
-        )
+        model = load_trained_model(cfg.base_model, dtype=torch.float32)
+        if is_lora_checkpoint(cfg.base_model):  # a LoRA student: train from its merged weights
+            model = model.merge_and_unload()
         model.config.use_cache = False
         model = self.prepare_model(model, lora=cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
         total_steps = max(1, batches_per_epoch * cfg.epochs // cfg.gradient_accumulation_steps)
@@ -488,7 +488,7 @@ class DeepSpeedStrategy:
     def save_hf(
         self,
         model: Any,
-        tokenizer: Any,
+        tokenizer_source: str | Path,
         out_dir: str | Path,
         *,
         lineage: Mapping[str, Any] | None = None,
@@ -497,7 +497,13 @@ class DeepSpeedStrategy:
     ) -> Path:
         """Write a Hugging Face directory (safetensors, tokenizer, ``w2s.json``) to ``out_dir``.
 
-        ``model`` is the engine from :meth:`setup` or the bare model. Call on every rank: under
+        ``model`` is the engine from :meth:`setup` or the bare model. The tokenizer files are
+        copied byte for byte from ``tokenizer_source`` (the base model's directory): a re-save
+        by the transformers installed here can change their format (class names, dropped
+        vocab.json/merges.txt, an added pad token) so that older serving stacks cannot read
+        them, while they read the base. With LoRA the directory is a plain PEFT adapter: the
+        adapter, ``adapter_config.json`` naming the base by absolute path, no ``config.json``
+        (which would make transformers look for full weights). Call on every rank: under
         ZeRO-3 the weights are gathered collectively; only rank 0 writes. It writes everything
         under ``<out>.tmp-<pid>`` and renames it to ``<out>`` only when complete, so a reader never
         sees a half-written checkpoint; the temporary directory is removed if anything fails.
@@ -516,12 +522,14 @@ class DeepSpeedStrategy:
                     shutil.rmtree(tmp)
                 tmp.mkdir(parents=True)
                 # safetensors is the default (and, from transformers 5, the only) format. A PEFT
-                # model saves only its adapter from the full state dict; config.json beside it
-                # names the base architecture (the transformers backend loads the base, then the adapter).
-                module.save_pretrained(tmp, state_dict=state_dict)
+                # model saves only its adapter from the full state dict.
                 if self.lora:
-                    module.get_base_model().config.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
+                    for adapter in module.peft_config.values():
+                        adapter.base_model_name_or_path = str(Path(adapter.base_model_name_or_path).resolve())
+                module.save_pretrained(tmp, state_dict=state_dict)
+                from models.train.checkpoint import copy_tokenizer_files
+
+                copy_tokenizer_files(tokenizer_source, tmp)
                 metadata = {
                     "format": 1,
                     "created_at": datetime.now(timezone.utc).isoformat(),

@@ -283,7 +283,7 @@ def train(cfg: PreferenceConfig) -> dict[str, Any]:
     }
     strategy.save_hf(
         engine,
-        tokenizer,
+        cfg.base_model,
         cfg.output_dir,
         lineage=cfg.lineage,
         config={"method": cfg.loss, **cfg.model_dump(mode="json", exclude={"tracking"})},

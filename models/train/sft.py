@@ -178,7 +178,7 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     }
     strategy.save_hf(
         engine,
-        tokenizer,
+        cfg.base_model,
         cfg.output_dir,
         lineage=cfg.lineage,
         config={"method": "sft", **cfg.model_dump(mode="json", exclude={"tracking"})},
