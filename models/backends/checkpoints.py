@@ -13,13 +13,9 @@ import re
 from collections.abc import Collection
 from pathlib import Path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-# Every file a published checkpoint's tokenizer may consist of: what a trained or merged checkpoint
-# copies byte for byte from its base (a re-save by another transformers version may not load elsewhere).
-TOKENIZER_FILE_NAMES = (*TOKENIZER_FILES, "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
-                        "vocab.txt", "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json")
+from models.hf_layout import ADAPTER_CONFIG, TOKENIZER_FILES, adapter_base
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 class CheckpointError(ValueError):
@@ -94,25 +90,16 @@ def check_weights(path: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def adapter_base(path: Path) -> Path:
-    """The base model directory a PEFT adapter names (``base_model_name_or_path``), resolved
-    against the adapter's directory when relative."""
-    try:
-        base = json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(path, f"{ADAPTER_CONFIG} names no base model (base_model_name_or_path): {exc}") from None
-    if not isinstance(base, str) or not base:
-        raise CheckpointError(path, f"{ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
-    return (path / base).resolve() if not Path(base).is_absolute() else Path(base)
-
-
 def _check_adapter_dir(path: Path) -> None:
     if not (path / "adapter_model.safetensors").is_file():
         raise CheckpointError(path, f"{ADAPTER_CONFIG} but no adapter_model.safetensors (w2s loads safetensors only)")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise CheckpointError(path, f"no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
     check_weights(path)
-    base = adapter_base(path)
+    try:
+        base = adapter_base(path)
+    except ValueError as exc:
+        raise CheckpointError(path, str(exc)) from None
     if not base.is_dir():
         raise CheckpointError(path, f"the base model of this adapter, {base}, is not a directory here")
     try:

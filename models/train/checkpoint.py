@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from models.backends.checkpoints import ADAPTER_CONFIG, TOKENIZER_FILE_NAMES, adapter_base
+from models.hf_layout import ADAPTER_CONFIG, TOKENIZER_FILE_NAMES, adapter_base
 
 
 class CheckpointMismatch(ValueError):

@@ -67,6 +67,9 @@ class TrainJobConfig(SFTHyperParameters):
     seed: int = Field(0, description="model-independent PRNGs and the data order")
 
     # -- model ---------------------------------------------------------------------------------
+    prompt_format: Literal["plain", "chat"] = Field(
+        "plain", description="how each prompt becomes the text the model reads (models.prompts.model_text), "
+        "as the model is asked when it generates")
     lora: LoraOptions | None = Field(None, description="train LoRA adapters only (PEFT); None: full")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward")
 

@@ -39,6 +39,7 @@ import torch
 from pydantic import Field
 
 from models.jsonl import iter_jsonl
+from models.prompts import model_text
 from models.train.common import DeepSpeedStrategy, TrainJobConfig, count_parameters, resume_batches, run_rank
 from models.train.losses import dpo_loss, orpo_loss, sequence_logps
 from models.train.options import PreferenceHyperParameters
@@ -153,7 +154,8 @@ def train(cfg: PreferenceConfig) -> dict[str, Any]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # safe: labels come from build_example, not pads
     rows = load_pairs(cfg.train_file)
-    pairs = [build_pair(tokenizer, *row, cfg.max_seq_len) for row in rows]
+    pairs = [build_pair(tokenizer, model_text(tokenizer, prompt, cfg.prompt_format), chosen, rejected, cfg.max_seq_len)
+             for prompt, chosen, rejected in rows]
     pairs = [p for p in pairs if has_response(p["chosen"]) and has_response(p["rejected"])]
     dropped = len(rows) - len(pairs)
     if not pairs:

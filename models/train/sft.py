@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 
 from models.jsonl import iter_jsonl
+from models.prompts import model_text
 from models.train.common import DeepSpeedStrategy, TrainJobConfig, count_parameters, resume_batches, run_rank
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's ignore_index)
@@ -97,7 +98,8 @@ def train(cfg: SFTConfig) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # safe: labels come from build_example, not pads
-    examples = [build_example(tokenizer, p, r, cfg.max_seq_len) for p, r in load_rows(cfg.train_file)]
+    examples = [build_example(tokenizer, model_text(tokenizer, p, cfg.prompt_format), r, cfg.max_seq_len)
+                for p, r in load_rows(cfg.train_file)]
     dropped = sum(all(t == IGNORE_INDEX for t in e["labels"]) for e in examples)
     examples = [e for e in examples if any(t != IGNORE_INDEX for t in e["labels"])]
     if not examples:
