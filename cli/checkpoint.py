@@ -44,7 +44,7 @@ def checkpoint_merge(app: App, source: str, out_dir: Path, base_dir: Path | None
                 raise InputError(f"{source!r} is neither a directory nor a registered model name")
             path = Path(registered.path)
             registered = {"id": registered.id, "role": registered.role, "round_id": registered.round_id,
-                          "lineage_root_id": registered.lineage_root_id}
+                          "lineage_root_id": registered.lineage_root_id, "prompt_format": registered.prompt_format}
     if not is_lora_checkpoint(path):
         raise InputError(f"{source}: not a LoRA checkpoint (no adapter_config.json in {path}); nothing to merge")
     if register_as:
@@ -63,5 +63,6 @@ def checkpoint_merge(app: App, source: str, out_dir: Path, base_dir: Path | None
             session.add(Checkpoint(name=register_as, path=str(merged.resolve()), role=registered["role"],
                                    status="base", parent_id=registered["id"],
                                    lineage_root_id=registered["lineage_root_id"] or registered["id"],
-                                   round_id=registered["round_id"], metrics={"merged_from": str(path)}))
+                                   round_id=registered["round_id"], metrics={"merged_from": str(path)},
+                                   prompt_format=registered["prompt_format"]))
         console.print(f"registered {register_as!r}")

@@ -21,13 +21,17 @@ def model() -> None:
 @click.argument("name")
 @click.option("--path", "path", required=True, type=click.Path(path_type=Path), help="Local checkpoint directory.")
 @click.option("--role", type=click.Choice(["weak", "strong"]), required=True, help="Weak teacher or strong student.")
+@click.option("--prompt-format", type=click.Choice(["plain", "chat"]), default="plain", show_default=True,
+              help="plain: the reference's prompts (base models); chat: each prompt as a user turn of the "
+                   "tokenizer's chat template (instruct models). Its trained students inherit it.")
 @pass_app
-def model_register(app: App, name: str, path: Path, role: str) -> None:
+def model_register(app: App, name: str, path: Path, role: str, prompt_format: str) -> None:
     from services.registry import register_model
 
     with app.session() as session:
-        checkpoint = register_model(session, name=name, path=path, role=role)
-        console.print(f"registered {role} model {checkpoint.name!r} at {checkpoint.path}")
+        checkpoint = register_model(session, name=name, path=path, role=role, prompt_format=prompt_format)
+        console.print(f"registered {role} model {checkpoint.name!r} at {checkpoint.path}"
+                      + (" (chat prompts)" if prompt_format == "chat" else ""))
 
 
 @model.command("list")

@@ -93,6 +93,9 @@ class Checkpoint(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column()
+    # How a w2s prompt becomes the text the model reads (models.prompts.model_text): plain | chat.
+    # Set at registration; a trained candidate inherits its student's.
+    prompt_format: Mapped[str] = mapped_column(String(10), default="plain", server_default="plain")
 
 
 class Pipeline(Base):

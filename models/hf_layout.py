@@ -25,3 +25,14 @@ def adapter_base(path: Path) -> Path:
     if not isinstance(base, str) or not base:
         raise ValueError(f"{path / ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
     return Path(base) if Path(base).is_absolute() else (path / base).resolve()
+
+
+def has_chat_template(path: Path) -> bool:
+    """Whether the tokenizer files of ``path`` carry a chat template (light: reads JSON, loads no tokenizer)."""
+    path = Path(path)
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((path / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False

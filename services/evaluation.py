@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from db.schema import Checkpoint, Dataset, Evaluation, Question, utcnow
 from db.session import insert_ignore
 from models.answers import answers_match, extract_answer
-from models.backends import CallStats, ModelBackend
+from models.backends import CallStats, ModelBackend, in_format
 from models.generation import generate, step_generator
 from models.leco import LecoResult, Step, leco_solve, majority_index, score_steps
 from models.prompts import clean_response, step_by_step
@@ -334,7 +334,7 @@ def evaluate(
             raise NotFound(f"dataset {dataset_id} does not exist" if dataset is None else
                            f"checkpoint {checkpoint_id} does not exist")
         questions, task = gold_questions(session, dataset, limit), dataset.task
-        name, path = checkpoint.name, checkpoint.path
+        name, path, prompt_format = checkpoint.name, checkpoint.path, checkpoint.prompt_format
         if not questions:
             raise InputError(f"dataset {dataset.name!r} has no questions")
         if reuse:
@@ -347,7 +347,7 @@ def evaluate(
                 if then is not None:
                     then(session, figures)
                 return figures
-    loaded = load(name, path)
+    loaded = in_format(load(name, path), prompt_format)  # as the checkpoint was registered (or trained)
     outcome = evaluate_questions(loaded, questions, task, method, stats=stats,
                                  progress=(lambda done: progress(done, len(questions))) if progress else None)
     with session_scope() as session:

@@ -9,6 +9,8 @@ from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Dataset, Question
 from models.backends import CheckpointError, check_checkpoint_dir
+from models.hf_layout import has_chat_template
+from models.prompts import PROMPT_FORMATS
 from services.contracts import CheckpointStatus
 from services.dataset_files import TASKS, FieldMapping, export_format, parse_questions, read_records, write_records
 from services.errors import InputError
@@ -60,17 +62,23 @@ def export_dataset(session: Session, name: str, path: Path, fmt: str | None = No
     return len(rows)
 
 
-def register_model(session: Session, *, name: str, path: Path, role: str) -> Checkpoint:
+def register_model(session: Session, *, name: str, path: Path, role: str, prompt_format: str = "plain") -> Checkpoint:
     validate_name(name, "model name")
     if role not in ROLES:
         raise InputError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise InputError(f"unknown prompt format {prompt_format!r}: expected one of {', '.join(PROMPT_FORMATS)}")
     if session.scalar(select(Checkpoint).where(Checkpoint.name == name)) is not None:
         raise InputError(f"a model named {name!r} already exists")
     try:
         resolved = check_checkpoint_dir(path)
     except CheckpointError as exc:
         raise InputError(str(exc)) from None
-    checkpoint = Checkpoint(name=name, path=str(Path(resolved).resolve()), role=role, status=CheckpointStatus.BASE, metrics={})
+    if prompt_format == "chat" and not has_chat_template(resolved):
+        raise InputError(f"--prompt-format chat: the tokenizer of {resolved} has no chat template "
+                         "(no chat_template in tokenizer_config.json, nor chat_template.jinja); register it as plain")
+    checkpoint = Checkpoint(name=name, path=str(Path(resolved).resolve()), role=role, status=CheckpointStatus.BASE,
+                            metrics={}, prompt_format=prompt_format)
     session.add(checkpoint)
     return checkpoint
 

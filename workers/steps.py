@@ -17,7 +17,7 @@ from sqlalchemy import Update, select, update
 from db.schema import Checkpoint, Generation, Job, PreferencePair, Question, Round, TrainingExample, utcnow
 from db.session import insert_ignore
 from models.answers import extract_answer
-from models.backends import CheckpointError, configure_default_cache, default_cache, describe
+from models.backends import CheckpointError, configure_default_cache, default_cache, describe, in_format
 from models.generation import generate
 from models.leco import score_steps
 from models.prompts import clean_response, few_shot, zero_shot
@@ -83,6 +83,7 @@ class _GenerationSetup:
     path: str
     model_name: str
     demonstrations: list[tuple[str, str]]
+    prompt_format: str = "plain"  # the checkpoint's (models.prompts.model_text)
 
 
 # (round, voter) → what every generation chunk of that voter needs. Reading it costs a parse of the
@@ -111,7 +112,8 @@ def _generation_setup(session, round_id: int, voter: str) -> _GenerationSetup:
             .where(Generation.id.in_(resolved.demonstration_ids)).order_by(Generation.id)
         ).all()
         demonstrations = [(q, a) for q, a in demos]
-    setup = _GenerationSetup(config, resolved.task, checkpoint.id, checkpoint.path, checkpoint.name, demonstrations)
+    setup = _GenerationSetup(config, resolved.task, checkpoint.id, checkpoint.path, checkpoint.name, demonstrations,
+                             checkpoint.prompt_format)
     if len(_SETUPS) >= 64:  # a long-lived worker serves many rounds: keep the recent ones
         _SETUPS.pop(next(iter(_SETUPS)))
     _SETUPS[key] = setup
@@ -140,7 +142,7 @@ def run_generate(ctx: JobContext) -> None:
     if answering is not None and answering.strategy != "cot":
         strategy += f"/{answering.label()}"
     backend = (answering.backend if answering else None) or config.generation.backend or ctx.settings.backend
-    loaded = load_named(model_name, path, backend, ctx.settings)
+    loaded = in_format(load_named(model_name, path, backend, ctx.settings), setup.prompt_format)
     groups = _batches(questions, max(1, config.generation.batch_size * 4 // n))
     generated, tokens, finished = 0, 0, False
 
@@ -314,6 +316,7 @@ def run_train(ctx: JobContext) -> None:
                 select(TrainingExample).where(TrainingExample.round_id == ctx.round_id, TrainingExample.variant == variant)
                 .order_by(TrainingExample.id))]
         student_id, student_path, student_role = student.id, student.path, student.role
+        prompt_format = student.prompt_format  # trained on what it is asked; the candidate keeps it
         lineage_root_id = resolved.lineage_root_id
         stage, iteration = round_.stage, round_.iteration
     if not examples:
@@ -354,6 +357,7 @@ def run_train(ctx: JobContext) -> None:
                         "config": config.model_dump(mode="json")},
             **training,
             "seed": config.seed,
+            "prompt_format": prompt_format,
             "state_dir": str(state_dir),
             "status_dir": str(status_dir),
             **({"tracking": tracking} if tracking else {}),
@@ -387,7 +391,8 @@ def run_train(ctx: JobContext) -> None:
         insert_ignore(session, Checkpoint, [{
             "name": name, "path": str(output_dir), "role": student_role, "status": CheckpointStatus.CANDIDATE,
             "parent_id": student_id, "lineage_root_id": lineage_root_id, "round_id": ctx.round_id,
-            "variant": variant, "metrics": {"train": metrics, "saved": saved}, "created_at": utcnow()}])
+            "variant": variant, "metrics": {"train": metrics, "saved": saved}, "created_at": utcnow(),
+            "prompt_format": prompt_format}])
         checkpoint_id = session.scalar(select(Checkpoint.id).where(Checkpoint.name == name))
         ctx.finish(session, TrainResult(checkpoint_id=checkpoint_id, examples=len(examples), train=metrics, saved=saved,
                                         **({"launch": launch} if launch else {})).stored())

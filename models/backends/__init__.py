@@ -21,11 +21,12 @@ from models.backends.loader import (
                                   configure_default_cache,
                                   default_cache,
                                   describe,
+                                  in_format,
                                   load_backend,
 )
 
 __all__ = [
     "BACKENDS", "DEFAULT_BACKEND", "TOKEN_PROB_MODES", "CallStats", "CheckpointError", "Completion",
     "GenerationParams", "ModelBackend", "ModelCache", "StepGenerator", "StepOptions", "backend_for",
-    "check_checkpoint_dir", "configure_default_cache", "default_cache", "describe", "load_backend",
+    "check_checkpoint_dir", "configure_default_cache", "default_cache", "describe", "in_format", "load_backend",
 ]

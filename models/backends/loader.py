@@ -84,6 +84,11 @@ def describe(loaded: ModelBackend) -> dict[str, Any]:
     return {"name": loaded.name, "versions": versions}
 
 
+def in_format(backend: ModelBackend, prompt_format: str) -> ModelBackend:
+    """``backend`` reading prompts in ``prompt_format`` (``plain``: the backend as loaded)."""
+    return backend if prompt_format == "plain" else backend.formatted(prompt_format)
+
+
 class ModelCache:
     """Loaded backends of one process, by resolved path: reused while the checkpoint's
     fingerprint is unchanged, reloaded when it changed, least recently used evicted beyond
@@ -109,7 +114,7 @@ class ModelCache:
             trust_remote_code: bool = False, prompt_format: str = "plain") -> ModelBackend:
         """The loaded backend of ``path``, reading prompts in ``prompt_format`` (both formats
         share one loaded copy of the model)."""
-        return self._get(path, backend=backend, trust_remote_code=trust_remote_code).formatted(prompt_format)
+        return in_format(self._get(path, backend=backend, trust_remote_code=trust_remote_code), prompt_format)
 
     def _get(self, path: str | os.PathLike, *, backend: str | None, trust_remote_code: bool) -> ModelBackend:
         resolved = str(check_checkpoint_dir(path, backend).resolve())

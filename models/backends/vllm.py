@@ -35,6 +35,7 @@ outputs, without vLLM.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Mapping, Sequence
@@ -45,6 +46,7 @@ from typing import Any
 from models.backends.base import Completion, GenerationParams, StepOptions
 from models.backends.checkpoints import check_remote_code, fingerprint
 from models.backends.tokens import Continued, Row, TokenStepGenerator, count_tokens, token_pieces, trim
+from models.prompts import model_text
 from models.stopping import current_signal
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -165,13 +167,22 @@ class VllmBackend:
     repetition_penalty: float = 1.0  # from the checkpoint's generation_config.json, as transformers applies it
     end_ids: set[int] = field(default_factory=set)
     name: str = "vllm"
+    prompt_format: str = "plain"  # how a w2s prompt becomes the text the model reads (prompts.model_text)
 
     @property
     def context_length(self) -> int | None:
         return self.max_model_len
 
+    def formatted(self, prompt_format: str) -> VllmBackend:
+        """The same engine reading prompts in ``prompt_format`` (refused without a chat template)."""
+        model_text(self.tokenizer, "", prompt_format)
+        return self if prompt_format == self.prompt_format else dataclasses.replace(self, prompt_format=prompt_format)
+
+    def _texts(self, prompts: Sequence[str]) -> list[str]:
+        return [model_text(self.tokenizer, p, self.prompt_format) for p in prompts]
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
+        return [len(ids) for ids in self.tokenizer(self._texts(texts), add_special_tokens=True)["input_ids"]]
 
     def _sampling(self, **kwargs: Any):
         from vllm import SamplingParams
@@ -184,7 +195,7 @@ class VllmBackend:
     def generate(self, prompts: list[str], params: GenerationParams) -> list[list[Completion]]:
         from vllm.inputs import TokensPrompt
 
-        ids = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer(self._texts(prompts), add_special_tokens=True)["input_ids"]
         check_lengths([len(p) for p in ids], self.max_model_len, self.path)
         seeds = request_seeds(params.seed, len(prompts), params.num_samples)
         sampling: dict[str, Any] = dict(temperature=0.0)
@@ -212,7 +223,8 @@ class VllmBackend:
     # --- LECO ------------------------------------------------------------------------------------
 
     def step_generator(self, prompts: Sequence[str], options: StepOptions) -> TokenStepGenerator:
-        return TokenStepGenerator(self.tokenizer, prompts, options, functools.partial(self._continue, options))
+        return TokenStepGenerator(self.tokenizer, self._texts(prompts), options,
+                                  functools.partial(self._continue, options))
 
     def _pieces(self, prompts: list[list[int]], budgets: list[int], options: StepOptions,
                 bans: list[int | None]) -> list[Piece]:

@@ -149,3 +149,18 @@ def test_chat_format_is_the_template_once_with_one_bos(real_models):
     with pytest.raises(ValueError, match="prompt_format chat: .*no chat template"):
         model_text(llama.tokenizer, "Question: x\nAnswer:", "chat")
     assert model_text(llama.tokenizer, "Question: x\nAnswer:", "plain") == "Question: x\nAnswer:"
+
+
+def test_register_stores_the_prompt_format_and_refuses_chat_without_a_template(real_models, w2s_home, cli_runner):
+    from db.schema import Checkpoint
+    from db.session import session_scope
+    from services.settings import Settings
+
+    result = cli_runner("model", "register", "llama", "--path", real_models["llama"], "--role", "strong",
+                        "--prompt-format", "chat", ok=False)
+    assert result.exit_code != 0 and "no chat template" in result.output and "llama" in result.output
+    cli_runner("model", "register", "qwen2", "--path", real_models["qwen2"], "--role", "strong", "--prompt-format", "chat")
+    cli_runner("model", "register", "llama", "--path", real_models["llama"], "--role", "weak")
+    with session_scope(Settings().database_url) as session:
+        formats = {c.name: c.prompt_format for c in session.query(Checkpoint)}
+    assert formats == {"qwen2": "chat", "llama": "plain"}
