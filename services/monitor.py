@@ -30,7 +30,6 @@ from services.contracts import (
     EvaluatePayload,
     EvaluateResult,
     GeneratePayload,
-    GenerateResult,
     JobKey,
     JobKind,
     JobState,
@@ -424,7 +423,8 @@ def round_progress(session: Session, round_: Round, now: datetime | None = None)
     steps = expected_steps(round_.stage, round_.config)
     steps += [s for s in jobs if s not in steps]
     generated = generated_so_far(session, round_.id, [job for group in jobs.values() for job in group])
-    skipped_variants = {key.subject for key, job in ((JobKey.parse(job.key), job) for group in jobs.values() for job in group)
+    skipped_variants = {key.subject for key, job in ((JobKey.parse(job.key), job) for group in jobs.values() for job in group
+                                                     if job.kind == JobKind.TRAIN)
                         if key.kind == JobKind.TRAIN and job.state == JobState.DONE
                         and (result_of(job, TrainResult) or TrainResult()).skipped}
     out = []
@@ -474,17 +474,19 @@ def generated_so_far(session: Session, round_id: int, jobs: list[Job]) -> dict[s
     begun: dict[str, list[Job]] = defaultdict(list)
     whole: set[str] = set()
     for job in jobs:
-        key = JobKey.parse(job.key)
-        if key.kind != JobKind.GENERATE or key.subject is None:
+        if job.kind != JobKind.GENERATE:
             continue
-        result = result_of(job, GenerateResult) if job.state == JobState.DONE else None
-        if result is not None and result.output_tokens is not None:
-            out[key.subject][0] += result.questions * result.samples_per_question
-            out[key.subject][1] += result.output_tokens
+        voter = job.step.partition(":")[2]  # the `jobs.step` column of a chunk: generate:<voter>
+        # The stored result read as it is (thousands of chunks: no model per row); a result
+        # without token counts sends the voter to the table.
+        result = (job.result or {}) if job.state == JobState.DONE else {}
+        if isinstance(result.get("output_tokens"), int):
+            out[voter][0] += int(result["questions"]) * int(result["samples_per_question"])
+            out[voter][1] += result["output_tokens"]
         elif job.state == JobState.DONE:
-            whole.add(key.subject)
+            whole.add(voter)
         elif job.attempts:  # a job never claimed has written nothing
-            begun[key.subject].append(job)
+            begun[voter].append(job)
     counted = {voter: (count, tokens) for voter, count, tokens in session.execute(
         select(Generation.voter, func.count(), func.coalesce(func.sum(Generation.output_tokens), 0))
         .where(Generation.round_id == round_id, Generation.voter.in_(whole)).group_by(Generation.voter))} if whole else {}
