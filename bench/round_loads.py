@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     ensure_schema(url)
     with session_scope(url) as session:
         import_dataset(session, assets.pool, name="demo-pool", task="gsm8k", labelled=False)
+        import_dataset(session, assets.dev, name="demo-dev", task="gsm8k", labelled=True)
         import_dataset(session, assets.test, name="demo-test", task="gsm8k", labelled=True)
         register_model(session, name="demo-weak", path=assets.weak_model, role="weak")
         register_model(session, name="demo-strong", path=assets.strong_model, role="strong")

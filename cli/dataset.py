@@ -45,6 +45,24 @@ def dataset_import(app: App, path: Path, name: str, task: str, unlabelled: bool,
                       f"{'labelled' if ds.labelled else 'unlabelled pool'})")
 
 
+@dataset.command("split")
+@click.argument("name")
+@click.option("--dev", "dev", type=int, required=True, help="Questions in the dev split (the rest: the test split).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which questions go to dev (random.Random(seed)).")
+@pass_app
+def dataset_split(app: App, name: str, dev: int, seed: int) -> None:
+    """Split NAME into NAME-dev (decides promotion: --eval) and NAME-test (only reported: --report-on).
+
+    The same NAME, --dev and --seed give the same splits on every machine; each split keeps NAME's
+    order, and a question's id is its id (or line) in NAME."""
+    from services.registry import split_dataset
+
+    with app.session() as session:
+        dev_set, test_set = split_dataset(session, name, dev=dev, seed=seed)
+        console.print(f"split {name!r}: {dev_set.name!r} {dev_set.size} questions (decides), "
+                      f"{test_set.name!r} {test_set.size} questions (reported)")
+
+
 @dataset.command("export")
 @click.argument("name")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="The file (or directory) to write.")

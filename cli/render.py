@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -55,21 +56,36 @@ def render_report(report: dict[str, Any]) -> Table:
         if report.get("chosen_accuracy") is not None:
             table.add_row("accuracy of chosen / rejected",
                           f"{pct(report['chosen_accuracy'])} / {pct(report['rejected_accuracy'])}")
+    reporting = bool(report.get("report_on"))
+    if report.get("decided_on"):
+        # Which split decided, and which one is only reported: accuracies read "dev / test".
+        splits = f"decided on {report['decided_on']}" + (f"; reported on {report['report_on']} (never decides)"
+                                                         if reporting else "")
+        table.add_row("splits", splits + (f" — accuracies: {report['decided_on']} / {report['report_on']}"
+                                          if reporting else ""))
     if report.get("student_before"):
         before = report["student_before"]
-        table.add_row("student before", f"{before['name']} {pct(before['accuracy'])}")
+        table.add_row("student before", f"{before['name']} {_both(before, reporting)}")
     for variant, entry in (report.get("variants") or {}).items():
+        setting = entry.get("setting")
+        label = f"candidate {variant}" if setting else f"variant {variant}"
+        settings = escape(f" [{', '.join(f'{k}={v}' for k, v in setting.items())}]") if setting else ""
         if entry.get("skipped"):
-            table.add_row(f"variant {variant}", f"{entry['examples']} examples — skipped: {entry['skipped']}")
+            table.add_row(label, f"{entry['examples']} examples{settings} — skipped: {entry['skipped']}")
         elif entry.get("checkpoint"):
             loss = entry.get("train_loss")
-            unit = "pairs" if variant in ("dpo", "orpo") else "examples"
-            table.add_row(f"variant {variant}", f"{entry['examples']} {unit} → {entry['checkpoint']} "
-                          f"{pct(entry.get('accuracy'))} ({entry.get('status')})"
+            unit = "pairs" if entry.get("training_set", variant) in ("dpo", "orpo") else "examples"
+            table.add_row(label, f"{entry['examples']} {unit}{settings} → {entry['checkpoint']} "
+                          f"{_both(entry, reporting)} ({entry.get('status')})"
                           + (f", final train loss {loss:.3f}" if loss is not None else ""))
         else:
-            table.add_row(f"variant {variant}", f"{entry['examples']} examples, training {entry['state']}")
+            table.add_row(label, f"{entry['examples']} examples{settings}, training {entry['state']}")
     if report.get("outcome"):
         colour = "green" if report["outcome"] == "promoted" else "yellow"
         table.add_row("decision", f"[{colour}]{report['outcome']}[/]: {report['reason']}")
     return table
+
+
+def _both(entry: dict[str, Any], reporting: bool) -> str:
+    """An accuracy on the deciding split, and on the report_on split when the round has one."""
+    return f"{pct(entry.get('accuracy'))} / {pct(entry.get('report_accuracy'))}" if reporting else pct(entry.get("accuracy"))

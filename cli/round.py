@@ -42,6 +42,8 @@ def round_() -> None:
 @click.option("--train-limit", type=int, help="weak-sft: train on the first N questions only.")
 @click.option("--eval", "eval_set", help="Labelled dataset for the promotion gate.")
 @click.option("--eval-limit", type=int, help="Evaluate on the first N questions only.")
+@click.option("--report-on", "report_on", help="A held-out labelled dataset (the test split) evaluated and reported "
+              "next to --eval, never deciding promotion.")
 @click.option("--demonstrations", type=int, help="In-context demonstrations for the strong voter (ref: 4).")
 @click.option("--variants", help="Comma-separated training sets: weak,icl,hybrid.")
 @click.option("--loss", type=click.Choice(["dpo", "orpo"]), help="Stage II preference loss.")
@@ -101,8 +103,9 @@ def _overrides(flags: dict[str, Any], sets: tuple[str, ...]) -> dict[str, Any]:
         out.setdefault("sampling", {})["samples"] = flags["samples"]
     if flags.get("variants"):
         out["variants"] = [v.strip() for v in flags["variants"].split(",") if v.strip()]
-    if flags.get("eval_set") is not None or flags.get("eval_limit") is not None:
-        out["eval"] = {k: v for k, v in (("dataset", flags.get("eval_set")), ("limit", flags.get("eval_limit"))) if v is not None}
+    evals = (("dataset", flags.get("eval_set")), ("limit", flags.get("eval_limit")), ("report_on", flags.get("report_on")))
+    if any(v is not None for _, v in evals):
+        out["eval"] = {k: v for k, v in evals if v is not None}
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep or not key:

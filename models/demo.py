@@ -481,8 +481,9 @@ class DemoAssets:
     strong_model: Path  # HF checkpoint dir
     weak_train: Path  # JSONL, labelled: the weak model's training set
     pool: Path  # JSONL, the unlabelled pool (gold present for reporting only, never trained on)
-    test: Path  # JSONL, the labelled held-out test split
+    test: Path  # JSONL, the labelled held-out test split (reported on, never deciding)
     strong_related: Path  # JSONL, the strong model's "related knowledge" (another phrasing)
+    dev: Path = Path()  # JSONL, the labelled dev split that decides promotion (DEV_SIZES)
 
 
 _FILES = {
@@ -493,6 +494,28 @@ _FILES = {
     "test": "test.jsonl",
     "strong_related": "strong_related.jsonl",
 }
+
+
+# The dev split's size per scale. It is drawn after the build, from its own generator, excluding
+# every question of the other splits, so adding it changed neither the models nor the other files
+# (and it is not part of the recipe's fingerprint: cached builds stay valid).
+DEV_SIZES = {"tiny": 100, "full": 500}
+DEV_FILE = "dev.jsonl"
+
+
+def _ensure_dev(root: Path, scale: str, seed: int) -> Path:
+    """Write the dev split into a finished build if it is not there yet (atomically: a rename)."""
+    path = root / DEV_FILE
+    if path.is_file():
+        return path
+    taken: set[str] = set()
+    for name in ("weak_train", "pool", "test", "strong_related"):
+        taken |= {json.loads(line)["question"] for line in (root / _FILES[name]).read_text().splitlines() if line}
+    dev = make_problems(random.Random(f"dev:{seed}"), TARGET, DEV_SIZES[scale], exclude=taken)
+    tmp = root / f".{DEV_FILE}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    write_jsonl(tmp, dev)
+    os.replace(tmp, path)
+    return path
 
 
 def recipe_fingerprint(scale: str) -> str:
@@ -512,7 +535,7 @@ def recipe_fingerprint(scale: str) -> str:
 
 
 def _assets(root: Path) -> DemoAssets:
-    return DemoAssets(root=root, **{field: root / name for field, name in _FILES.items()})
+    return DemoAssets(root=root, dev=root / DEV_FILE, **{field: root / name for field, name in _FILES.items()})
 
 
 def read_manifest(root: str | os.PathLike) -> dict | None:
@@ -568,6 +591,7 @@ def build_demo(
     cached = _cached(root, scale, seed)
     if cached:
         log(f"demo assets ({scale}, seed {seed}) already built in {root}")
+        _ensure_dev(root, scale, seed)
         return cached
     _check_replaceable(root)
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -579,7 +603,9 @@ def build_demo(
     try:
         log(f"building demo assets ({scale}, seed {seed}) in {root}")
         _build(tmp, scale, seed, log)
-        return _install(tmp, root, scale, seed, log)
+        installed = _install(tmp, root, scale, seed, log)
+        _ensure_dev(root, scale, seed)
+        return installed
     finally:
         torch.set_num_threads(previous_threads)
         shutil.rmtree(tmp, ignore_errors=True)

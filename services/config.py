@@ -9,6 +9,7 @@ import yaml  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.train.options import LoraOptions, PreferenceHyperParameters, SFTHyperParameters
+from services.contracts.graph import GRID_FIELDS, expand_grid
 from services.errors import InputError
 
 QUEUES = ("weak", "strong", "train", "control")
@@ -61,12 +62,50 @@ class TrainingConfig(SFTHyperParameters):
     num_ranks: int | None = Field(None, ge=1, le=4096, description="DeepSpeed ranks on this node")
     save_every_steps: int = Field(100, ge=0, le=10**7, description="optimiser steps between resumable states; 0: never")
     timeout_s: float = Field(24 * 3600, gt=0, description="the launch is killed after this")
+    # Each setting of the grid (every combination of its values) is a candidate of its own,
+    # trained by its own job and named after its values (round1-hybrid-lr1e-4); the gate picks
+    # the best on the eval (dev) split. Null: one candidate per variant, with the fields above.
+    grid: dict[str, list[int | float]] | None = Field(
+        None, description="hyper-parameter → values to try, e.g. {learning_rate: [1e-4, 3e-4], epochs: [1, 2]}")
 
     @model_validator(mode="after")
     def _offload_params_needs_zero3(self) -> TrainingConfig:
         if self.offload_params != "none" and self.zero_stage != 3:
             raise ValueError(f"offload_params: needs zero_stage 3, got {self.zero_stage}")
         return self
+
+    @model_validator(mode="after")
+    def _grid_of_known_values(self) -> TrainingConfig:
+        """Only the hyper-parameters a grid can name (GRID_FIELDS) that this stage's training
+        has, each a non-empty list of values its own field accepts (bounds from models/train/options.py)."""
+        if self.grid is None:
+            return self
+        if not self.grid:
+            raise ValueError("grid: give at least one hyper-parameter, or leave grid out")
+        fields = type(self).model_fields
+        for name, values in self.grid.items():
+            if name not in GRID_FIELDS or name not in fields:
+                known = ", ".join(f for f in GRID_FIELDS if f in fields)
+                raise ValueError(f"grid.{name}: not a hyper-parameter a grid can vary here (one of {known})")
+            if not values:
+                raise ValueError(f"grid.{name}: needs at least one value")
+            if len(set(values)) != len(values):
+                raise ValueError(f"grid.{name}: each value at most once, got {values}")
+            for value in values:
+                try:
+                    type(self).model_validate({**self.model_dump(exclude={"grid"}), name: value})
+                except ValidationError as exc:
+                    raise ValueError(f"grid.{name}: {value!r}: {exc.errors()[0]['msg']}") from None
+        if len(expand_grid(self.grid)) > MAX_GRID_SETTINGS:
+            raise ValueError(f"grid: {len(expand_grid(self.grid))} settings, at most {MAX_GRID_SETTINGS}")
+        return self
+
+    def settings(self) -> list[dict[str, int | float]]:
+        """The grid's settings in a fixed order ([{}]: no grid, the one setting of the fields above)."""
+        return expand_grid(self.grid) if self.grid else [{}]
+
+
+MAX_GRID_SETTINGS = 64
 
 
 class PromotionConfig(_Strict):
@@ -106,11 +145,24 @@ class EvalConfig(_Strict):
     ``w2sctl eval run --strategy S --shots N`` with the round's generation budget, stored under
     the same label (services/evaluation.py)."""
 
-    dataset: str = Field(description="a labelled dataset name")
+    dataset: str = Field(description="a labelled dataset name: the dev split, which decides promotion")
     limit: int | None = Field(None, ge=1, description="evaluate on the first N questions only")
+    # Picking among candidates on the split one then reports inflates the reported figure: the
+    # report_on split is evaluated the same way, shown next to the dev figures, and never decides.
+    report_on: str | None = Field(None, description="a held-out labelled dataset (the test split): reported, "
+                                  "never used to decide")
+    report_limit: int | None = Field(None, ge=1, description="report on the first N report_on questions only")
     # cot, zero-shot: greedy on the reference's prompt, as the weak-to-strong reference evaluates.
     strategy: StrategyConfig = Field(StrategyConfig(), description="how the gate answers: cot, sc or leco")
     shots: int = Field(0, ge=0, le=4, description="step-by-step demonstrations in the gate's prompt (0: zero-shot)")
+
+    @model_validator(mode="after")
+    def _report_on_is_another_split(self) -> EvalConfig:
+        if self.report_on is not None and self.report_on == self.dataset:
+            raise ValueError(f"report_on: {self.report_on!r} is the eval dataset itself: name a held-out split")
+        if self.report_limit is not None and self.report_on is None:
+            raise ValueError("report_limit: needs report_on")
+        return self
 
 
 class VoterStrategies(_Strict):

@@ -34,7 +34,9 @@ def demo_pipeline_config(scale: str, seed: int) -> dict[str, Any]:
     chunk = {"chunk_size": 1000 if scale == "full" else 100}
     stage1 = {"demonstrations": 0, "generation": {**GENERATION, **chunk}, "training": SFT_TRAINING}
     config: dict[str, Any] = {
-        "weak": "demo-weak", "strong": "demo-strong", "pool": "demo-pool", "eval": {"dataset": "demo-test"},
+        # The gate decides on the dev split; the test split is reported next to it and decides nothing.
+        "weak": "demo-weak", "strong": "demo-strong", "pool": "demo-pool",
+        "eval": {"dataset": "demo-dev", "report_on": "demo-test"},
         "seed": seed,
         "iteration1": {**stage1, "variants": ["weak", "hybrid"]},
         "iteration2": stage1,
@@ -97,6 +99,7 @@ def run_demo(workdir: Path, *, scale: str, seed: int, console: Console, settings
     with session_scope(settings.database_url) as session:
         import_dataset(session, assets.weak_train, name="demo-weak-train", task="gsm8k", labelled=True)
         import_dataset(session, assets.pool, name="demo-pool", task="gsm8k", labelled=False)
+        import_dataset(session, assets.dev, name="demo-dev", task="gsm8k", labelled=True)
         import_dataset(session, assets.test, name="demo-test", task="gsm8k", labelled=True)
         register_model(session, name="demo-weak", path=assets.weak_model, role="weak")
         register_model(session, name="demo-strong", path=assets.strong_model, role="strong")
@@ -169,3 +172,4 @@ def _print_round(database_url: str, round_id: int, console: Console,
         console.print(f"[red]error:[/] {error}")
     console.print(render_report(report))
     return {"round_id": round_id, "state": state, "report": report}
+

@@ -40,7 +40,7 @@ from services.contracts import (
     resolved_of,
     result_of,
 )
-from services.contracts.graph import stage_steps, variants_of
+from services.contracts.graph import reports_on, stage_steps, variants_of
 from services.errors import InputError, W2SError
 from services.lookup import get_by_id
 
@@ -380,7 +380,7 @@ class StepProgress:
 
 def expected_steps(stage: str, config: dict[str, Any]) -> list[str]:
     """The steps a round of this stage goes through, in display order (the step graph's)."""
-    return [str(step) for step in stage_steps(stage, variants_of(stage, config))]
+    return [str(step) for step in stage_steps(stage, variants_of(stage, config), report_on=reports_on(config))]
 
 
 def step_state(states: list[str]) -> str:
@@ -641,13 +641,14 @@ def _entry(name: str, status: str, evaluation: Evaluation | None, **extra: Any) 
 def round_summary(session: Session, round_: Round) -> dict[str, Any]:
     """One round's line of the pipeline table: its vote or pair figures, baseline and candidates."""
     report = status_report(session, round_)
+    resolved = resolved_of(round_)
     evaluation_ids = {}
     for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.EVALUATE,
                                                  Job.state == JobState.DONE)):
         payload, result = payload_of(job, EvaluatePayload), result_of(job, EvaluateResult)
-        if not payload.pass_at and result is not None:
+        # The eval (dev) split's figures: the report_on split's are in the report, next to them.
+        if not payload.pass_at and result is not None and payload.dataset_id == resolved.eval_id:
             evaluation_ids[payload.checkpoint_id] = result.evaluation_id
-    resolved = resolved_of(round_)
     eval_id = resolved.eval_id
     baseline = session.get(Checkpoint, resolved.baseline_id)
     candidates = [_entry(c.name, c.status, _evaluation(session, c.id, eval_id, evaluation_ids), variant=c.variant)

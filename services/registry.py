@@ -112,3 +112,40 @@ def current_student(session: Session, checkpoint: Checkpoint) -> Checkpoint:
         .limit(1)
     )
     return promoted or get_by_id(session, Checkpoint, root, "checkpoint")
+
+
+def split_indices(size: int, dev: int, seed: int) -> tuple[list[int], list[int]]:
+    """(dev, test) question indices: `dev` of `size` drawn with `seed` (random.Random(seed).sample,
+    the same on every machine and Python 3 version), the rest the test split; each in file order."""
+    import random
+
+    if not 0 < dev < size:
+        raise InputError(f"--dev {dev}: must be between 1 and {size - 1} (the dataset has {size} questions)")
+    chosen = set(random.Random(seed).sample(range(size), dev))
+    return sorted(chosen), [i for i in range(size) if i not in chosen]
+
+
+def split_dataset(session: Session, name: str, *, dev: int, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """NAME-dev (`dev` questions drawn with `seed`) and NAME-test (the rest), copies of NAME's
+    questions in its order: the dev split decides promotion (eval.dataset), the test split is
+    only reported (eval.report_on). Both written in one go, or neither."""
+    source = get_dataset(session, name)
+    questions = list(session.scalars(select(Question).where(Question.dataset_id == source.id).order_by(Question.index)))
+    dev_indices, test_indices = split_indices(len(questions), dev, seed)
+    made = []
+    for suffix, indices in (("dev", dev_indices), ("test", test_indices)):
+        split_name = f"{name}-{suffix}"
+        validate_name(split_name, "split name")
+        if session.scalar(select(Dataset).where(Dataset.name == split_name)) is not None:
+            raise InputError(f"a dataset named {split_name!r} already exists: split {name!r} once")
+        dataset = Dataset(name=split_name, task=source.task, labelled=source.labelled, size=len(indices),
+                          source=f"{source.source} ({suffix} split of {name}: --dev {dev} --seed {seed})")
+        session.add(dataset)
+        session.flush()
+        session.execute(Question.__table__.insert(), [  # type: ignore[attr-defined]  # a Table, typed as a FromClause
+            {"dataset_id": dataset.id, "index": i, "text": questions[j].text, "gold_answer": questions[j].gold_answer,
+             "gold_solution": questions[j].gold_solution,
+             "source_id": questions[j].source_id if questions[j].source_id is not None else str(questions[j].index)}
+            for i, j in enumerate(indices)])
+        made.append(dataset)
+    return made[0], made[1]

@@ -56,8 +56,14 @@ def round_report(session: Session, round_: Round, promotion: PromoteResult | Non
     if promotion is None:
         promote = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == str(JobKey.single(JobKind.PROMOTE))))
         promotion = result_of(promote, PromoteResult) if promote is not None and promote.state == JobState.DONE else None
+    config_eval = round_.config.get("eval") or {}
+    report["decided_on"] = config_eval.get("dataset")
+    if config_eval.get("report_on"):
+        report["report_on"] = config_eval["report_on"]
     if promotion:
         report["student_before"] = {"name": promotion.baseline, "accuracy": promotion.baseline_accuracy}
+        if promotion.baseline_report_accuracy is not None:
+            report["student_before"]["report_accuracy"] = promotion.baseline_report_accuracy
         report["outcome"] = promotion.outcome
         report["promoted"] = promotion.promoted
         report["reason"] = promotion.reason
@@ -131,20 +137,27 @@ def _variants(session: Session, round_: Round) -> dict[str, Any]:
     if round_.stage == "preference":  # one training set: the pairs, named after the loss
         examples = Counter({round_.config["training"]["loss"]: len(session.scalars(
             select(PreferencePair.id).where(PreferencePair.round_id == round_.id)).all())})
+    evaluations = {job.key: result_of(job, EvaluateResult) for job in session.scalars(
+        select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.EVALUATE, Job.state == JobState.DONE))}
     for job in session.scalars(select(Job).where(Job.round_id == round_.id, Job.kind == JobKind.TRAIN).order_by(Job.id)):
-        variant = payload_of(job, TrainPayload).variant
+        payload = payload_of(job, TrainPayload)
+        variant, candidate = payload.variant, payload.candidate
         entry: dict[str, Any] = {"examples": examples.get(variant, 0), "state": job.state}
+        if payload.setting:
+            entry.update(training_set=variant, setting=payload.setting)
         result = result_of(job, TrainResult) or TrainResult()
         if result.checkpoint_id:
             checkpoint = session.get(Checkpoint, result.checkpoint_id)
             entry.update(checkpoint=checkpoint.name, status=checkpoint.status,
                          accuracy=(checkpoint.metrics or {}).get("eval_accuracy"),
                          train_loss=(result.train or {}).get("final_loss"))
-            evaluation = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == str(JobKey.evaluate(variant))))
-            evaluated = result_of(evaluation, EvaluateResult) if evaluation is not None else None
-            if evaluated is not None:
-                entry["accuracy"] = evaluated.accuracy
+            # accuracy: on the eval (dev) split, which decided; report_accuracy: on the report_on split.
+            for field, key in (("accuracy", JobKey.evaluate(candidate)),
+                               ("report_accuracy", JobKey.evaluate(candidate, report_on=True))):
+                evaluated = evaluations.get(str(key))
+                if evaluated is not None:
+                    entry[field] = evaluated.accuracy
         elif result.skipped:
             entry["skipped"] = result.skipped
-        out[variant] = entry
+        out[candidate] = entry
     return out

@@ -53,7 +53,7 @@ from services.contracts import (
     resolved_of,
     result_of,
 )
-from services.contracts.graph import order_plan, queue_of, variants_of
+from services.contracts.graph import grid_candidates, order_plan, queue_of, reports_on, variants_of
 from services.contracts.jobs import (
     PAYLOADS,
     EvaluatePayload,
@@ -132,6 +132,21 @@ def named_round(session: Session, name: str) -> Round | None:
 
 def resolve(session: Session, config: AnyRoundConfig) -> AnyResolved:
     """Names → ids, with every check that needs the database. Raises before anything is written."""
+    resolved = _resolve(session, config)
+    if config.eval.report_on is None:
+        return resolved
+    report_set = get_dataset(session, config.eval.report_on)
+    if not report_set.labelled:
+        raise InputError(f"eval.report_on {report_set.name!r} has no gold answers (it was imported with --unlabelled)")
+    if report_set.task != resolved.task:
+        raise InputError(f"eval.report_on is a {report_set.task} dataset but the round's task is {resolved.task}")
+    if report_set.id in (resolved.eval_id, getattr(resolved, "pool_id", None), getattr(resolved, "train_id", None)):
+        raise InputError(f"eval.report_on {report_set.name!r} is also the round's eval, pool or train set: "
+                         "report on held-out questions")
+    return resolved.model_copy(update={"report_on_id": report_set.id})
+
+
+def _resolve(session: Session, config: AnyRoundConfig) -> AnyResolved:
     eval_set = get_dataset(session, config.eval.dataset)
     if not eval_set.labelled:
         raise InputError(f"eval.dataset {eval_set.name!r} has no gold answers (it was imported with --unlabelled)")
@@ -304,8 +319,17 @@ def _evaluate(checkpoint_id: int, eval_id: int, config: AnyRoundConfig, **pass_a
     return EvaluatePayload(checkpoint_id=checkpoint_id, dataset_id=eval_id, limit=config.eval.limit, **pass_at)
 
 
+def _baseline_evaluations(resolved: AnyResolved, config: AnyRoundConfig) -> list[JobSpec]:
+    """The student before the round, on the eval (dev) split and, if the round has one, on the report_on split."""
+    plan = [JobSpec(JobKey.evaluate("baseline"), _evaluate(resolved.baseline_id, resolved.eval_id, config))]
+    if resolved.report_on_id is not None:
+        plan.append(JobSpec(JobKey.evaluate("baseline", report_on=True),
+                            _evaluate(resolved.baseline_id, resolved.report_on_id, config)))
+    return plan
+
+
 def _candidates(jobs: dict[JobKey, Job]) -> dict[str, int]:
-    """variant → candidate checkpoint id, for train jobs that produced one (a set with no examples trains nothing)."""
+    """candidate → its checkpoint id, for train jobs that produced one (a set with no examples trains nothing)."""
     out = {}
     for key, job in jobs.items():
         trained = result_of(job, TrainResult) if key.kind == JobKind.TRAIN and job.state == JobState.DONE else None
@@ -314,16 +338,30 @@ def _candidates(jobs: dict[JobKey, Job]) -> dict[str, int]:
     return out
 
 
+def _train_jobs(training_sets: list[str], config: AnyRoundConfig) -> list[JobSpec]:
+    """One train job per candidate: per training set, one per setting of the training grid (or one)."""
+    grid = config.training.grid
+    return [JobSpec(JobKey.train(subject), TrainPayload(variant=variant, **({"setting": setting} if grid else {})))
+            for subject, (variant, setting) in grid_candidates(training_sets, grid).items()]
+
+
 def _tail(jobs: dict[JobKey, Job], variants: list[str], resolved: AnyResolved) -> list[JobSpec]:
-    """evaluate each candidate once its training is done, then promote once everything is in."""
+    """evaluate each candidate once its training is done (on the report_on split too, if the round
+    has one), then promote once everything is in. `variants`: the candidates' names."""
     plan = []
     candidates = _candidates(jobs)
     for variant, checkpoint_id in candidates.items():
         plan.append(JobSpec(JobKey.evaluate(variant),
                             EvaluatePayload(checkpoint_id=checkpoint_id, dataset_id=resolved.eval_id, limit=None)))
+        if resolved.report_on_id is not None:
+            plan.append(JobSpec(JobKey.evaluate(variant, report_on=True),
+                                EvaluatePayload(checkpoint_id=checkpoint_id, dataset_id=resolved.report_on_id, limit=None)))
     trained = all(_done(jobs, str(JobKey.train(variant))) for variant in variants)
     evaluated = all(_done(jobs, str(JobKey.evaluate(variant))) for variant in candidates) \
         and _done(jobs, str(JobKey.evaluate("baseline")))
+    if resolved.report_on_id is not None:
+        evaluated = evaluated and all(_done(jobs, str(JobKey.evaluate(subject, report_on=True)))
+                                      for subject in [*candidates, "baseline"])
     # Extra evaluations (pass@k) finish before the round does; they are planned with the candidates.
     evaluated = evaluated and all(job.state == JobState.DONE for key, job in jobs.items() if key.kind == JobKind.EVALUATE)
     evaluated = evaluated and all(JobKey.evaluate(variant, pass_at_k=True) in jobs for variant in candidates
@@ -340,7 +378,7 @@ def _chunks(question_ids: list[int], size: int) -> list[list[int]]:
 def plan_sft(session: Session, round_: Round, config: SFTRoundConfig, jobs: dict[JobKey, Job]) -> list[JobSpec]:
     resolved = resolved_of(round_, ResolvedSFT)
     chunks = _chunks(resolved.question_ids, config.generation.chunk_size)
-    plan = [JobSpec(JobKey.evaluate("baseline"), _evaluate(resolved.baseline_id, resolved.eval_id, config))]
+    plan = _baseline_evaluations(resolved, config)
     plan += [JobSpec(JobKey.generate("weak", i), GeneratePayload(voter="weak", question_ids=chunk))
              for i, chunk in enumerate(chunks)]
 
@@ -356,8 +394,8 @@ def plan_sft(session: Session, round_: Round, config: SFTRoundConfig, jobs: dict
     if _done(jobs, "generate:weak") and _done(jobs, "generate:strong"):
         plan.append(JobSpec(JobKey.single(JobKind.VOTE), VotePayload()))
     if _done(jobs, "vote"):
-        plan += [JobSpec(JobKey.train(variant), TrainPayload(variant=variant)) for variant in config.variants]
-        plan += _tail(jobs, list(config.variants), resolved)
+        plan += _train_jobs(list(config.variants), config)
+        plan += _tail(jobs, list(grid_candidates(list(config.variants), config.training.grid)), resolved)
     # A candidate's eval uses the round's eval limit too (same questions as the baseline).
     return [_with_limit(spec, config) for spec in plan]
 
@@ -367,7 +405,7 @@ def plan_preference(session: Session, round_: Round, config: PreferenceRoundConf
     resolved = resolved_of(round_, ResolvedPreference)
     # pass@k (k = the samples per question) of the starting student and of the candidate, for the report.
     pass_at = {"pass_at": config.sampling.samples, "temperature": config.sampling.temperature, "top_p": config.sampling.top_p}
-    plan = [JobSpec(JobKey.evaluate("baseline"), _evaluate(resolved.baseline_id, resolved.eval_id, config)),
+    plan = [*_baseline_evaluations(resolved, config),
             JobSpec(JobKey.evaluate("student", pass_at_k=True),
                     _evaluate(resolved.student_id, resolved.eval_id, config, **pass_at))]
     for variant, checkpoint_id in _candidates(jobs).items():
@@ -378,17 +416,16 @@ def plan_preference(session: Session, round_: Round, config: PreferenceRoundConf
     if _done(jobs, "generate:student"):
         plan.append(JobSpec(JobKey.single(JobKind.PAIRS), PairsPayload()))
     if _done(jobs, "pairs"):
-        plan.append(JobSpec(JobKey.train(config.training.loss), TrainPayload(variant=config.training.loss)))
-        plan += _tail(jobs, [config.training.loss], resolved)
+        plan += _train_jobs([config.training.loss], config)
+        plan += _tail(jobs, list(grid_candidates([config.training.loss], config.training.grid)), resolved)
     return [_with_limit(spec, config) for spec in plan]
 
 
 def plan_weak_sft(session: Session, round_: Round, config: WeakSFTRoundConfig,
                   jobs: dict[JobKey, Job]) -> list[JobSpec]:
     resolved = resolved_of(round_, ResolvedWeakSFT)
-    plan = [JobSpec(JobKey.evaluate("baseline"), _evaluate(resolved.baseline_id, resolved.eval_id, config)),
-            JobSpec(JobKey.train("gold"), TrainPayload(variant="gold"))]
-    plan += _tail(jobs, ["gold"], resolved)
+    plan = [*_baseline_evaluations(resolved, config), *_train_jobs(["gold"], config)]
+    plan += _tail(jobs, list(grid_candidates(["gold"], config.training.grid)), resolved)
     return [_with_limit(spec, config) for spec in plan]
 
 
@@ -407,12 +444,14 @@ def plan_round(session: Session, round_: Round, config: AnyRoundConfig, jobs: di
     specs: dict[JobKey, JobSpec] = {}
     for spec in PLANNERS[Stage(config.stage)](session, round_, config, jobs):
         specs.setdefault(spec.key, spec)
-    return [specs[key] for key in order_plan(config.stage, variants_of(config.stage, round_.config), list(specs))]
+    return [specs[key] for key in order_plan(config.stage, variants_of(config.stage, round_.config), list(specs),
+                                             report_on=reports_on(round_.config))]
 
 
 def _with_limit(spec: JobSpec, config: AnyRoundConfig) -> JobSpec:
     if spec.kind == JobKind.EVALUATE:
-        return JobSpec(spec.key, spec.payload.model_copy(update={"limit": config.eval.limit}))
+        limit = config.eval.report_limit if spec.key.report_on else config.eval.limit
+        return JobSpec(spec.key, spec.payload.model_copy(update={"limit": limit}))
     return spec
 
 
@@ -528,8 +567,15 @@ def advance_pipeline(session: Session, pipeline_id: int, delivery: DeliverySetti
 def _outcome(session: Session, round_: Round) -> StepOutcome:
     if round_.pipeline_step is None:
         raise StateError(f"round {round_.id} of pipeline {round_.pipeline_id} names no pipeline step")
-    candidates = {c.variant: c.name for c in session.scalars(select(Checkpoint).where(Checkpoint.round_id == round_.id))
-                  if c.variant is not None}
+    # variant → its candidate; with a training grid, the variant's best setting on the eval (dev) split.
+    candidates: dict[str, str] = {}
+    best: dict[str, float] = {}
+    for c in session.scalars(select(Checkpoint).where(Checkpoint.round_id == round_.id).order_by(Checkpoint.id)):
+        if c.variant is None:
+            continue
+        accuracy = float((c.metrics or {}).get("eval_accuracy") or 0.0)
+        if c.variant not in candidates or accuracy > best[c.variant]:
+            candidates[c.variant], best[c.variant] = c.name, accuracy
     promoted = next((c.name for c in session.scalars(select(Checkpoint).where(
         Checkpoint.round_id == round_.id, Checkpoint.status == CheckpointStatus.PROMOTED))), None)
     return StepOutcome(round_.pipeline_step, round_.state, round_.outcome, candidates, promoted)

@@ -45,7 +45,7 @@ from services.contracts import (
 )
 from services.contracts.jobs import parse_contract
 from services.evaluation import EvalFigures, Sample, evaluate, round_eval_method, solve, step_dicts
-from services.promotion import gate
+from services.promotion import SplitAccuracy, gate_on_dev
 from services.report import round_report
 from services.rounds import load_config
 from services.selection import decide_pairs, variant_sources
@@ -298,7 +298,8 @@ def run_train(ctx: JobContext) -> None:
     from models.train.checkpoint import CheckpointMismatch, verify_checkpoint
     from models.train.launch import ClusterSpec, default_num_ranks, launch_training, prepare_state_dir
 
-    variant = parse_contract(TrainPayload, ctx.payload, f"job {ctx.job_id} payload").variant
+    payload = parse_contract(TrainPayload, ctx.payload, f"job {ctx.job_id} payload")
+    variant, candidate = payload.variant, payload.candidate
     with ctx.session() as session:
         round_ = session.get(Round, ctx.round_id)
         config = load_config(round_)
@@ -327,7 +328,7 @@ def run_train(ctx: JobContext) -> None:
         return
 
     store = ctx.settings.checkpoint_dir
-    name = f"round{ctx.round_id}-{variant}"
+    name = f"round{ctx.round_id}-{candidate}"  # round1-hybrid, or with a grid round1-hybrid-lr1e-4
     output_dir = checkpoint_path(store, name)  # refuses a name that leaves the store
     job_dir = checkpoint_path(store, f"jobs/job{ctx.job_id}")  # shared by the job's attempts
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -339,20 +340,22 @@ def run_train(ctx: JobContext) -> None:
     launch: dict[str, Any] | None = None
     if not (output_dir / "w2s.json").is_file():  # a previous attempt may have finished training already
         _remove_partial_outputs(store, name)
-        training = config.training.model_dump(mode="json", exclude={"num_ranks", "timeout_s"})
+        # A grid's setting overrides the round's training fields (validated with the config).
+        training = {**config.training.model_dump(mode="json", exclude={"num_ranks", "timeout_s", "grid"}),
+                    **(payload.setting or {})}
         resumed_from = prepare_state_dir(state_dir, {"data_sha256": data_hash, "base_model": student_path,
                                                      "training": training, "seed": config.seed, "stage": stage})
         status_dir = job_dir / f"ranks-attempt{ctx.attempt}"
         job_file = job_dir / "job.json"
         with ctx.session() as session:  # rank 0 logs its steps in a run nested under the round's, if tracking is on
-            tracking = training_run_spec(session, ctx.settings, ctx.round_id, variant=variant, job_id=ctx.job_id,
+            tracking = training_run_spec(session, ctx.settings, ctx.round_id, variant=candidate, job_id=ctx.job_id,
                                          attempt=ctx.attempt, checkpoint=name)
         job_file.write_text(json.dumps({
             "base_model": student_path,
             "train_file": str(train_file),
             "output_dir": str(output_dir),
             "lineage": {"parent": student_id, "parent_path": student_path, "round": ctx.round_id, "stage": stage,
-                        "iteration": iteration, "variant": variant, "examples": len(examples),
+                        "iteration": iteration, "variant": variant, "setting": payload.setting, "examples": len(examples),
                         "data_sha256": data_hash, "job": ctx.job_id, "attempt": ctx.attempt,
                         "config": config.model_dump(mode="json")},
             **training,
@@ -391,8 +394,8 @@ def run_train(ctx: JobContext) -> None:
         insert_ignore(session, Checkpoint, [{
             "name": name, "path": str(output_dir), "role": student_role, "status": CheckpointStatus.CANDIDATE,
             "parent_id": student_id, "lineage_root_id": lineage_root_id, "round_id": ctx.round_id,
-            "variant": variant, "metrics": {"train": metrics, "saved": saved}, "created_at": utcnow(),
-            "prompt_format": prompt_format}])
+            "variant": variant, "metrics": {"train": metrics, "saved": saved, "setting": payload.setting or {}},
+            "created_at": utcnow(), "prompt_format": prompt_format}])
         checkpoint_id = session.scalar(select(Checkpoint.id).where(Checkpoint.name == name))
         ctx.finish(session, TrainResult(checkpoint_id=checkpoint_id, examples=len(examples), train=metrics, saved=saved,
                                         **({"launch": launch} if launch else {})).stored())
@@ -467,30 +470,44 @@ def run_evaluate(ctx: JobContext) -> None:
 
 
 def run_promote(ctx: JobContext) -> None:
+    """The gate decides on the eval (dev) split alone; the report_on split's figures are recorded
+    next to them for the report (services.promotion.gate_on_dev never sees them decide)."""
     with ctx.session() as session:
         round_ = session.get(Round, ctx.round_id)
         config = load_config(round_)
         jobs = {JobKey.parse(job.key): job for job in session.scalars(select(Job).where(Job.round_id == ctx.round_id))}
-        baseline = session.get(Checkpoint, resolved_of(round_).baseline_id)
-        baseline_accuracy = _accuracy(jobs[JobKey.evaluate("baseline")])
-        candidates: dict[str, float] = {}
+        resolved = resolved_of(round_)
+        reporting = resolved.report_on_id is not None
+
+        def accuracies(subject: str) -> SplitAccuracy:
+            report = _accuracy(jobs[JobKey.evaluate(subject, report_on=True)]) if reporting else None
+            return SplitAccuracy(decide=_accuracy(jobs[JobKey.evaluate(subject)]), report=report)
+
+        baseline = session.get(Checkpoint, resolved.baseline_id)
+        before = accuracies("baseline")
+        candidates: dict[str, SplitAccuracy] = {}
         by_name: dict[str, Checkpoint] = {}
         for variant, checkpoint_id in parse_contract(PromotePayload, ctx.payload, f"job {ctx.job_id} payload").candidates.items():
             checkpoint = session.get(Checkpoint, checkpoint_id)
-            candidates[checkpoint.name] = _accuracy(jobs[JobKey.evaluate(variant)])
+            candidates[checkpoint.name] = accuracies(variant)
             by_name[checkpoint.name] = checkpoint
-        decision = gate(baseline.name, baseline_accuracy, candidates, config.promotion.min_improvement)
+        decision = gate_on_dev(baseline.name, before, candidates, config.promotion.min_improvement,
+                               decided_on=config.eval.dataset)
 
         now = utcnow()
         for name, checkpoint in by_name.items():
             # Compare-and-set: only a candidate can become promoted or rejected, once.
             status = CheckpointStatus.PROMOTED if name == decision.promoted else CheckpointStatus.REJECTED
             session.execute(update_status(checkpoint.id, status, now))
-            checkpoint.metrics = {**(checkpoint.metrics or {}), "eval_accuracy": candidates[name],
-                                  "baseline_accuracy": baseline_accuracy}
+            checkpoint.metrics = {**(checkpoint.metrics or {}), "eval_accuracy": candidates[name].decide,
+                                  "baseline_accuracy": before.decide,
+                                  **({"report_accuracy": candidates[name].report} if reporting else {})}
+        report_fields = {"report_on": config.eval.report_on, "baseline_report_accuracy": before.report,
+                         "candidates_report": {name: a.report for name, a in candidates.items()}} if reporting else {}
         result = PromoteResult(outcome=CheckpointStatus.PROMOTED if decision.promoted else CheckpointStatus.REJECTED,
                                promoted=decision.promoted, reason=decision.reason, baseline=baseline.name,
-                               baseline_accuracy=baseline_accuracy, candidates=candidates)
+                               baseline_accuracy=before.decide, decided_on=config.eval.dataset,
+                               candidates={name: a.decide for name, a in candidates.items()}, **report_fields)
         session.flush()
         round_.report = round_report(session, round_, promotion=result)
         ctx.finish(session, result.stored())

@@ -8,6 +8,7 @@ from typing import Any, Protocol, TypeVar, Union, overload
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from services.contracts.graph import candidate_subject
 from services.contracts.states import JobKind
 from services.errors import InputError
 
@@ -37,7 +38,15 @@ class PairsPayload(Contract):
 
 
 class TrainPayload(Contract):
-    variant: str  # weak | icl | hybrid | gold | dpo | orpo
+    variant: str  # the training set: weak | icl | hybrid | gold | dpo | orpo
+    # A training grid's setting (hyper-parameter → value) over the round's training config; the
+    # candidate is named after it (services.contracts.graph.candidate_subject). None: no grid.
+    setting: dict[str, Any] | None = None
+
+    @property
+    def candidate(self) -> str:
+        """The candidate's name within its round (the train job's subject): hybrid, hybrid-lr1e-4."""
+        return candidate_subject(self.variant, self.setting or {})
 
 
 class EvaluatePayload(Contract):
@@ -123,7 +132,12 @@ class PromoteResult(Contract):
     reason: str
     baseline: str
     baseline_accuracy: float
-    candidates: dict[str, float]  # checkpoint name → eval accuracy
+    candidates: dict[str, float]  # checkpoint name → eval accuracy (the split that decided)
+    decided_on: str | None = None  # the eval (dev) dataset's name
+    # The held-out report_on split: figures shown next to the deciding ones, never used to decide.
+    report_on: str | None = None
+    baseline_report_accuracy: float | None = None
+    candidates_report: dict[str, float] | None = None  # checkpoint name → report_on accuracy
 
 
 RESULTS: dict[JobKind, type[Contract]] = {

@@ -7,6 +7,7 @@ A key names a job uniquely within its round, which makes planning idempotent. It
     train:<variant>                        train:icl
     evaluate:<subject>                     evaluate:baseline, evaluate:icl
     evaluate:pass-at-k:<subject>           evaluate:pass-at-k:student
+    evaluate:report-on:<subject>           evaluate:report-on:hybrid (on the held-out report_on split)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from services.contracts.states import JobKind
 from services.errors import InputError
 
 PASS_AT_K = "pass-at-k"
+REPORT_ON = "report-on"
 _SINGLE = (JobKind.VOTE, JobKind.PAIRS, JobKind.PROMOTE)
 
 
@@ -30,6 +32,7 @@ class JobKey:
     subject: str | None = None  # generate: the voter; train: the variant; evaluate: a variant or "baseline"
     chunk: int | None = None  # generate: which chunk of the question ids
     pass_at_k: bool = False  # evaluate: pass@k over sampled answers instead of greedy accuracy
+    report_on: bool = False  # evaluate: on the round's held-out report_on split (never decides)
 
     def __post_init__(self) -> None:
         try:
@@ -49,6 +52,8 @@ class JobKey:
             raise JobKeyError(f"job key: chunk {self.chunk} must not be negative")
         if self.pass_at_k and kind != JobKind.EVALUATE:
             raise JobKeyError(f"job key: only an evaluate key can be pass@k, not {kind}")
+        if self.report_on and (kind != JobKind.EVALUATE or self.pass_at_k):
+            raise JobKeyError(f"job key: only a greedy evaluate key can be on the report_on split, not {kind}")
 
     # --- the constructors planning uses ---
 
@@ -61,8 +66,8 @@ class JobKey:
         return cls(JobKind.TRAIN, variant)
 
     @classmethod
-    def evaluate(cls, subject: str, *, pass_at_k: bool = False) -> JobKey:
-        return cls(JobKind.EVALUATE, subject, pass_at_k=pass_at_k)
+    def evaluate(cls, subject: str, *, pass_at_k: bool = False, report_on: bool = False) -> JobKey:
+        return cls(JobKind.EVALUATE, subject, pass_at_k=pass_at_k, report_on=report_on)
 
     @classmethod
     def single(cls, kind: JobKind) -> JobKey:
@@ -88,6 +93,8 @@ class JobKey:
                 parsed = cls(kind, parts[1], int(parts[2]))
             elif kind == JobKind.EVALUATE and len(parts) == 3 and parts[1] == PASS_AT_K:
                 parsed = cls(kind, parts[2], pass_at_k=True)
+            elif kind == JobKind.EVALUATE and len(parts) == 3 and parts[1] == REPORT_ON:
+                parsed = cls(kind, parts[2], report_on=True)
             elif kind in (JobKind.TRAIN, JobKind.EVALUATE) and len(parts) == 2:
                 parsed = cls(kind, parts[1])
             elif kind in _SINGLE and len(parts) == 1:
@@ -111,7 +118,7 @@ class JobKey:
     def display_step(self) -> StepName:
         """The line a job counts towards in a round's progress: generate chunks share one
         (`generate:weak`), every other job has its own (`train:icl`, `evaluate:pass-at-k:icl`)."""
-        return StepName(self.kind, self.subject, self.pass_at_k)
+        return StepName(self.kind, self.subject, self.pass_at_k, self.report_on)
 
 
 @dataclass(frozen=True)
@@ -121,11 +128,14 @@ class StepName:
     kind: JobKind
     subject: str | None = None
     pass_at_k: bool = False
+    report_on: bool = False
 
     def __str__(self) -> str:
         if self.subject is None:
             return str(self.kind)
-        return f"{self.kind}:{PASS_AT_K}:{self.subject}" if self.pass_at_k else f"{self.kind}:{self.subject}"
+        if self.pass_at_k:
+            return f"{self.kind}:{PASS_AT_K}:{self.subject}"
+        return f"{self.kind}:{REPORT_ON}:{self.subject}" if self.report_on else f"{self.kind}:{self.subject}"
 
     @property
     def detail(self) -> str:
@@ -147,5 +157,5 @@ _FORMS = {
     JobKind.PAIRS: "pairs",
     JobKind.PROMOTE: "promote",
     JobKind.TRAIN: "train:<variant>",
-    JobKind.EVALUATE: "evaluate:<subject> or evaluate:pass-at-k:<subject>",
+    JobKind.EVALUATE: "evaluate:<subject>, evaluate:pass-at-k:<subject> or evaluate:report-on:<subject>",
 }

@@ -24,7 +24,8 @@ class _Resolved(BaseModel):
     student_id: int  # the checkpoint the round fine-tunes
     baseline_id: int  # the newest promoted checkpoint of the student's lineage: what the gate compares with
     lineage_root_id: int
-    eval_id: int  # the labelled eval dataset
+    eval_id: int  # the labelled eval dataset: the dev split, which decides promotion
+    report_on_id: int | None = None  # a held-out labelled split, evaluated and reported, never deciding
 
     def stored(self) -> dict[str, Any]:
         """The JSON object `rounds.resolved` holds."""

@@ -67,6 +67,8 @@ def test_the_demo_chain_is_a_pipeline_config():
     step, first = next_step(full, [])
     assert first["variants"] == ["weak", "hybrid"] and first["demonstrations"] == 0
     assert first["training"]["learning_rate"] == 3e-4 and first["training"]["max_seq_len"] == 128
+    # The gate decides on the dev split; the test split is reported, never decides.
+    assert (first["eval"]["dataset"], first["eval"]["report_on"]) == ("demo-dev", "demo-test")
     one = promoted("iteration1", {"weak": "r1-weak", "hybrid": "r1-hybrid"}, "r1-hybrid")
     step, second = next_step(full, [one])
     assert (second["weak"], second["strong"], second["variants"]) == ("r1-weak", "r1-hybrid", ["hybrid"])

@@ -102,6 +102,10 @@ def test_held_out_questions_are_never_trained_on(tiny):
     assert not pool & test
     assert not (pool | test) & weak_train
     assert not (pool | test) & related
-    for path in (assets.weak_train, assets.pool, assets.test, assets.strong_related):
+    # The dev split (decides promotion) shares no question with any other split.
+    dev = _questions(assets.dev)
+    assert len(set(dev)) == len(dev) == demo.DEV_SIZES["tiny"]
+    assert not set(dev) & (pool | test | weak_train | related)
+    for path in (assets.weak_train, assets.pool, assets.test, assets.strong_related, assets.dev):
         for row in read_jsonl(path):
             assert set(row) == {"question", "answer"} and gold_answer_from_solution(row["answer"], "gsm8k")

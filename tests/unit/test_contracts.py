@@ -70,7 +70,7 @@ def test_constructors_format_the_keys_planning_writes():
     ("train", "expected train:<variant>"),
     ("train:", "subject '' must be a non-empty name"),
     ("train:a:b", "expected train:<variant>"),
-    ("evaluate:x:icl", "expected evaluate:<subject> or evaluate:pass-at-k:<subject>"),
+    ("evaluate:x:icl", "expected evaluate:<subject>, evaluate:pass-at-k:<subject> or evaluate:report-on:<subject>"),
     ("promote:", "expected promote"),
 ])
 def test_malformed_keys_are_refused_naming_the_key(key, says):
@@ -161,8 +161,9 @@ def _round(stage: str, **fields):
     from services.config import parse_round_config
 
     config = parse_round_config({"stage": stage, "eval": {"dataset": "test"}, **fields}, "test")
+    resolved = {**STORED[stage], **({"report_on_id": 99} if config.eval.report_on else {})}
     return Round(id=1, stage=stage, iteration=1, state="running", config=config.model_dump(mode="json"),
-                 resolved=STORED[stage]), config
+                 resolved=resolved), config
 
 
 def _run_planning(stage: str, **fields) -> list[str]:
@@ -188,15 +189,21 @@ def _run_planning(stage: str, **fields) -> list[str]:
 
 @pytest.mark.parametrize("stage, fields", [
     ("sft", {"weak": "w", "strong": "s", "pool": "p", "variants": ["hybrid", "icl"], "demonstrations": 0}),
+    ("sft", {"weak": "w", "strong": "s", "pool": "p", "variants": ["hybrid", "icl"], "demonstrations": 0,
+             "training": {"grid": {"learning_rate": [1e-4, 3e-4]}}, "eval": {"dataset": "dev", "report_on": "test"}}),
+    ("weak-sft", {"weak": "w", "train": "t", "eval": {"dataset": "dev", "report_on": "test"}}),
+    ("preference", {"student": "s", "weak": "w", "pool": "p", "training": {"loss": "dpo", "grid": {"beta": [0.1, 1]}},
+                    "eval": {"dataset": "dev", "report_on": "test"}}),
     ("weak-sft", {"weak": "w", "train": "t"}),
     ("preference", {"student": "s", "weak": "w", "pool": "p", "training": {"loss": "orpo"}}),
 ])
 def test_each_stage_plans_its_steps_in_the_graphs_order(stage, fields):
-    from services.contracts.graph import stage_steps, variants_of
+    from services.contracts.graph import reports_on, stage_steps, variants_of
     from services.monitor import expected_steps
 
     round_, _ = _round(stage, **fields)
-    graph = [str(step) for step in stage_steps(stage, variants_of(stage, round_.config))]
+    graph = [str(step) for step in stage_steps(stage, variants_of(stage, round_.config),
+                                               report_on=reports_on(round_.config))]
     assert _run_planning(stage, **fields) == graph
     assert expected_steps(stage, round_.config) == graph  # the progress view shows the same steps
 
