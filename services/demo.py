@@ -173,3 +173,54 @@ def _print_round(database_url: str, round_id: int, console: Console,
     console.print(render_report(report))
     return {"round_id": round_id, "state": state, "report": report}
 
+
+# --- figures over seeds --------------------------------------------------------------------------
+
+
+def _round_label(report: dict[str, Any]) -> str:
+    if report.get("stage") == "preference":
+        return "stage II"
+    return f"stage I it{report.get('iteration', 1)}"
+
+
+def headline_figures(result: dict[str, Any]) -> dict[str, float]:
+    """One demo run's headline figures (what run_demo returned), by name: the strong model and every
+    candidate on dev and test, pass@k in stage II, and each round's decision (1: promoted)."""
+    figures: dict[str, float] = {}
+    for entry in result["rounds"]:
+        report = entry["report"] or {}
+        label = _round_label(report)
+        before = report.get("student_before") or {}
+        if label == "stage I it1":
+            _put(figures, "strong model", before)
+        for variant, candidate in (report.get("variants") or {}).items():
+            _put(figures, f"{label} {variant}", candidate)
+        for name, value in ((report.get("pass_at_k") or {}).items()):
+            if name != "k" and value is not None:
+                figures[f"{label} pass@{report['pass_at_k']['k']} {name}, dev"] = value
+        if report.get("outcome"):
+            figures[f"{label} promoted (share of seeds)"] = 1.0 if report["outcome"] == "promoted" else 0.0
+    return figures
+
+
+def _put(figures: dict[str, float], name: str, entry: dict[str, Any]) -> None:
+    for field, split in (("accuracy", "dev"), ("report_accuracy", "test")):
+        if entry.get(field) is not None:
+            figures[f"{name}, {split}"] = float(entry[field])
+
+
+def seed_table(per_seed: dict[int, dict[str, float]]) -> list[tuple[str, float, float, dict[int, float]]]:
+    """(figure, mean, sample standard deviation, per-seed values) for every figure any seed has, in
+    the order they first appear; a figure missing in a seed (a round that did not run) is left out
+    of that seed's values, and its mean is over the seeds that have it."""
+    import statistics
+
+    names: list[str] = []
+    for figures in per_seed.values():
+        names += [name for name in figures if name not in names]
+    rows = []
+    for name in names:
+        values = {seed: figures[name] for seed, figures in per_seed.items() if name in figures}
+        spread = statistics.stdev(values.values()) if len(values) > 1 else 0.0
+        rows.append((name, statistics.fmean(values.values()), spread, values))
+    return rows

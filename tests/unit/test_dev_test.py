@@ -128,3 +128,32 @@ def test_a_split_needs_questions_on_both_sides(dev):
 
     with pytest.raises(InputError, match=f"--dev {dev}: must be between 1 and 99"):
         split_indices(100, dev, seed=0)
+
+
+# --- figures over seeds --------------------------------------------------------------------------
+
+def _run(strong_dev: float, hybrid: tuple[float, float], outcome: str) -> dict:
+    report = {"stage": "sft", "iteration": 1, "outcome": outcome,
+              "student_before": {"name": "demo-strong", "accuracy": strong_dev, "report_accuracy": 0.40},
+              "variants": {"hybrid": {"accuracy": hybrid[0], "report_accuracy": hybrid[1]}}}
+    return {"rounds": [{"round_id": 1, "state": "done", "report": report}]}
+
+
+def test_headline_figures_over_seeds_are_mean_and_sample_sd_with_each_value():
+    from services.demo import headline_figures, seed_table
+
+    per_seed = {0: headline_figures(_run(0.40, (0.50, 0.44), "promoted")),
+                1: headline_figures(_run(0.42, (0.40, 0.46), "rejected")),
+                2: headline_figures(_run(0.44, (0.45, 0.48), "promoted"))}
+    assert per_seed[0] == {"strong model, dev": 0.40, "strong model, test": 0.40, "stage I it1 hybrid, dev": 0.50,
+                           "stage I it1 hybrid, test": 0.44, "stage I it1 promoted (share of seeds)": 1.0}
+    rows = {name: (mean, sd, values) for name, mean, sd, values in seed_table(per_seed)}
+    mean, sd, values = rows["stage I it1 hybrid, dev"]
+    assert values == {0: 0.50, 1: 0.40, 2: 0.45}
+    assert mean == pytest.approx(0.45) and sd == pytest.approx(0.05)  # sample sd: sqrt(0.005 / 2)
+    assert rows["stage I it1 promoted (share of seeds)"][0] == pytest.approx(2 / 3)
+    # A figure one seed lacks (a round that did not run) averages over the seeds that have it.
+    per_seed[3] = {"strong model, dev": 0.5}
+    rows = {name: (mean, sd, values) for name, mean, sd, values in seed_table(per_seed)}
+    assert rows["stage I it1 hybrid, dev"][2] == {0: 0.50, 1: 0.40, 2: 0.45}
+    assert rows["strong model, dev"][0] == pytest.approx(0.44)
