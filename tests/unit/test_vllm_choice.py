@@ -77,6 +77,9 @@ class FakeEngine:
     def close(self):
         self.closed.append(self.path)
 
+    def formatted(self, prompt_format):
+        return self
+
 
 def test_one_vllm_engine_per_process_and_options_reach_its_loader(tmp_path, monkeypatch):
     loads, closed = [], []
