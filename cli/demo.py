@@ -16,10 +16,22 @@ from cli.context import App, console, pass_app
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--seeds", help="Comma-separated seeds (0,1,2): the whole chain once per seed, each in WORKDIR/seed<N>, "
               "then every headline figure as mean ± sd with the per-seed values.")
+@click.option("--deterministic", is_flag=True, help="Pin torch's CPU kernels, one thread, deterministic algorithms "
+              "(models/determinism.py): the same figures on every x86-64 machine with the same packages, slower.")
 @pass_app
-def demo(app: App, workdir: Path, scale: str, seed: int, seeds: str | None) -> None:
+def demo(app: App, workdir: Path, scale: str, seed: int, seeds: str | None, deterministic: bool) -> None:
     """Build small models locally and run the chain on them (stage I twice, stage II), embedded:
     each round decides on the dev split and reports on the test split."""
+    if deterministic:
+        import os
+        import sys
+
+        from models.determinism import pin_determinism, pinned_environment
+
+        if "torch" in sys.modules:  # the kernel choice is read once, when torch loads
+            raise click.UsageError("--deterministic: torch was imported before the pins could be set")
+        os.environ.update(pinned_environment())  # this process (torch loads next) and the training ranks
+        pin_determinism()
     from cli.render import render_report
     from services.demo import demo_settings, headline_figures, run_demo
     from workers.dispatch import JobDispatcher

@@ -220,6 +220,8 @@ class DeepSpeedStrategy:
             torch.cuda.set_device(self.local_rank)
         deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda() else "gloo")
         set_random_seed(self.seed)
+        if os.environ.get("W2S_DETERMINISTIC") == "1":  # set with the pinned kernels: models/determinism.py
+            torch.use_deterministic_algorithms(True)
 
     @property
     def local_rank(self) -> int:
