@@ -157,3 +157,18 @@ def test_headline_figures_over_seeds_are_mean_and_sample_sd_with_each_value():
     rows = {name: (mean, sd, values) for name, mean, sd, values in seed_table(per_seed)}
     assert rows["stage I it1 hybrid, dev"][2] == {0: 0.50, 1: 0.40, 2: 0.45}
     assert rows["strong model, dev"][0] == pytest.approx(0.44)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--seeds", "0,x"], "'0,x': expected comma-separated integers such as 0,1,2"),
+    (["--seeds", "1,1"], "'1,1': give each seed once"),
+    (["--deterministic"], "--deterministic: torch was imported before the pins could be set"),
+])
+def test_demo_refuses_bad_seeds_and_late_pins(tmp_path, args, says):
+    import torch  # noqa: F401  (as in any process that loaded a model before)
+
+    from tests.support import invoke_cli
+
+    result = invoke_cli("demo", "--workdir", tmp_path / "demo", *args, ok=False)
+    assert result.exit_code == 2 and says in " ".join(result.output.split())
+    assert not (tmp_path / "demo").exists()  # nothing started
