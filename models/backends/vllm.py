@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,16 +44,20 @@ from typing import Any
 
 from models.backends.base import Completion, GenerationParams, StepOptions
 from models.backends.checkpoints import check_remote_code, fingerprint
-from models.backends.tokens import Continued, Row, TokenStepGenerator, count_tokens, token_pieces, trim
+from models.backends.tokens import (
+    Continued,
+    Row,
+    TokenStepGenerator,
+    chosen_token_prob,
+    count_tokens,
+    token_pieces,
+    trim,
+)
 from models.prompts import model_text
 from models.stopping import current_signal
 
 ADAPTER_CONFIG = "adapter_config.json"
 
-try:  # the one top-5 rule of every backend, once models/backends/tokens.py has it
-    from models.backends.tokens import chosen_token_prob as _shared_rule  # type: ignore[attr-defined]
-except ImportError:
-    _shared_rule = None
 
 
 class PromptTooLong(ValueError):
@@ -71,24 +74,12 @@ def logprob_value(entry: Any) -> float:
 
 def chosen_prob(position: Mapping[int, Any], chosen: int, mode: str) -> float:
     """The chosen token's probability at one position from vLLM's log-probs there (the top 5, plus
-    the chosen token as a 6th entry when it is outside them), by the rule every backend applies.
-
-    ``full``: the raw log-softmax value itself. ``top5``: renormalised over the top 5 (the shared
-    ``tokens.chosen_token_prob`` where the tree has it; else the transformers backend's rule of
-    this tree: the top 5 plus the chosen token's own when outside them).
-    """
+    the chosen token as a 6th entry when it is outside them), by the rule every backend applies
+    (``tokens.chosen_token_prob``; log-probs, so the log-sum-exp is 0)."""
     values = {token: logprob_value(entry) for token, entry in position.items()}
     if chosen not in values:
         raise ValueError(f"token {chosen} has no log-prob at its position (ask vLLM for logprobs)")
-    mine = values[chosen]
-    if mode == "full":
-        return math.exp(mine)
-    if _shared_rule is not None:
-        return _shared_rule(mine, list(values.values()), 0.0, mode)
-    top = sorted(values.values(), reverse=True)[:5]
-    pool = top + ([mine] if mine < top[-1] else [])
-    peak = max(pool)
-    return math.exp(mine - peak) / sum(math.exp(v - peak) for v in pool)
+    return chosen_token_prob(values[chosen], list(values.values()), 0.0, mode)
 
 
 def chosen_probs(token_ids: Sequence[int], logprobs: Sequence[Mapping[int, Any]] | None, mode: str) -> list[float]:
