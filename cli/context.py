@@ -17,7 +17,7 @@ from db.session import SchemaOutOfDate, database_error_line, ensure_schema, sess
 from models.backends import CheckpointError
 from services.dispatch import Dispatcher
 from services.errors import W2SError
-from services.settings import load_settings
+from services.settings import apply_torch_threads, load_settings
 
 console = Console(highlight=False)
 
@@ -28,6 +28,7 @@ class App:
 
     def __init__(self) -> None:
         self.settings = load_settings()
+        self.torch_threads = apply_torch_threads(self.settings)  # (count, where it comes from)
         self._schema_checked = False
 
     @cached_property

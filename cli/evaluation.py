@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 from rich.table import Column, Table
+from rich.text import Text
 
 from cli.context import App, Group, console, pass_app
 from services.config import STRATEGIES, StrategyConfig
@@ -58,15 +59,16 @@ def _load(app: App, model: str):
     from services.errors import NotFound
     from services.registry import get_checkpoint
 
+    decoding = None
     with app.session() as session:
         try:
             checkpoint = get_checkpoint(session, model)
-            path = checkpoint.path
+            path, decoding = checkpoint.path, checkpoint.decoding
         except NotFound:
             if not Path(model).is_dir():
                 raise
             path = model
-    return default_cache().get(path)
+    return default_cache().get(path, decoding=decoding)
 
 
 # --- solve ---------------------------------------------------------------------------------------
@@ -155,7 +157,8 @@ def eval_run(app: App, model: str, dataset: str, limit: int | None, seed: int, s
                             max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[ds.task])
     label = method.label()
     with console.status(f"{label} on {dataset}") as status:
-        figures = evaluate(app.session, lambda _name, path: default_cache().get(path), checkpoint_id=checkpoint_id,
+        figures = evaluate(app.session, lambda _name, path, decoding: default_cache().get(path, decoding=decoding),
+                           checkpoint_id=checkpoint_id,
                            dataset_id=dataset_id,
                            method=method, limit=limit,
                            progress=lambda done, total: status.update(f"{label}: {done}/{total} questions"))
@@ -178,11 +181,23 @@ def eval_compare(app: App, model: str, dataset: str) -> None:
         console.print(_compare_table(model, dataset, evaluations))
 
 
+def split_label(label: str) -> tuple[str, str]:
+    """``cot/0-shot/512-new/...`` → (``cot/0-shot``, ``512-new ...``); a label stored before labels
+    named the settings has none (``—``)."""
+    parts = label.split("/")
+    return "/".join(parts[:2]), " ".join(parts[2:]) or "—"
+
+
 def _compare_table(model: str, dataset: str, evaluations) -> Table:
-    table = Table(Column("strategy", no_wrap=True), "n", "accuracy", "tokens in", "tokens out", "in/q", "out/q",
-                  "wall s", title=f"{model} on {dataset}", title_justify="left")
+    # The label as the method, then under it the generation settings, which wrap (the figures never do).
+    table = Table(Column("strategy", min_width=11),
+                  *(Column(name, no_wrap=True) for name in ("n", "accuracy", "tokens in", "tokens out", "in/q",
+                                                            "out/q", "wall s")),
+                  title=f"{model} on {dataset}", title_justify="left")
     for e in evaluations:
-        table.add_row(e.strategy, str(e.n_questions), f"{e.accuracy:.1%}", f"{e.input_tokens:,}",
+        method, settings = split_label(e.strategy)
+        table.add_row(Text(method) + Text("\n" + settings, style="dim"), str(e.n_questions), f"{e.accuracy:.1%}",
+                      f"{e.input_tokens:,}",
                       f"{e.output_tokens:,}", f"{e.input_tokens / e.n_questions:,.1f}",
                       f"{e.output_tokens / e.n_questions:,.1f}", f"{e.wall_s:.1f}")
     return table

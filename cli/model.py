@@ -24,14 +24,28 @@ def model() -> None:
 @click.option("--prompt-format", type=click.Choice(["plain", "chat"]), default="plain", show_default=True,
               help="plain: the reference's prompts (base models); chat: each prompt as a user turn of the "
                    "tokenizer's chat template (instruct models). Its trained students inherit it.")
+@click.option("--decoding", "decoding", multiple=True, metavar="KEY=VALUE|neutral",
+              help="Write over a generation_config.json decoding setting whenever the model loads "
+              "(e.g. repetition_penalty=1.0); 'neutral': every setting it changes, back to plain decoding.")
 @pass_app
-def model_register(app: App, name: str, path: Path, role: str, prompt_format: str) -> None:
+def model_register(app: App, name: str, path: Path, role: str, prompt_format: str, decoding: tuple[str, ...]) -> None:
+    from models.backends.decoding import decoding_changes, describe, parse_overrides, read_generation_config
+
     from services.registry import register_model
 
+    file_config = read_generation_config(path)
+    try:
+        overrides = parse_overrides(decoding, file_config)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--decoding") from None
     with app.session() as session:
-        checkpoint = register_model(session, name=name, path=path, role=role, prompt_format=prompt_format)
+        checkpoint = register_model(session, name=name, path=path, role=role, prompt_format=prompt_format,
+                                    decoding=overrides)
         console.print(f"registered {role} model {checkpoint.name!r} at {checkpoint.path}"
                       + (" (chat prompts)" if prompt_format == "chat" else ""))
+    line = describe(*decoding_changes(file_config), overrides)
+    if line:
+        console.print(line, soft_wrap=True, markup=False)
 
 
 @model.command("list")

@@ -23,6 +23,14 @@ def pct(value: float | None) -> str:
     return "—" if value is None else f"{value:.1%}"
 
 
+def prompt_fit_line(report: dict[str, Any]) -> str:
+    """``answered with fewer demonstrations: N; skipped (prompt too long): M (weak: a, strong: b)``."""
+    skipped = report.get("skipped_prompt_too_long") or {}
+    by_voter = f" ({', '.join(f'{voter}: {n}' for voter, n in skipped.items())})" if skipped else ""
+    return (f"answered with fewer demonstrations: {report.get('fewer_demonstrations', 0)}; "
+            f"skipped (prompt too long): {sum(skipped.values())}{by_voter}")
+
+
 def render_report(report: dict[str, Any]) -> Table:
     table = Table("", "value", title="report", show_header=False)
     if "deferred" in report:
@@ -42,6 +50,8 @@ def render_report(report: dict[str, Any]) -> Table:
                 table.add_row("kept set by solution length", mix)
         else:
             table.add_row("accuracies", "the pool has no gold answers")
+    if report.get("fewer_demonstrations") or report.get("skipped_prompt_too_long"):
+        table.add_row("prompts cut to fit the context", prompt_fit_line(report))
     if "pairs" in report:
         table.add_row("questions sampled", str(report["sampled_questions"]))
         skipped = report.get("skipped") or {}

@@ -59,7 +59,7 @@ def round_start(app: App, config_file: Path | None, wait: bool | None, sets: tup
                 **flags: Any) -> None:
     """Validate a round config, write the round and its first jobs, enqueue them."""
     from services.registry import validate_name
-    from services.rounds import named_round, start_round
+    from services.rounds import named_round, round_fit_warnings, start_round
     from workers.dispatch import SendFailed
 
     overrides = _overrides(flags, sets)
@@ -70,6 +70,9 @@ def round_start(app: App, config_file: Path | None, wait: bool | None, sets: tup
         existed = name is not None and named_round(session, name) is not None
         round_obj, job_ids = start_round(session, config, app.settings.delivery, name=name)
         round_id, state = round_obj.id, round_obj.state
+        warnings = round_fit_warnings(session, config)
+    for line in warnings:
+        console.print(Text(line, style="yellow"), soft_wrap=True)
     try:
         app.dispatcher.enqueue(job_ids)
     except SendFailed as exc:
@@ -86,6 +89,16 @@ def round_start(app: App, config_file: Path | None, wait: bool | None, sets: tup
     if wait:
         _wait_for_round(app, round_id)
         _print_status(app, round_id)
+        _fail_unless_done(app, round_id)
+
+
+def _fail_unless_done(app: App, round_id: int) -> None:
+    """A waited-for round that failed or was cancelled ends the command non-zero, saying so."""
+    with app.session() as session:
+        round_obj = session.get(Round, round_id)
+        state, error = round_obj.state, round_obj.error
+    if state != "done":
+        raise click.ClickException(f"round {round_id} {state}" + (f": {error}" if error else ""))
 
 
 def _overrides(flags: dict[str, Any], sets: tuple[str, ...]) -> dict[str, Any]:

@@ -42,4 +42,6 @@ def worker(app: App, roles: str | None, queues: str | None, gpus: str | None, co
 
     if plan.watchdog:
         start_watchdog(worker_settings, worker_settings.delivery.watchdog_s)
+    threads, source = app.torch_threads
+    click.echo(f"worker {os.environ['W2S_WORKER_NAME']}: torch intra-op threads: {threads} per process ({source})")
     celery_app.worker_main(celery_argv(plan, loglevel=loglevel, hostname=hostname))

@@ -91,6 +91,8 @@ class Checkpoint(Base):
     round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"))
     variant: Mapped[str | None] = mapped_column(String(20))
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # generation_config.json fields written over at load (`model register --decoding`); candidates inherit them
+    decoding: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column()
     # How a w2s prompt becomes the text the model reads (models.prompts.model_text): plain | chat.
@@ -235,7 +237,7 @@ class Evaluation(Base):
     checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoints.id"), index=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
     round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"))
-    strategy: Mapped[str] = mapped_column(String(20))
+    strategy: Mapped[str] = mapped_column(String(200))  # the method's label, its generation settings included
     n_questions: Mapped[int] = mapped_column(Integer)
     correct: Mapped[int] = mapped_column(Integer)
     accuracy: Mapped[float] = mapped_column(Float)

@@ -7,7 +7,8 @@ Training targets are the response text after the prompt, no chat template ("vani
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 # Never "#": it would cut the "#### X" answer line.
 STOP_STRINGS: tuple[str, ...] = ("Question", "Answer")
@@ -21,6 +22,57 @@ def few_shot(question: str, demonstrations: Sequence[tuple[str, str]]) -> str:
     """Prompt with in-context (question, response) demonstrations before the target question."""
     blocks = "".join(f"Question: {q.strip()}\nAnswer: {a.strip()}\n\n" for q, a in demonstrations)
     return blocks + zero_shot(question)
+
+
+@dataclass(frozen=True)
+class FittedPrompt:
+    """A question's prompt cut to fit the model: ``prompt`` None means skipped, ``reason`` says why."""
+
+    prompt: str | None
+    demonstrations: int  # how many demonstrations it holds
+    tokens: int  # its length in the model's tokens
+    reason: str | None = None
+
+
+def fit_few_shot(
+    questions: Sequence[str],
+    demonstrations: Sequence[tuple[str, str]],
+    count_tokens: Callable[[Sequence[str]], list[int]],
+    *,
+    context: int | None,
+    max_new_tokens: int,
+) -> list[FittedPrompt]:
+    """Each question's few-shot prompt with as many of ``demonstrations`` as leave room for
+    ``max_new_tokens`` in a ``context``-token model (prompt + max_new_tokens <= context).
+
+    A question that does not fit with all of them drops the longest demonstrations first (the
+    others keep their order), one at a time, down to the zero-shot prompt; one whose zero-shot
+    prompt does not fit is skipped with the reason. ``context`` None: no limit known, all fit."""
+    demonstrations = list(demonstrations)
+    # Longest first, by the tokens of their blocks: dropping them frees the most room per demonstration.
+    block_tokens = count_tokens([few_shot("", [d])[: -len(zero_shot(""))] for d in demonstrations]) if demonstrations else []
+    drop_order = sorted(range(len(demonstrations)), key=lambda i: (-block_tokens[i], -i))
+    subsets = [[demonstrations[i] for i in range(len(demonstrations)) if i not in set(drop_order[:dropped])]
+               for dropped in range(len(demonstrations) + 1)]
+    per_question = len(subsets)
+    candidates = [few_shot(question, subset) for question in questions for subset in subsets]
+    lengths = count_tokens(candidates) if context is not None and candidates else [0] * len(candidates)
+    fitted = []
+    for start in range(0, len(candidates), per_question):
+        options = range(start, start + per_question)
+        chosen = next((i for i in options if context is None or lengths[i] + max_new_tokens <= context), None)
+        if chosen is None:
+            shortest = lengths[start + per_question - 1]
+            fitted.append(FittedPrompt(None, 0, shortest, prompt_too_long(shortest, max_new_tokens, context)))
+        else:
+            fitted.append(FittedPrompt(candidates[chosen], len(subsets[chosen - start]), lengths[chosen]))
+    return fitted
+
+
+def prompt_too_long(prompt_tokens: int, max_new_tokens: int, context: int | None) -> str:
+    """Why a prompt is refused: the one wording for the skip reason and the error message."""
+    return (f"prompt too long: {prompt_tokens} prompt tokens + max_new_tokens {max_new_tokens} "
+            f"exceed the model's context of {context} tokens")
 
 
 def training_target(response: str) -> str:

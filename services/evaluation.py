@@ -30,7 +30,7 @@ from models.answers import answers_match, extract_answer
 from models.backends import CallStats, ModelBackend, in_format
 from models.generation import generate, step_generator
 from models.leco import LecoResult, Step, leco_solve, majority_index, score_steps
-from models.prompts import clean_response, step_by_step
+from models.prompts import clean_response, prompt_too_long, step_by_step
 from services.config import StrategyConfig
 from services.errors import InputError, NotFound
 from services.registry import get_checkpoint, get_dataset
@@ -90,7 +90,7 @@ def solve(
     """One solution per prompt, in order."""
     if not prompts:
         return []
-    check_prompts_fit(loaded, prompts)
+    check_prompts_fit(loaded, prompts, max_new_tokens)
     if strategy.strategy == "leco":
         return _solve_leco(loaded, prompts, task, strategy, max_new_tokens, batch_size, stats)
     sampling: dict[str, Any] = {}
@@ -114,17 +114,19 @@ def solve(
     return solutions
 
 
-def check_prompts_fit(loaded: ModelBackend, prompts: Sequence[str]) -> None:
-    """A prompt longer than the model's context would be answered from garbage positions (or crash
-    with an index error), so it is refused with its length; the usual cause is the demonstrations."""
+def check_prompts_fit(loaded: ModelBackend, prompts: Sequence[str], max_new_tokens: int) -> None:
+    """Every prompt leaves room for ``max_new_tokens`` in the model's context (prompt +
+    max_new_tokens <= context): past it, positions the model never saw produce garbage or an index
+    error. A prompt that does not fit is refused with its length; the usual cause is the
+    demonstrations. (The round's generate jobs fit their prompts first and skip what cannot fit.)"""
     context = loaded.context_length
     if context is None:
         return
     lengths = loaded.count_tokens(prompts)
     longest = max(range(len(lengths)), key=lengths.__getitem__)
-    if lengths[longest] >= context:
-        raise InputError(f"prompt {longest + 1} is {lengths[longest]} tokens, the model {loaded.path} reads at most "
-                         f"{context}: use fewer demonstrations (--shots) or a model with a longer context")
+    if lengths[longest] + max_new_tokens > context:
+        raise InputError(f"prompt {longest + 1} of {loaded.path}: {prompt_too_long(lengths[longest], max_new_tokens, context)}: "
+                         "use fewer demonstrations (--shots), a smaller max_new_tokens or a model with a longer context")
 
 
 def _sample(text: str, pieces: list[str], probs: list[float], task: str, input_tokens: int, output_tokens: int) -> Sample:
@@ -184,9 +186,26 @@ class EvalMethod:
             raise ValueError(f"pass_at: needs the sc strategy (k samples), got {self.strategy.strategy}")
 
     def label(self) -> str:
-        """The name the figures are stored under: ``cot/0-shot``, ``sc@10/4-shot``, ``pass@10/0-shot``."""
+        """The name the figures are stored under, and the key a round reuses them by: everything
+        that changes the answers (``eval_label``), e.g. ``cot/0-shot/512-new``,
+        ``sc@10/4-shot/512-new/t0.7/p1``, ``pass@10/0-shot/1024-new/t1/p1``,
+        ``leco/0-shot/512-new/top5/3-rethinks/divert``."""
         name = f"pass@{self.strategy.samples}" if self.pass_at else self.strategy.label()
-        return f"{name}/{self.shots}-shot"
+        return eval_label(name, self.shots, self.strategy, self.max_new_tokens)
+
+
+def eval_label(name: str, shots: int, strategy: StrategyConfig, max_new_tokens: int) -> str:
+    """An evaluation's identity as a label: the method's name and shots, then the generation
+    settings that change its answers. Sampling adds temperature and top-p; LECO adds the step-score
+    mode, the rethinks and the rethink rule (they decide which steps are redone). Left out, as
+    they do not change what is measured: batch size, LECO's KV-cache reuse (same tokens either
+    way), and the seed (a sampled figure is one draw of the same measurement)."""
+    parts = [name, f"{shots}-shot", f"{max_new_tokens}-new"]
+    if strategy.strategy == "sc":
+        parts += [f"t{strategy.temperature:g}", f"p{strategy.top_p:g}"]
+    if strategy.strategy == "leco":
+        parts += [strategy.token_prob, f"{strategy.max_rethinks}-rethinks", strategy.rethink]
+    return "/".join(parts)
 
 
 def round_eval_method(config: Any, *, strategy: StrategyConfig | dict[str, Any] | None = None, shots: int | None = None,
@@ -207,7 +226,7 @@ def round_eval_method(config: Any, *, strategy: StrategyConfig | dict[str, Any] 
 
 @dataclass
 class EvalOutcome:
-    strategy: str  # the label: cot/0-shot, sc@10/0-shot, pass@10/0-shot, leco/4-shot
+    strategy: str  # the label (EvalMethod.label): cot/0-shot/512-new, pass@10/0-shot/512-new/t1/p1, ...
     n_questions: int
     correct: int
     input_tokens: int
@@ -309,7 +328,7 @@ class EvalFigures:
 
 def evaluate(
     session_scope: Callable[[], Any],
-    load: Callable[[str, str], ModelBackend],
+    load: Callable[[str, str, dict[str, Any]], ModelBackend],
     *,
     checkpoint_id: int,
     dataset_id: int,
@@ -323,7 +342,7 @@ def evaluate(
 ) -> EvalFigures:
     """Evaluate a registered checkpoint on an imported labelled dataset and store the figures.
 
-    Reads the questions in a short transaction, loads the model (``load(name, path)``) and answers
+    Reads the questions in a short transaction, loads the model (``load(name, path, decoding)``) and answers
     outside any, then stores the figures and calls ``then(session, figures)`` in the same
     transaction (a job marks itself done there). ``reuse``: figures that a round stored under the
     same key (checkpoint, dataset, method label, question count) are taken as they are, without
@@ -335,6 +354,7 @@ def evaluate(
                            f"checkpoint {checkpoint_id} does not exist")
         questions, task = gold_questions(session, dataset, limit), dataset.task
         name, path, prompt_format = checkpoint.name, checkpoint.path, checkpoint.prompt_format
+        decoding = dict(checkpoint.decoding or {})
         if not questions:
             raise InputError(f"dataset {dataset.name!r} has no questions")
         if reuse:
@@ -347,7 +367,7 @@ def evaluate(
                 if then is not None:
                     then(session, figures)
                 return figures
-    loaded = in_format(load(name, path), prompt_format)  # as the checkpoint was registered (or trained)
+    loaded = in_format(load(name, path, decoding), prompt_format)  # as the checkpoint was registered (or trained)
     outcome = evaluate_questions(loaded, questions, task, method, stats=stats,
                                  progress=(lambda done: progress(done, len(questions))) if progress else None)
     with session_scope() as session:

@@ -627,7 +627,9 @@ def _evaluation(session: Session, checkpoint_id: int, dataset_id: int | None, ev
         if evaluation is not None:
             return evaluation
     query = select(Evaluation).where(Evaluation.checkpoint_id == checkpoint_id, Evaluation.dataset_id == dataset_id,
-                                     Evaluation.strategy == "cot/0-shot")  # the gate's default: EvalMethod().label()
+                                     # the gate's default method (cot/0-shot/<N>-new), at any budget; or stored
+                                     # before labels named the budget
+                                     (Evaluation.strategy == "cot/0-shot") | Evaluation.strategy.like("cot/0-shot/%"))
     # Same question count first (True sorts after False, hence desc), then the newest.
     order = [(Evaluation.n_questions == n_questions).desc()] if n_questions else []
     return session.scalar(query.order_by(*order, Evaluation.id.desc()).limit(1))

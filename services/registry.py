@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -62,7 +63,10 @@ def export_dataset(session: Session, name: str, path: Path, fmt: str | None = No
     return len(rows)
 
 
-def register_model(session: Session, *, name: str, path: Path, role: str, prompt_format: str = "plain") -> Checkpoint:
+def register_model(session: Session, *, name: str, path: Path, role: str, prompt_format: str = "plain",
+                   decoding: dict[str, Any] | None = None) -> Checkpoint:
+    """A base checkpoint; ``decoding``: generation_config.json fields written over whenever it
+    loads (``models.backends.decoding``)."""
     validate_name(name, "model name")
     if role not in ROLES:
         raise InputError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
@@ -78,7 +82,7 @@ def register_model(session: Session, *, name: str, path: Path, role: str, prompt
         raise InputError(f"--prompt-format chat: the tokenizer of {resolved} has no chat template "
                          "(no chat_template in tokenizer_config.json, nor chat_template.jinja); register it as plain")
     checkpoint = Checkpoint(name=name, path=str(Path(resolved).resolve()), role=role, status=CheckpointStatus.BASE,
-                            metrics={}, prompt_format=prompt_format)
+                            metrics={}, prompt_format=prompt_format, decoding=dict(decoding or {}))
     session.add(checkpoint)
     return checkpoint
 

@@ -16,6 +16,8 @@ from models.answers import answers_match, extract_answer
 from services.contracts import (
     EvaluatePayload,
     EvaluateResult,
+    GeneratePayload,
+    GenerateResult,
     JobKey,
     JobKind,
     JobState,
@@ -52,6 +54,7 @@ def round_report(session: Session, round_: Round, promotion: PromoteResult | Non
         report.update(_vote_figures(session, round_, task))
     elif round_.stage == "preference":
         report.update(_pair_figures(session, round_, task))
+    report.update(prompt_fit(session, round_.id))
     report["variants"] = _variants(session, round_)
     if promotion is None:
         promote = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == str(JobKey.single(JobKind.PROMOTE))))
@@ -68,6 +71,24 @@ def round_report(session: Session, round_: Round, promotion: PromoteResult | Non
         report["promoted"] = promotion.promoted
         report["reason"] = promotion.reason
     return report
+
+
+def prompt_fit(session: Session, round_id: int) -> dict[str, Any]:
+    """From the round's generate jobs: how many questions were answered with fewer demonstrations
+    than configured (their prompt would not fit the model's context with room for max_new_tokens),
+    and, per voter, how many were skipped because even the zero-shot prompt does not fit."""
+    fewer: set[int] = set()
+    skipped: dict[str, set[int]] = {}
+    for job in session.scalars(select(Job).where(Job.round_id == round_id, Job.kind == JobKind.GENERATE,
+                                                 Job.state == JobState.DONE)):
+        result = result_of(job, GenerateResult)
+        if result is None:
+            continue
+        fewer.update(result.fewer_demonstrations)
+        if result.skipped:
+            skipped.setdefault(payload_of(job, GeneratePayload).voter, set()).update(result.skipped)
+    return {"fewer_demonstrations": len(fewer),
+            "skipped_prompt_too_long": {voter: len(ids) for voter, ids in sorted(skipped.items())}}
 
 
 def _vote_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:

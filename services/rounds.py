@@ -126,6 +126,44 @@ def start_round(session: Session, config: AnyRoundConfig, delivery: DeliverySett
     return round_, advance(session, round_.id, delivery)
 
 
+def fit_warnings(config: AnyRoundConfig, contexts: dict[str, tuple[str, int | None]]) -> list[str]:
+    """One line per generating model whose context cannot hold the configured generation: role →
+    (model name, context in tokens; None when unknown). ``max_new_tokens`` at or past the context
+    leaves no room for any prompt (every question would be skipped); the strong voter's K
+    demonstrations, each a weak response of up to ``max_new_tokens``, plus the answer's room past
+    the context mean long questions will be answered with fewer demonstrations or skipped."""
+    budget = config.generation.max_new_tokens
+    demonstrations = getattr(config, "demonstrations", 0)
+    lines = []
+    for role, (name, context) in contexts.items():
+        if context is None:
+            continue
+        if budget >= context:
+            lines.append(f"warning: generation.max_new_tokens {budget} leaves no room for a prompt in {role} model "
+                         f"{name!r}'s context of {context} tokens: every question it answers will be skipped")
+        elif role == "strong" and demonstrations and (demonstrations + 1) * budget > context:
+            lines.append(f"warning: {demonstrations} demonstrations of up to max_new_tokens {budget} each, plus "
+                         f"{budget} for the answer, exceed strong model {name!r}'s context of {context} tokens: "
+                         "questions whose prompt would not fit get fewer demonstrations, or are skipped")
+    return lines
+
+
+def round_fit_warnings(session: Session, config: AnyRoundConfig) -> list[str]:
+    """``fit_warnings`` for the models a round generates with, their contexts read from their
+    config files (nothing is loaded)."""
+    from models.backends import declared_context_length
+
+    roles = {"weak": config.weak, "strong": config.strong} if config.stage == "sft" else \
+        {"student": config.student} if config.stage == "preference" else {"weak": config.weak}
+    if config.stage == "sft" and config.student:
+        roles["student"] = config.student
+    contexts = {}
+    for role, name in roles.items():
+        checkpoint = get_checkpoint(session, name)
+        contexts[role] = (checkpoint.name, declared_context_length(checkpoint.path))
+    return fit_warnings(config, contexts)
+
+
 def named_round(session: Session, name: str) -> Round | None:
     return session.scalar(select(Round).where(Round.name == name))
 
@@ -456,19 +494,38 @@ def _with_limit(spec: JobSpec, config: AnyRoundConfig) -> JobSpec:
 
 
 def choose_demonstrations(session: Session, round_: Round, config: SFTRoundConfig) -> list[int]:
-    """K weak generations with a non-empty answer, drawn with the round's seed (unchecked: no labels exist)."""
+    """K weak generations with a non-empty answer, drawn with the round's seed (unchecked: no labels
+    exist), preferring complete and shorter responses (``demonstration_candidates``)."""
     if config.demonstrations == 0:
         return []
     rows = session.execute(
-        select(Generation.id)
+        select(Generation.id, Generation.output_tokens)
         .join(Question, Question.id == Generation.question_id)
-        .where(Generation.round_id == round_.id, Generation.voter == "weak", Generation.answer != "")
+        .where(Generation.round_id == round_.id, Generation.voter == "weak", Generation.answer != "",
+               Generation.sample_index == 0)
         .order_by(Question.index)
-    ).scalars().all()
-    if len(rows) < config.demonstrations:
+    ).all()
+    candidates = demonstration_candidates([(row.id, row.output_tokens) for row in rows], config.demonstrations,
+                                          config.generation.max_new_tokens)
+    if len(candidates) <= config.demonstrations:
         # Fewer answered questions than K: use what there is rather than stall the round.
-        return list(rows)
-    return sorted(random.Random(config.seed).sample(list(rows), config.demonstrations))
+        return sorted(candidates)
+    return sorted(random.Random(config.seed).sample(candidates, config.demonstrations))
+
+
+def demonstration_candidates(responses: list[tuple[int, int]], k: int, max_new_tokens: int) -> list[int]:
+    """The weak responses (id, output tokens) that K demonstrations are drawn from, in the order
+    given: the complete ones (stopped before ``max_new_tokens``: a cut response teaches the strong
+    model to ramble and fills its context), and of those the shorter half, at least K, so that
+    the demonstrations leave room in the strong model's context. Cut responses only make up the
+    numbers when fewer than K are complete."""
+    complete = [(i, n) for i, n in responses if n < max_new_tokens]
+    if len(complete) < k:
+        cut = sorted(((i, n) for i, n in responses if n >= max_new_tokens), key=lambda r: r[1])
+        return [i for i, _ in complete + cut[: k - len(complete)]]
+    keep = max(k, (len(complete) + 1) // 2)
+    shorter = {i for i, _ in sorted(complete, key=lambda r: (r[1], r[0]))[:keep]}
+    return [i for i, _ in complete if i in shorter]
 
 
 # --- resume, lookups -----------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def accuracy(answers: Mapping[int, str], gold: Mapping[int, str | None], task: s
 # --- stage II: preference pairs ------------------------------------------------------------------
 
 PAIR_CASES = ("weak_chosen", "weak_rejected")
-SKIP_REASONS = ("below_floor", "empty_majority", "too_easy", "below_tau")
+SKIP_REASONS = ("below_floor", "empty_majority", "too_easy", "below_tau", "prompt_too_long")
 MAX_PAIRS_PER_QUESTION = 3  # ALGORITHMS.md stage II step 6: MATH-style takes up to 3
 
 

@@ -132,6 +132,11 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(None, ge=1, le=65535, description="a worker's /metrics port; None: off")
     metrics_addr: str = "0.0.0.0"
 
+    # --- torch: intra-op threads per process. Unset: OMP_NUM_THREADS if set, else 1. Small-batch
+    # generation is many tiny ops: on a shared 2-core machine 64 tokens took 13 s with 2 OpenMP
+    # threads and 1.1 s with 1 (issue 17), and a worker runs one model process per GPU or core. ---
+    torch_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads per process")
+
     # --- models allowed to run their own code at load time (trust_remote_code), by name or path ---
     trust_remote_code: str = Field("", description="comma-separated; empty: none")
 
@@ -231,6 +236,32 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             value = f"={error['input']!r}" if field in Settings.model_fields and not isinstance(error["input"], dict) else ""
             parts.append(f"{name}{value}: {error['msg']}")
         raise ConfigError("; ".join(parts)) from None
+
+
+def torch_thread_count(setting: int | None, environ: Mapping[str, str]) -> tuple[int, str]:
+    """How many intra-op threads torch gets in a w2s process, and where that number comes from:
+    W2S_TORCH_THREADS, else a valid OMP_NUM_THREADS the operator set, else 1."""
+    if setting is not None:
+        return setting, "W2S_TORCH_THREADS"
+    omp = environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    return 1, "default: one per process; W2S_TORCH_THREADS to change"
+
+
+def apply_torch_threads(settings: Settings) -> tuple[int, str]:
+    """Set this process's (and its children's) torch thread count; called at the entry points only
+    (the CLI's App, the worker's start and each pool process). OMP_NUM_THREADS is what torch reads
+    when it is first imported; a torch already imported is told directly."""
+    import os
+    import sys
+
+    threads, source = torch_thread_count(settings.torch_threads, os.environ)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads, source
 
 
 def redact(url: str) -> str:

@@ -12,7 +12,7 @@ from celery.signals import task_rejected, worker_process_init
 from kombu import Queue
 
 from services.config import QUEUES
-from services.settings import Settings, load_settings
+from services.settings import Settings, apply_torch_threads, load_settings
 from workers import telemetry  # logs with job ids, Prometheus metrics, worker info: Celery signals
 
 log = logging.getLogger("w2s.worker")
@@ -72,6 +72,8 @@ def _fresh_connections_after_fork(**_kwargs) -> None:
 
     dispose_engines()
     pin_this_process(settings.pin_gpus)  # a model role's pool process uses one GPU of the worker's --gpus
+    threads, source = apply_torch_threads(settings)
+    log.info("worker process started: torch intra-op threads %d (%s)", threads, source)
 
 
 @task_rejected.connect

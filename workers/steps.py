@@ -20,7 +20,7 @@ from models.answers import extract_answer
 from models.backends import CheckpointError, configure_default_cache, default_cache, describe, in_format
 from models.generation import generate
 from models.leco import score_steps
-from models.prompts import clean_response, few_shot, zero_shot
+from models.prompts import clean_response, fit_few_shot, zero_shot
 from services.config import SFTRoundConfig, StrategyConfig
 from services.contracts import (
     CheckpointStatus,
@@ -55,14 +55,16 @@ from services.voting import voted_pages
 from workers.runner import JobContext
 
 
-def load_named(name: str, path: str, backend: str | None = None, settings=None):
-    """The model of a checkpoint with ``backend`` (None: recognised from the directory); a failure
-    to load names the model and its path (the job's error is what `round status` shows), whatever
-    library raised it. ``settings``: the worker's, for the engines' own options (W2S_VLLM_*)."""
+def load_named(name: str, path: str, backend: str | None = None, settings=None,
+               decoding: dict[str, Any] | None = None):
+    """The model of a checkpoint with ``backend`` (None: recognised from the directory) and its
+    registered decoding overrides; a failure to load names the model and its path (the job's error
+    is what `round status` shows), whatever library raised it. ``settings``: the worker's, for the
+    engines' own options (W2S_VLLM_*)."""
     if settings is not None:
         configure_default_cache(settings.backend_options())
     try:
-        return default_cache().get(path, backend=backend)
+        return default_cache().get(path, backend=backend, decoding=decoding)
     except Exception as exc:  # noqa: BLE001 - transformers, safetensors and torch each raise their own
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(path, f"model {name!r} does not load: {reason}") from exc
@@ -83,6 +85,7 @@ class _GenerationSetup:
     path: str
     model_name: str
     demonstrations: list[tuple[str, str]]
+    decoding: dict[str, Any]  # the checkpoint's registered overrides of its generation_config.json
     prompt_format: str = "plain"  # the checkpoint's (models.prompts.model_text)
 
 
@@ -113,7 +116,7 @@ def _generation_setup(session, round_id: int, voter: str) -> _GenerationSetup:
         ).all()
         demonstrations = [(q, a) for q, a in demos]
     setup = _GenerationSetup(config, resolved.task, checkpoint.id, checkpoint.path, checkpoint.name, demonstrations,
-                             checkpoint.prompt_format)
+                             dict(checkpoint.decoding or {}), checkpoint.prompt_format)
     if len(_SETUPS) >= 64:  # a long-lived worker serves many rounds: keep the recent ones
         _SETUPS.pop(next(iter(_SETUPS)))
     _SETUPS[key] = setup
@@ -132,7 +135,7 @@ def run_generate(ctx: JobContext) -> None:
         by_id = {q.id: q for q in session.scalars(select(Question).where(Question.id.in_(payload.question_ids)))}
         questions = [by_id[qid] for qid in payload.question_ids]
     config, task, demonstrations = setup.config, setup.task, setup.demonstrations
-    checkpoint_id, path, model_name = setup.checkpoint_id, setup.path, setup.model_name
+    checkpoint_id, path, model_name, decoding = setup.checkpoint_id, setup.path, setup.model_name, setup.decoding
 
     sampling = getattr(config, "sampling", None) if voter == "student" else None
     # Stage I voters answer with their configured strategy (cot: greedy, as the reference).
@@ -142,13 +145,26 @@ def run_generate(ctx: JobContext) -> None:
     if answering is not None and answering.strategy != "cot":
         strategy += f"/{answering.label()}"
     backend = (answering.backend if answering else None) or config.generation.backend or ctx.settings.backend
-    loaded = in_format(load_named(model_name, path, backend, ctx.settings), setup.prompt_format)
-    groups = _batches(questions, max(1, config.generation.batch_size * 4 // n))
+    loaded = in_format(load_named(model_name, path, backend, ctx.settings, decoding), setup.prompt_format)
+    max_new_tokens = config.generation.max_new_tokens
+    # Every prompt leaves room for max_new_tokens: demonstrations are dropped (longest first) where
+    # a question needs it, and a question whose zero-shot prompt cannot fit is skipped, with why.
+    # Decided for the whole chunk before generating, so a retry records the same figures.
+    fitted = dict(zip((q.id for q in questions), fit_few_shot(
+        [q.text for q in questions], demonstrations, loaded.count_tokens, context=loaded.context_length,
+        max_new_tokens=max_new_tokens)))
+    skipped = {qid: fit.reason or "" for qid, fit in fitted.items() if fit.prompt is None}
+    fewer = {qid: fit.demonstrations for qid, fit in fitted.items()
+             if fit.prompt is not None and fit.demonstrations < len(demonstrations)}
+    answerable = [q for q in questions if q.id not in skipped]
+    groups = _batches(answerable, max(1, config.generation.batch_size * 4 // n))
     generated, tokens, finished = 0, 0, False
 
     def result() -> dict[str, Any]:
         return GenerateResult(generated=generated, questions=len(questions), samples_per_question=n,
-                              output_tokens=tokens, engine=describe(loaded)).stored()
+                              output_tokens=tokens, engine=describe(loaded),
+                              **({"fewer_demonstrations": fewer} if fewer else {}),
+                              **({"skipped": skipped} if skipped else {})).stored()
 
     # Commit group by group: a retry skips the groups already complete. Groups are fixed by the
     # chunk, and each group's sampling seed by (round seed, group's first question), so a re-run
@@ -156,16 +172,16 @@ def run_generate(ctx: JobContext) -> None:
     for done_groups, group in enumerate(groups, start=1):
         if all(existing[q.id] >= n for q in group):
             continue
-        prompts = [few_shot(q.text, demonstrations) if demonstrations else zero_shot(q.text) for q in group]
+        prompts = [fitted[q.id].prompt or "" for q in group]
         seed = config.seed * 1_000_003 + group[0].id
         if sampling:
             completions = generate(
-                loaded, prompts, max_new_tokens=config.generation.max_new_tokens,
+                loaded, prompts, max_new_tokens=max_new_tokens,
                 batch_size=config.generation.batch_size, do_sample=True, num_samples=n,
                 temperature=sampling.temperature, top_p=sampling.top_p, seed=seed, return_token_probs="top5")
             answers = [[_scored_sample(c, task) for c in samples] for samples in completions]
         else:
-            solutions = solve(loaded, prompts, task, answering, max_new_tokens=config.generation.max_new_tokens,
+            solutions = solve(loaded, prompts, task, answering, max_new_tokens=max_new_tokens,
                               batch_size=config.generation.batch_size, seed=seed)
             answers = [solution.samples for solution in solutions]
         rows = []
@@ -260,6 +276,9 @@ def run_pairs(ctx: JobContext) -> None:
 
             rows = []
             for qid in page:
+                if not samples.get(qid):  # the student's prompt did not fit its context: nothing sampled
+                    skipped["prompt_too_long"] += 1
+                    continue
                 decision = decide_pairs(
                     weak[qid].answer, weak[qid].text, [(g.answer, g.text) for g in samples[qid]], task=resolved.task,
                     floor=config.pairs.floor, tau=config.pairs.tau, per_question=config.pairs.pairs_per_question,
@@ -318,6 +337,7 @@ def run_train(ctx: JobContext) -> None:
                 .order_by(TrainingExample.id))]
         student_id, student_path, student_role = student.id, student.path, student.role
         prompt_format = student.prompt_format  # trained on what it is asked; the candidate keeps it
+        student_decoding = dict(student.decoding or {})  # a candidate decodes as its student was registered to
         lineage_root_id = resolved.lineage_root_id
         stage, iteration = round_.stage, round_.iteration
     if not examples:
@@ -394,6 +414,7 @@ def run_train(ctx: JobContext) -> None:
         insert_ignore(session, Checkpoint, [{
             "name": name, "path": str(output_dir), "role": student_role, "status": CheckpointStatus.CANDIDATE,
             "parent_id": student_id, "lineage_root_id": lineage_root_id, "round_id": ctx.round_id,
+            "decoding": student_decoding,
             "variant": variant, "metrics": {"train": metrics, "saved": saved, "setting": payload.setting or {}},
             "created_at": utcnow(), "prompt_format": prompt_format}])
         checkpoint_id = session.scalar(select(Checkpoint.id).where(Checkpoint.name == name))
@@ -450,8 +471,8 @@ def run_evaluate(ctx: JobContext) -> None:
     backend = method.strategy.backend or config.generation.backend or ctx.settings.backend
     engines: list[dict] = []
 
-    def load(name: str, path: str):
-        loaded = load_named(name, path, backend, ctx.settings)
+    def load(name: str, path: str, decoding: dict[str, Any]):
+        loaded = load_named(name, path, backend, ctx.settings, decoding)
         engines.append(describe(loaded))
         return loaded
 

@@ -19,6 +19,7 @@ from models.backends.loader import (
                                   backend_for,
                                   check_checkpoint_dir,
                                   configure_default_cache,
+                                  declared_context_length,
                                   default_cache,
                                   describe,
                                   in_format,
@@ -28,5 +29,6 @@ from models.backends.loader import (
 __all__ = [
     "BACKENDS", "DEFAULT_BACKEND", "TOKEN_PROB_MODES", "CallStats", "CheckpointError", "Completion",
     "GenerationParams", "ModelBackend", "ModelCache", "StepGenerator", "StepOptions", "backend_for",
-    "check_checkpoint_dir", "configure_default_cache", "default_cache", "describe", "in_format", "load_backend",
+    "check_checkpoint_dir", "configure_default_cache", "declared_context_length", "default_cache", "describe",
+    "in_format", "load_backend",
 ]

@@ -396,11 +396,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a CUDA device that supports it, fp32 elsewhere (CPU, older GPUs)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+def default_dtype(device: torch.device, path: Path | None = None) -> torch.dtype:
+    """float32 on CPU; on a GPU a bf16/fp16 checkpoint's own dtype, else bf16 where supported
+    (``loader.choose_dtype``, the rule)."""
+    from models.backends.loader import choose_dtype, declared_dtype
+
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return getattr(torch, choose_dtype(device.type, declared_dtype(path) if path else None, bf16))
 
 
 def load(
@@ -410,6 +412,7 @@ def load(
     remote_code_allowed: Collection[str] = (),
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    decoding: dict[str, Any] | None = None,
 ) -> TransformersBackend:
     """Load a checked local checkpoint for generation: eval mode, on ``device``, left-padding tokenizer."""
     check_remote_code(path, trust_remote_code, remote_code_allowed)
@@ -418,7 +421,7 @@ def load(
 
     hf_logging.disable_progress_bar()  # workers log their own progress; a bar only clutters job logs
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    dtype = dtype or default_dtype(device, path)
     stamp = fingerprint(path)  # before loading: a rewrite during the load shows up next time
     tokenizer = AutoTokenizer.from_pretrained(
         path, local_files_only=True, trust_remote_code=trust_remote_code
@@ -439,4 +442,6 @@ def load(
             dtype=dtype,
         )
     model.to(device).eval()
+    for field, value in (decoding or {}).items():  # the registered model's overrides of generation_config.json
+        setattr(model.generation_config, field, value)
     return TransformersBackend(model=model, tokenizer=tokenizer, path=path, fingerprint=stamp)

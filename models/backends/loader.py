@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import json
 import os
 import sys
 import threading
@@ -89,6 +90,57 @@ def in_format(backend: ModelBackend, prompt_format: str) -> ModelBackend:
     return backend if prompt_format == "plain" else backend.formatted(prompt_format)
 
 
+def declared_context_length(path: str | os.PathLike) -> int | None:
+    """The context a checkpoint's config.json declares (``max_position_embeddings``, or a
+    multimodal config's ``text_config``), read without loading anything; None when it declares
+    none (a replay directory, an unknown layout). The loaded backend's ``context_length`` is the
+    authority; this is for warnings before anything is loaded."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        value = section.get("max_position_embeddings") if isinstance(section, dict) else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def declared_dtype(path: str | os.PathLike) -> str | None:
+    """The dtype a checkpoint's config.json says its weights are in (``dtype``, or ``torch_dtype``
+    as transformers 4 wrote it), e.g. ``"bfloat16"``; None when it says none."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        for key in ("dtype", "torch_dtype"):
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, str) and value:
+                return value.removeprefix("torch.")
+    return None
+
+
+def choose_dtype(device_type: str, checkpoint_dtype: str | None, bf16_supported: bool) -> str:
+    """The dtype a checkpoint is loaded in for generation. CPU: float32 always (half-precision
+    matmuls there are slow or missing). GPU: a bf16 or fp16 checkpoint in its own dtype (a bf16
+    one in float32 where the GPU has no bf16: casting it to fp16 could overflow); a float32 or
+    undeclared one in bf16 where supported (half the memory, the usual serving precision), else
+    float32."""
+    if device_type != "cuda":
+        return "float32"
+    if checkpoint_dtype == "float16":
+        return "float16"
+    if checkpoint_dtype == "bfloat16":
+        return "bfloat16" if bf16_supported else "float32"
+    return "bfloat16" if bf16_supported else "float32"
+
+
+# Engines that merge a checkpoint's generation_config.json into their decoding and take a
+# registration's overrides of it (``models.backends.decoding``).
+DECODING_BACKENDS = ("transformers",)
+
+
 class ModelCache:
     """Loaded backends of one process, by resolved path: reused while the checkpoint's
     fingerprint is unchanged, reloaded when it changed, least recently used evicted beyond
@@ -107,18 +159,24 @@ class ModelCache:
         self.options = options  # for every load: device, dtype
         self.backend_options = backend_options or {}  # for one backend's loads only (vllm: its engine settings)
         self.loads = 0
-        self._models: OrderedDict[tuple[str, str, bool], ModelBackend] = OrderedDict()
+        self._models: OrderedDict[tuple[str, str, bool, str], ModelBackend] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, path: str | os.PathLike, *, backend: str | None = None,
-            trust_remote_code: bool = False, prompt_format: str = "plain") -> ModelBackend:
+            trust_remote_code: bool = False, prompt_format: str = "plain",
+            decoding: dict[str, Any] | None = None) -> ModelBackend:
         """The loaded backend of ``path``, reading prompts in ``prompt_format`` (both formats
-        share one loaded copy of the model)."""
-        return in_format(self._get(path, backend=backend, trust_remote_code=trust_remote_code), prompt_format)
+        share one loaded copy of the model). ``decoding``: generation-config fields written over at
+        load (a registered model's overrides, ``models.backends.decoding``); other overrides are
+        another loaded copy."""
+        return in_format(self._get(path, backend=backend, trust_remote_code=trust_remote_code, decoding=decoding),
+                         prompt_format)
 
-    def _get(self, path: str | os.PathLike, *, backend: str | None, trust_remote_code: bool) -> ModelBackend:
+    def _get(self, path: str | os.PathLike, *, backend: str | None, trust_remote_code: bool,
+             decoding: dict[str, Any] | None = None) -> ModelBackend:
         resolved = str(check_checkpoint_dir(path, backend).resolve())
-        key = (resolved, backend_for(resolved, backend), trust_remote_code)
+        overrides = json.dumps(decoding or {}, sort_keys=True)
+        key = (resolved, backend_for(resolved, backend), trust_remote_code, overrides)
         with self._lock:
             cached = self._models.get(key)
             if cached is not None and cached.fingerprint == fingerprint(resolved):
@@ -130,6 +188,8 @@ class ModelCache:
                 for other in [k for k in self._models if k[1] == key[1]]:
                     self._evict(other)
             loaded = load_backend(resolved, backend=key[1], trust_remote_code=trust_remote_code,
+                                  # overrides of generation_config.json: the transformers engine's (DECODING_BACKENDS)
+                                  **({"decoding": decoding} if decoding and key[1] in DECODING_BACKENDS else {}),
                                   **{**self.options, **self.backend_options.get(key[1], {})})
             self.loads += 1
             self._models[key] = loaded
@@ -149,7 +209,7 @@ class ModelCache:
         resolved = str(Path(path).resolve())
         return any(key[0] == resolved for key in self._models)
 
-    def _evict(self, key: tuple[str, str, bool]) -> None:
+    def _evict(self, key: tuple[str, str, bool, str]) -> None:
         evicted = self._models.pop(key)
         close = getattr(evicted, "close", None)  # an engine with processes of its own (vllm) shuts them down
         if close is not None:

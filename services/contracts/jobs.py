@@ -90,6 +90,11 @@ class GenerateResult(Contract):
     # Output tokens of the samples this attempt generated: `round status` sums them per step from
     # the done jobs instead of reading every generation row (None in rows written before).
     output_tokens: int | None = None
+    # Prompts cut to fit the model's context with room for max_new_tokens (models.prompts.fit_few_shot):
+    # question id → demonstrations used, for those answered with fewer than the round's; question
+    # id → why, for those not answered at all (their zero-shot prompt does not fit).
+    fewer_demonstrations: dict[int, int] = {}
+    skipped: dict[int, str] = {}
 
 
 class VoteResult(Contract):

@@ -27,29 +27,45 @@ def _evaluations(url: str) -> dict[str, Evaluation]:
     return {row.strategy: row for row in rows}
 
 
+def _first_column(table: str) -> str:
+    """The words of a printed table's first column, top to bottom (a wrapped cell reads as one line)."""
+    cells = [line.split("│")[1].strip() for line in table.splitlines() if line.startswith("│")]
+    return " ".join(cell for cell in cells if cell)
+
+
 def test_eval_run_each_strategy_then_compare(registered, cli_runner):
     for strategy in ("cot", "leco"):
         cli_runner("eval", "run", "--model", "strong", "--dataset", "test", "--strategy", strategy, *FAST)
     cli_runner("eval", "run", "--model", "strong", "--dataset", "test", "--strategy", "sc", "--samples", 3, *FAST)
 
     stored = _evaluations(registered)
-    assert set(stored) == {"cot/0-shot", "sc@3/0-shot", "leco/0-shot"}
+    # The labels carry the generation settings: figures at another budget are another measurement.
+    cot_label, sc_label, leco_label = "cot/0-shot/30-new", "sc@3/0-shot/30-new/t0.7/p1", "leco/0-shot/30-new/top5/3-rethinks/divert"
+    assert set(stored) == {cot_label, sc_label, leco_label}
     for e in stored.values():
         assert e.n_questions == 4 and e.accuracy == e.correct / 4 and e.wall_s > 0 and e.round_id is None
         assert e.output_tokens > 0
-    cot, sc, leco = stored["cot/0-shot"], stored["sc@3/0-shot"], stored["leco/0-shot"]
+    cot, sc, leco = stored[cot_label], stored[sc_label], stored[leco_label]
     assert sc.input_tokens == 3 * cot.input_tokens  # the same prompts, encoded once per sample
     assert cot.input_tokens <= leco.input_tokens <= cot.input_tokens + 4 * 3  # + one token per rethink, 3 at most
     assert leco.output_tokens >= cot.output_tokens  # the original answer is CoT's, then the rethinks
 
     result = cli_runner("eval", "compare", "--model", "strong", "--dataset", "test")
-    for label in stored:
-        assert label in result.output
+    column = _first_column(result.output)
+    for label in stored:  # the method, then under it its generation settings
+        method, settings = label.split("/", 2)[:2], label.split("/", 2)[2]
+        assert f"{'/'.join(method)} {settings.replace('/', ' ')}" in column, column
     assert f"{sc.input_tokens:,}" in result.output
 
     # a new run of the same strategy replaces its figures instead of adding a row
     cli_runner("eval", "run", "--model", "strong", "--dataset", "test", "--strategy", "cot", *FAST)
     assert len(_evaluations(registered)) == 3
+    # ... and one at another max_new_tokens is a new row, under its own label, side by side in compare
+    cli_runner("eval", "run", "--model", "strong", "--dataset", "test", "--strategy", "cot",
+               *FAST[:-4], "--max-new-tokens", 20, "--batch-size", 4)
+    assert set(_evaluations(registered)) == {cot_label, sc_label, leco_label, "cot/0-shot/20-new"}
+    result = cli_runner("eval", "compare", "--model", "strong", "--dataset", "test")
+    assert "cot/0-shot 30-new" in _first_column(result.output) and "cot/0-shot 20-new" in _first_column(result.output)
 
 
 def test_solve_shows_steps_scores_rethinks_and_the_vote(registered, cli_runner, demo_assets):
@@ -98,7 +114,7 @@ def test_a_prompt_longer_than_the_model_context_is_refused(w2s_home, cli_runner,
     # The tiny models read 256 positions; four step-by-step demonstrations take more than that.
     result = cli_runner("solve", "--model", demo_assets.strong_model, "--shots", 4, "Tom has 3 apples.", ok=False)
     assert result.exit_code == 1
-    assert "tokens, the model" in result.output and "reads at most 256" in result.output and "--shots" in result.output
+    assert "prompt too long" in result.output and "context of 256 tokens" in result.output and "--shots" in result.output
 
 
 @pytest.mark.parametrize("strategy", [["--strategy", "cot"], ["--strategy", "sc", "--samples", 3]],
@@ -120,7 +136,7 @@ def test_the_gate_and_eval_run_measure_the_same_accuracy(registered, cli_runner,
         gate = session.scalar(select(Job).where(Job.round_id == 1, Job.key == "evaluate:baseline"))
         assert gate.state == "done" and not gate.result["reused"], gate.result
         gate_accuracy = gate.result["accuracy"]
-    label = "cot/0-shot" if strategy[1] == "cot" else "sc@3/0-shot"
+    label = "cot/0-shot/30-new" if strategy[1] == "cot" else "sc@3/0-shot/30-new/t0.7/p1"
     gated = _evaluations(registered)[label]
     assert gated.round_id == 1 and gated.n_questions == 12 and gated.accuracy == gate_accuracy
 

@@ -87,5 +87,5 @@ def test_round_with_leco_and_sc_voters_and_a_step_score_threshold(w2s_home, cli_
     with session_scope(url) as session:
         job = session.get(Job, job_id)
         evaluation = session.get(Evaluation, job.result["evaluation_id"])
-        assert job.state == "done" and evaluation.strategy == "leco/0-shot" and evaluation.n_questions == 3
+        assert job.state == "done" and evaluation.strategy == "leco/0-shot/32-new/top5/1-rethinks/divert" and evaluation.n_questions == 3
         assert evaluation.round_id == 1 and job.result["input_tokens"] == evaluation.input_tokens > 0

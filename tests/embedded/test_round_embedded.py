@@ -257,9 +257,9 @@ def test_preference_round_embedded(in_round_home, preference_round, cli_runner, 
         # pass@4 of the starting student (and of the candidate, when one was trained) on the eval set
         assert report["pass_at_k"]["k"] == 4 and 0 <= report["pass_at_k"]["student"] <= 1
         assert ("dpo" in report["pass_at_k"]) == bool(pairs)
-        passk = session.scalar(select(Evaluation).where(Evaluation.strategy == "pass@4/0-shot",
+        passk = session.scalar(select(Evaluation).where(Evaluation.strategy == "pass@4/0-shot/48-new/t0.7/p1",
                                                         Evaluation.checkpoint_id == round_.resolved["student_id"]))
-        greedy = session.scalar(select(Evaluation).where(Evaluation.strategy == "cot/0-shot",
+        greedy = session.scalar(select(Evaluation).where(Evaluation.strategy == "cot/0-shot/48-new",
                                                          Evaluation.checkpoint_id == round_.resolved["student_id"]))
         assert passk.n_questions == 30 and passk.accuracy == report["pass_at_k"]["student"]
         # four samples per question, not one

@@ -87,9 +87,16 @@ def test_the_same_solve_over_both_backends_gives_the_same_answers(strong, record
 
 def test_the_context_check_asks_the_backend(strong, recorded):
     too_long = zero_shot(" ".join(["What is 1 + 1 ?"] * strong.context_length))
-    with pytest.raises(InputError, match=r"prompt 1 is \d+ tokens, the model .* reads at most"):
-        check_prompts_fit(strong, [too_long])
-    check_prompts_fit(recorded, [too_long])  # a replay reads nothing: no limit
+    with pytest.raises(InputError, match=r"prompt 1 of .*: prompt too long: \d+ prompt tokens \+ max_new_tokens 8 exceed "
+                                         r"the model's context of \d+ tokens"):
+        check_prompts_fit(strong, [too_long], 8)
+    check_prompts_fit(recorded, [too_long], 8)  # a replay reads nothing: no limit
+    # The answer's room counts: a prompt that fits alone does not fit with max_new_tokens past the end.
+    short = zero_shot("What is 1 + 1 ?")
+    room = strong.context_length - strong.count_tokens([short])[0]
+    check_prompts_fit(strong, [short], room)
+    with pytest.raises(InputError, match=f"max_new_tokens {room + 1} exceed"):
+        check_prompts_fit(strong, [short], room + 1)
 
 
 def test_no_production_module_names_a_backend():
