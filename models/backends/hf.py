@@ -196,11 +196,17 @@ class TransformersBackend:
         signal = current_signal()
         stop.append(StopOnSignal(signal))
         diverts = [row.divert for row in rows]
+        # A rethink continues after its kept steps: never past the context (the longest row decides).
+        context = self.context_length
+        budget = options.max_new_tokens if context is None else \
+            min(options.max_new_tokens, context - max(len(row.ids) for row in rows))
+        if budget < 1:
+            return [Continued(ids=[], text="", pieces=[], probs=[], encoded=0, state=None, cached=0) for _ in rows]
         scores = StepScores()
         with _recording(model, scores):
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), **{CACHE_KWARG: past},
-                max_new_tokens=options.max_new_tokens, do_sample=False, pad_token_id=pad,
+                max_new_tokens=budget, do_sample=False, pad_token_id=pad,
                 stopping_criteria=StoppingCriteriaList(stop),
                 logits_processor=LogitsProcessorList(
                     [_DivertFromDroppedStep(diverts, width, scores)] if any(diverts) else []),

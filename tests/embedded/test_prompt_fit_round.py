@@ -107,3 +107,25 @@ def test_round_start_wait_exits_non_zero_when_the_round_failed(w2s_home, cli_run
     assert "round 1 failed: job" in " ".join(result.output.split()) and "broken" in result.output
     with session_scope(load_settings().database_url) as session:
         assert session.get(Round, 1).state == "failed"
+
+
+def test_model_register_reports_and_overrides_generation_config_decoding(w2s_home, cli_runner, demo_assets, tmp_path):
+    from db.schema import Checkpoint
+
+    path = tmp_path / "penalised"
+    shutil.copytree(demo_assets.strong_model, path)
+    generation = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**generation, "repetition_penalty": 1.2, "top_k": 20}))
+    shipped = cli_runner("model", "register", "shipped", "--path", path, "--role", "strong")
+    line = " ".join(shipped.output.split())
+    assert "generation_config.json changes decoding: repetition_penalty=1.2 (applied to every generation" in line
+    assert "top_k=20 (w2s's own sampling settings win)" in line
+    neutral = cli_runner("model", "register", "neutral", "--path", path, "--role", "strong", "--decoding", "neutral")
+    assert "overridden at registration: repetition_penalty=1.0" in " ".join(neutral.output.split())
+    plain = cli_runner("model", "register", "plain", "--path", demo_assets.strong_model, "--role", "strong")
+    assert "changes decoding" not in plain.output
+    bad = cli_runner("model", "register", "bad", "--path", path, "--role", "strong", "--decoding", "top_k=5", ok=False)
+    assert bad.exit_code == 2 and "w2s sets top_k itself" in bad.output
+    with session_scope(load_settings().database_url) as session:
+        decoding = dict(session.execute(select(Checkpoint.name, Checkpoint.decoding)).all())
+    assert decoding == {"shipped": {}, "neutral": {"repetition_penalty": 1.0}, "plain": {}}

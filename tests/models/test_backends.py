@@ -99,6 +99,29 @@ def test_the_context_check_asks_the_backend(strong, recorded):
         check_prompts_fit(strong, [short], room + 1)
 
 
+def test_leco_rethinks_never_generate_past_the_context(strong, monkeypatch):
+    """A prompt that leaves exactly max_new_tokens free: the original answer fits, and each rethink
+    (kept steps + new tokens) is cut to what is left of the context, not given max_new_tokens more."""
+    context, budget = strong.context_length, 40
+    words = "Sam has 3 beads and 2 more"
+    question = words
+    while strong.count_tokens([zero_shot(question + " " + words)])[0] + budget <= context:
+        question += " " + words
+    prompt = zero_shot(question)
+    assert strong.count_tokens([prompt])[0] + budget <= context
+    calls = []
+    original = strong.model.generate
+
+    def recording(*args, **kwargs):
+        calls.append((int(kwargs["attention_mask"].sum(dim=1).max()), kwargs["max_new_tokens"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(strong.model, "generate", recording)
+    [solution] = solve(strong, [prompt], "gsm8k", StrategyConfig(strategy="leco", max_rethinks=3), max_new_tokens=budget)
+    assert calls and all(tokens + new <= context for tokens, new in calls), calls
+    assert solution.leco is not None
+
+
 def test_no_production_module_names_a_backend():
     """Above models/backends/, code holds a ModelBackend and never asks which one."""
     offenders = []

@@ -138,3 +138,18 @@ def test_generation_config_settings_that_change_decoding():
                          ("repetition_penalty", "expected KEY=VALUE")):
         with pytest.raises(ValueError, match=message):
             parse_overrides([bad], config)
+
+
+def test_the_entry_points_set_the_thread_count(monkeypatch):
+    import torch
+
+    from services.settings import apply_torch_threads, load_settings
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    try:
+        assert apply_torch_threads(load_settings({"W2S_TORCH_THREADS": "2"})) == (2, "W2S_TORCH_THREADS")
+        assert torch.get_num_threads() == 2 and __import__("os").environ["OMP_NUM_THREADS"] == "2"
+        assert apply_torch_threads(load_settings({}))[0] == 2  # OMP_NUM_THREADS, as the last call set it
+    finally:
+        torch.set_num_threads(before)
