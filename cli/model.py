@@ -30,7 +30,6 @@ def model() -> None:
 @pass_app
 def model_register(app: App, name: str, path: Path, role: str, prompt_format: str, decoding: tuple[str, ...]) -> None:
     from models.backends.decoding import decoding_changes, describe, parse_overrides, read_generation_config
-
     from services.registry import register_model
 
     file_config = read_generation_config(path)
