@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,15 +123,27 @@ class Piece:
     logprobs: list[Mapping[int, Any]] = field(default_factory=list)
     finished: bool = False  # eos or a stop string: nothing is to follow
     cached: int = 0  # prompt tokens the prefix cache served (first request only)
+    banned: dict[int, int] = field(default_factory=dict)  # position -> the token banned there (a divert)
 
 
 def join_pieces(first: Piece, *more: Piece) -> Piece:
-    joined = Piece(list(first.ids), list(first.logprobs), first.finished, first.cached)
+    joined = Piece(list(first.ids), list(first.logprobs), first.finished, first.cached, dict(first.banned))
     for piece in more:
+        joined.banned.update({len(joined.ids) + k: t for k, t in piece.banned.items()})
         joined.ids += piece.ids
         joined.logprobs += piece.logprobs
         joined.finished = piece.finished
     return joined
+
+
+def without(position: Mapping[int, Any], banned: int | None) -> Mapping[int, Any]:
+    """A diverted step is scored over the choices it had, as the transformers backend does: the
+    banned token leaves the top 5 (vLLM was asked for 6) and the full softmax (renormalised)."""
+    if banned is None or banned not in position:
+        return position
+    rest = 1.0 - math.exp(logprob_value(position[banned]))
+    shift = math.log(rest) if rest > 0 else 0.0
+    return {token: logprob_value(entry) - shift for token, entry in position.items() if token != banned}
 
 
 def continued_from(tokenizer, row: Row, piece: Piece, *, end_ids: set[int], stop_strings: Sequence[str],
@@ -139,8 +152,9 @@ def continued_from(tokenizer, row: Row, piece: Piece, *, end_ids: set[int], stop
     cache holds the state: nothing is handed back (``state=None``)."""
     ids, text = trim(tokenizer, piece.ids, end_ids, stop_strings)
     count = count_tokens(tokenizer, ids, text)
+    positions = [without(position, piece.banned.get(k)) for k, position in enumerate(piece.logprobs)]
     return Continued(ids=ids[:count], text=text, pieces=token_pieces(tokenizer, ids[:count], text),
-                     probs=chosen_probs(ids[:count], piece.logprobs, mode),
+                     probs=chosen_probs(ids[:count], positions, mode),
                      encoded=len(row.ids) - piece.cached, state=None, cached=0)
 
 
@@ -222,7 +236,9 @@ class VllmBackend:
         """One greedy ``generate`` call; each prompt with its own token budget and banned token."""
         from vllm.inputs import TokensPrompt
 
-        params = [self._sampling(temperature=0.0, max_tokens=budget, logprobs=5 if options.token_probs == "top5" else 0,
+        params = [self._sampling(temperature=0.0, max_tokens=budget,
+                                 logprobs=(6 if ban is not None else 5) if options.token_probs == "top5" else
+                                 (1 if ban is not None else 0),
                                  stop=list(options.stop_strings) or None, include_stop_str_in_output=True,
                                  logit_bias=None if ban is None else {ban: -100.0})
                   for budget, ban in zip(budgets, bans)]
@@ -232,6 +248,9 @@ class VllmBackend:
             o = out.outputs[0]
             pieces.append(Piece(list(o.token_ids), list(o.logprobs or []), o.finish_reason == "stop",
                                 out.num_cached_tokens or 0))
+        for piece, ban in zip(pieces, bans):
+            if ban is not None and piece.ids:
+                piece.banned[0] = ban
         return pieces
 
     def _continue(self, options: StepOptions, rows: list[Row]) -> list[Continued]:
@@ -332,7 +351,7 @@ def load(
         model=model, tokenizer=str(path), dtype=_dtype_name(dtype), seed=seed, trust_remote_code=trust_remote_code,
         max_model_len=max_model_len, enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization,
         enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size, load_format="safetensors",
-        logprobs_mode="raw_logprobs", max_logprobs=5, block_size=block_size, **options,
+        logprobs_mode="raw_logprobs", max_logprobs=6, block_size=block_size, **options,
     )
     config = llm.llm_engine.model_config
     penalty = float((config.get_diff_sampling_param() or {}).get("repetition_penalty", 1.0))
