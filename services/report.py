@@ -92,8 +92,9 @@ def prompt_fit(session: Session, round_id: int) -> dict[str, Any]:
 
 
 def _vote_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
-    question_ids = resolved_of(round_, ResolvedSFT).question_ids
-    gold = dict(session.execute(select(Question.id, Question.gold_answer).where(Question.id.in_(question_ids))).all())
+    resolved = resolved_of(round_, ResolvedSFT)
+    question_ids = resolved.question_ids
+    gold = _pool_gold(session, resolved.pool_id, question_ids)
     vote = round_vote(session, round_.id, question_ids, task, (round_.config.get("vote") or {}).get("min_step_score"))
     answers = {"weak": {q: g.answer for q, g in vote.first.items()}, "strong": {q: g.answer for q, g in vote.second.items()}}
     kept = vote.kept
@@ -116,8 +117,9 @@ def _vote_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
 
 
 def _pair_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
-    question_ids = resolved_of(round_, ResolvedPreference).question_ids
-    gold = dict(session.execute(select(Question.id, Question.gold_answer).where(Question.id.in_(question_ids))).all())
+    resolved = resolved_of(round_, ResolvedPreference)
+    question_ids = resolved.question_ids
+    gold = _pool_gold(session, resolved.pool_id, question_ids)
     pairs = session.scalars(select(PreferencePair).where(PreferencePair.round_id == round_.id)).all()
     pairs_job = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == str(JobKey.single(JobKind.PAIRS))))
     result = result_of(pairs_job, PairsResult) if pairs_job is not None else None
@@ -142,13 +144,22 @@ def _pair_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
     return figures
 
 
+def _pool_gold(session: Session, pool_id: int, question_ids: list[int]) -> dict[int, str | None]:
+    """The round's questions' gold answers, read by the pool's dataset: an `IN` of the round's
+    question ids would pass one parameter per question (PostgreSQL refuses more than 65,535)."""
+    wanted = set(question_ids)
+    return {qid: gold for qid, gold in session.execute(
+        select(Question.id, Question.gold_answer).where(Question.dataset_id == pool_id)) if qid in wanted}
+
+
 def _difficulty_mix(session: Session, kept: list[int]) -> dict[str, int]:
     """How many solution lines the kept questions' gold solutions have: agreement tends to keep
     the easy questions, and a kept set of one-step problems teaches a student to stop early."""
     mix: Counter = Counter()
-    for (solution,) in session.execute(select(Question.gold_solution).where(Question.id.in_(kept))):
-        if solution:
-            mix[str(sum(1 for line in solution.splitlines() if line.strip() and not line.startswith("####")))] += 1
+    for start in range(0, len(kept), 10_000):  # pages: PostgreSQL takes at most 65,535 parameters
+        for (solution,) in session.execute(select(Question.gold_solution).where(Question.id.in_(kept[start : start + 10_000]))):
+            if solution:
+                mix[str(sum(1 for line in solution.splitlines() if line.strip() and not line.startswith("####")))] += 1
     return dict(sorted(mix.items()))
 
 
