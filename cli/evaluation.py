@@ -54,21 +54,23 @@ def strategy_options(f):
 
 
 def _load(app: App, model: str):
-    """A registered model by name, or a checkpoint directory."""
+    """A registered model by name (in its registered prompt format and decoding), or a checkpoint
+    directory (plain prompts, its own generation_config.json)."""
     from models.backends import default_cache
+    from models.backends.loader import in_format
     from services.errors import NotFound
     from services.registry import get_checkpoint
 
-    decoding = None
+    decoding, prompt_format = None, "plain"
     with app.session() as session:
         try:
             checkpoint = get_checkpoint(session, model)
-            path, decoding = checkpoint.path, checkpoint.decoding
+            path, decoding, prompt_format = checkpoint.path, checkpoint.decoding, checkpoint.prompt_format
         except NotFound:
             if not Path(model).is_dir():
                 raise
             path = model
-    return default_cache().get(path, decoding=decoding)
+    return in_format(default_cache().get(path, decoding=decoding), prompt_format)
 
 
 # --- solve ---------------------------------------------------------------------------------------

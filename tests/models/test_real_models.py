@@ -164,3 +164,14 @@ def test_register_stores_the_prompt_format_and_refuses_chat_without_a_template(r
     with session_scope(Settings().database_url) as session:
         formats = {c.name: c.prompt_format for c in session.query(Checkpoint)}
     assert formats == {"qwen2": "chat", "llama": "plain"}
+
+
+def test_solve_reads_a_registered_model_in_its_prompt_format(real_models, w2s_home, cli_runner):
+    """`w2sctl solve --model NAME` loads the model as registered (chat here); a bare path stays plain."""
+    from cli.context import App
+    from cli.evaluation import _load
+
+    cli_runner("model", "register", "qwen2", "--path", real_models["qwen2"], "--role", "strong", "--prompt-format", "chat")
+    app = App()
+    assert _load(app, "qwen2").prompt_format == "chat"
+    assert _load(app, str(real_models["qwen2"])).prompt_format == "plain"
