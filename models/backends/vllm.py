@@ -54,7 +54,7 @@ from models.backends.tokens import (
     token_pieces,
     trim,
 )
-from models.prompts import model_text
+from models.prompts import model_text, prompt_too_long
 from models.stopping import current_signal
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -107,12 +107,15 @@ def request_seeds(seed: int | None, prompts: int, num_samples: int) -> list[int 
     return [None if seed is None else seed + j * num_samples for j in range(prompts)]
 
 
-def check_lengths(lengths: Sequence[int], max_model_len: int, path: Path) -> None:
-    too_long = [i for i, n in enumerate(lengths) if n >= max_model_len]
+def check_lengths(lengths: Sequence[int], max_model_len: int, path: Path, max_new_tokens: int = 1) -> None:
+    """Every prompt leaves room for ``max_new_tokens`` in ``max_model_len``, worded as the services'
+    check (``evaluation.check_prompts_fit``) words it. A continuation asks for room for one token:
+    the engine itself stops a sequence at ``max_model_len``."""
+    too_long = [i for i, n in enumerate(lengths) if n + max_new_tokens > max_model_len]
     if too_long:
         i = max(too_long, key=lambda k: lengths[k])
-        raise PromptTooLong(f"prompt {i + 1} is {lengths[i]} tokens, the model {path} reads at most {max_model_len}: "
-                            "use fewer demonstrations (--shots) or a model with a longer context")
+        raise PromptTooLong(f"prompt {i + 1} of {path}: {prompt_too_long(lengths[i], max_new_tokens, max_model_len)}: "
+                            "use fewer demonstrations (--shots), a smaller max_new_tokens or a model with a longer context")
 
 
 @dataclass
@@ -201,7 +204,7 @@ class VllmBackend:
         from vllm.inputs import TokensPrompt
 
         ids = self.tokenizer(self._texts(prompts), add_special_tokens=True)["input_ids"]
-        check_lengths([len(p) for p in ids], self.max_model_len, self.path)
+        check_lengths([len(p) for p in ids], self.max_model_len, self.path, params.max_new_tokens)
         seeds = request_seeds(params.seed, len(prompts), params.num_samples)
         sampling: dict[str, Any] = dict(temperature=0.0)
         if params.do_sample:

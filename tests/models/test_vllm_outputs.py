@@ -64,11 +64,13 @@ def test_a_prompt_too_long_is_refused_with_the_services_message(demo_assets):
     strong = default_cache().get(demo_assets.strong_model)
     prompt = zero_shot(" ".join(["What is 1 + 1 ?"] * strong.context_length))
     with pytest.raises(InputError) as services_error:
-        check_prompts_fit(strong, [prompt])
+        check_prompts_fit(strong, [prompt], 32)
     with pytest.raises(PromptTooLong) as ours:
-        check_lengths(strong.count_tokens([prompt]), strong.context_length, strong.path)
+        check_lengths(strong.count_tokens([prompt]), strong.context_length, strong.path, 32)
     assert str(ours.value) == str(services_error.value)
-    check_lengths([strong.context_length - 1], strong.context_length, strong.path)  # fits: nothing raised
+    check_lengths([strong.context_length - 32], strong.context_length, strong.path, 32)  # fits: nothing raised
+    with pytest.raises(PromptTooLong, match="max_new_tokens 32"):  # no room left for the answer
+        check_lengths([strong.context_length - 31], strong.context_length, strong.path, 32)
 
 
 @pytest.fixture(scope="module")

@@ -115,5 +115,5 @@ def test_the_prefix_cache_serves_leco_continuations(vllm_strong, prompts):
 def test_a_prompt_too_long_is_refused_before_the_engine(vllm_strong):
     from models.backends.vllm import PromptTooLong
 
-    with pytest.raises(PromptTooLong, match=r"prompt 2 is \d+ tokens, the model .* reads at most 256"):
+    with pytest.raises(PromptTooLong, match=r"prompt 2 of .*: prompt too long: \d+ prompt tokens \+ max_new_tokens 4 exceed the model.s context of 256 tokens"):
         generate(vllm_strong, ["What is 1 + 1 ?", " ".join(["What is 1 + 1 ?"] * 100)], max_new_tokens=4)
