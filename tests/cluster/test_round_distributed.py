@@ -13,19 +13,24 @@ from sqlalchemy import func, select
 
 from db.schema import Job, Round
 from db.session import session_scope
+from tests.conftest import POSTGRES_ADMIN_URL
 from tests.embedded.test_round_embedded import POOL_LIMIT, TINY_ROUND
-from tests.support import check_stage1_round, stop_process_group
+from tests.support import check_stage1_round, drop_database, fresh_database, stop_process_group
 
 W2SCTL = [sys.executable, "-m", "cli"]
 
 
 @pytest.fixture
-def service_env(postgres_url, redis_url, tmp_path):
-    env = {**os.environ, "W2S_DATABASE_URL": postgres_url, "W2S_BROKER_URL": redis_url,
+def service_env(redis_url, tmp_path):
+    # A database of its own: the test reads rounds by id (1, 2), which the session's shared database
+    # has already handed out when an earlier cluster test started rounds there.
+    url, name = fresh_database(POSTGRES_ADMIN_URL, prefix="w2s_test_distributed")
+    env = {**os.environ, "W2S_DATABASE_URL": url, "W2S_BROKER_URL": redis_url,
            "W2S_CHECKPOINT_DIR": str(tmp_path / "checkpoints"), "W2S_HOME": str(tmp_path / "home"),
            "PYTHONUNBUFFERED": "1"}
     w2sctl(env, "db", "upgrade")  # a server database is migrated on purpose, before workers start
-    return env
+    yield env
+    drop_database(POSTGRES_ADMIN_URL, name)
 
 
 def w2sctl(env, *args, check=True):
