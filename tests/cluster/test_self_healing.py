@@ -21,6 +21,7 @@ import redis
 from sqlalchemy import select, text
 
 from db.schema import Generation, Job, Question, Round, TrainingExample
+from services.monitor import broker_messages
 from tests.cluster_support import REPO, W2SCTL, Cluster, RedisServer, drop_database, free_port, fresh_database
 from tests.conftest import POSTGRES_ADMIN_URL
 
@@ -311,6 +312,10 @@ def test_status_says_what_holds_a_round_up(cluster, broker):
             return session.scalar(select(Job).where(Job.round_id == round_id, Job.key == "generate:strong:0000",
                                                     Job.state == "queued", Job.attempts == 1))
     failed = cluster.wait_until(backing_off, "the strong chunk to fail once and back off")
+    # The retry's message goes to the queue first, then the worker takes it and holds it for its
+    # countdown; killed before it took it, the message would still wait in the queue.
+    cluster.wait_until(lambda: broker_messages(broker.url).get(failed.id) == "taken",
+                       f"the worker to take job {failed.id}'s retry message (held for its 120 s countdown)")
     worker.kill()  # its retry (held back for 120 s) dies with it: no message, no consumer
     worker.process.wait(timeout=10)
 
