@@ -73,26 +73,31 @@ def test_a_prompt_too_long_is_refused_with_the_services_message(demo_assets):
         check_lengths([strong.context_length - 31], strong.context_length, strong.path, 32)
 
 
+def record(strong, prompt: str, **generate_options):
+    """One prompt's transformers generation, recorded as vLLM returns it: (prompt, the output with
+    token ids past any stop string and a log-prob dict per position, the prompt's width)."""
+    inputs = strong.tokenizer([prompt], return_tensors="pt")
+    with torch.inference_mode():
+        out = strong.model.generate(**inputs, return_dict_in_generate=True, output_logits=True,
+                                    pad_token_id=strong.tokenizer.pad_token_id, **generate_options)
+    ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    positions = [vllm_position(step[0], token) for step, token in zip(out.logits, ids)]
+    return prompt, SimpleNamespace(token_ids=ids, logprobs=positions, index=0), inputs["input_ids"].shape[1]
+
+
 @pytest.fixture(scope="module")
 def sampled_traces(demo_assets):
     """Sampled answers (temperature 2: tokens outside the top 5 occur), recorded from the same
     ``model.generate`` call the transformers backend makes for a batch of one prompt and seed."""
     strong = default_cache().get(demo_assets.strong_model)
-    tokenizer = strong.tokenizer
     rows = [json.loads(line) for line in demo_assets.test.read_text().splitlines()[:4]]
     recorded = []
     for number, row in enumerate(rows):
         prompt = zero_shot(row["question"])
-        inputs = tokenizer([prompt], return_tensors="pt")
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(100 + number)  # the backend's seed for batch `number`
-            out = strong.model.generate(**inputs, max_new_tokens=40, do_sample=True, temperature=2.0, top_p=1.0,
-                                        top_k=0, num_return_sequences=1, return_dict_in_generate=True,
-                                        output_logits=True, pad_token_id=tokenizer.pad_token_id)
-        ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-        positions = [vllm_position(step[0], token) for step, token in zip(out.logits, ids)]
-        recorded.append((prompt, SimpleNamespace(token_ids=ids, logprobs=positions, index=0),
-                         inputs["input_ids"].shape[1]))
+            recorded.append(record(strong, prompt, max_new_tokens=40, do_sample=True, temperature=2.0, top_p=1.0,
+                                   top_k=0, num_return_sequences=1))
     return strong, recorded
 
 
@@ -118,17 +123,9 @@ def traces(demo_assets):
     strong = default_cache().get(demo_assets.strong_model)
     rows = [json.loads(line) for line in demo_assets.test.read_text().splitlines()[:5]]
     prompts = [zero_shot(row["question"]) for row in rows]
-    tokenizer = strong.tokenizer
     recorded = []
     for prompt in prompts:  # one at a time: no padding in the trace
-        inputs = tokenizer([prompt], return_tensors="pt")
-        with torch.inference_mode():
-            out = strong.model.generate(**inputs, max_new_tokens=60, do_sample=False, return_dict_in_generate=True,
-                                        output_logits=True, pad_token_id=tokenizer.pad_token_id)
-        ids = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-        positions = [vllm_position(step[0], token) for step, token in zip(out.logits, ids)]
-        recorded.append((prompt, SimpleNamespace(token_ids=ids, logprobs=positions, index=0),
-                         inputs["input_ids"].shape[1]))
+        recorded.append(record(strong, prompt, max_new_tokens=60, do_sample=False))
     return strong, recorded
 
 
