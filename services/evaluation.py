@@ -213,13 +213,16 @@ def round_eval_method(config: Any, *, strategy: StrategyConfig | dict[str, Any] 
     """A round's evaluation: its ``eval`` section's strategy and shots, its generation budget and
     seed. ``pass_at=k``: k answers sampled at ``temperature``/``top_p`` (stage II's pass@k).
     ``strategy``/``shots`` override the eval section (an evaluation job that names its own)."""
+    chosen: StrategyConfig
     if pass_at:
-        strategy = StrategyConfig(strategy="sc", samples=pass_at, temperature=temperature, top_p=top_p)
+        chosen = StrategyConfig(strategy="sc", samples=pass_at, temperature=temperature, top_p=top_p)
     elif strategy is None:
-        strategy = config.eval.strategy
+        chosen = config.eval.strategy
     elif isinstance(strategy, dict):
-        strategy = StrategyConfig.model_validate(strategy)
-    return EvalMethod(strategy=strategy, shots=config.eval.shots if shots is None else shots, pass_at=bool(pass_at),
+        chosen = StrategyConfig.model_validate(strategy)
+    else:
+        chosen = strategy
+    return EvalMethod(strategy=chosen, shots=config.eval.shots if shots is None else shots, pass_at=bool(pass_at),
                       max_new_tokens=config.generation.max_new_tokens, batch_size=config.generation.batch_size,
                       seed=config.seed)
 
@@ -303,7 +306,7 @@ def store_evaluation(session: Session, *, checkpoint_id: int, dataset_id: int, o
     else:
         insert_ignore(session, Evaluation, [{**key, **figures}])
     session.flush()
-    return session.scalar(select(Evaluation).filter_by(**key))
+    return session.scalars(select(Evaluation).filter_by(**key)).one()  # written just above
 
 
 @dataclass(frozen=True)

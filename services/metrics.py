@@ -78,7 +78,7 @@ class ServiceCollector:
 
             yield from self._round_metrics(session, GaugeMetricFamily)
         if self.settings.broker_url:
-            yield from self._broker_metrics(GaugeMetricFamily)
+            yield from self._broker_metrics(GaugeMetricFamily, self.settings.broker_url)
 
     def _round_metrics(self, session, GaugeMetricFamily) -> Iterator[Any]:
         progress = GaugeMetricFamily("w2s_round_progress", "Share of the round's work done (0..1)", labels=["round", "stage"])
@@ -106,12 +106,12 @@ class ServiceCollector:
                     accuracy.add_metric([label, _checkpoint_name(session, payload.checkpoint_id)], result.accuracy)
         yield from (progress, steps, generation, training, accuracy)
 
-    def _broker_metrics(self, GaugeMetricFamily) -> Iterator[Any]:
+    def _broker_metrics(self, GaugeMetricFamily, broker_url: str) -> Iterator[Any]:
         from services.monitor import broker_depths, control_app, inspect_workers
 
         depth = GaugeMetricFamily("w2s_queue_depth", "Messages waiting in the broker", labels=["queue"])
         try:
-            for queue, n in broker_depths(self.settings.broker_url).items():
+            for queue, n in broker_depths(broker_url).items():
                 depth.add_metric([queue], n)
         except Exception as exc:  # noqa: BLE001 - a broker outage shows as a missing series, not a failed scrape
             log.warning("broker unreachable: %s", exc)
@@ -120,7 +120,7 @@ class ServiceCollector:
         if not self.inspect_workers:
             return
         consumers = GaugeMetricFamily("w2s_queue_consumers", "Workers consuming the queue", labels=["queue"])
-        with control_app(self.settings.broker_url) as app:
+        with control_app(broker_url) as app:
             workers = inspect_workers(app, self.inspect_timeout)
         for queue in QUEUES:
             consumers.add_metric([queue], sum(queue in w["queues"] for w in workers))

@@ -240,7 +240,8 @@ def inspect_workers(app: Any, timeout: float = 1.0) -> list[dict[str, Any]]:
         info.update(reply)
     workers = []
     for name in sorted(queues_by_worker):
-        extra = info.get(name) if isinstance(info.get(name), dict) and "error" not in info.get(name, {}) else {}
+        reply = info.get(name)
+        extra = reply if isinstance(reply, dict) and "error" not in reply else {}
         workers.append({
             "worker": name,
             "host": name.split("@", 1)[-1],
@@ -441,7 +442,7 @@ def round_progress(session: Session, round_: Round, now: datetime | None = None)
                                 len(step_jobs), elapsed)
         name = StepName.parse(step)
         kind, subject = name.kind, name.subject
-        if kind == JobKind.GENERATE:
+        if kind == JobKind.GENERATE and subject is not None:  # a generate step always names its voter
             samples = int(round_.config.get("sampling", {}).get("samples", 1)) if subject == "student" else 1
             count, tokens = generated.get(subject, (0, 0))
             progress.unit = "samples" if subject == "student" else "questions"
@@ -685,7 +686,7 @@ def lineage(session: Session, summaries: list[dict[str, Any]], first_round: Roun
     for ancestor in reversed(ancestors):
         chain.append(_entry(ancestor.name, ancestor.status, _evaluation(
             session, ancestor.id, eval_id, {}, first["eval_questions"] if first else None), round=ancestor.round_id))
-    if summaries and summaries[0]["baseline"]:
+    if summaries and summaries[0]["baseline"] and baseline is not None:
         chain.append({**summaries[0]["baseline"], "round": baseline.round_id})
     for summary in summaries:
         for candidate in summary["candidates"]:

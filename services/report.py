@@ -32,6 +32,7 @@ from services.contracts import (
     result_of,
 )
 from services.contracts.graph import JOB_STEP_ORDER
+from services.lookup import get_by_id
 from services.selection import accuracy
 from services.voting import round_vote
 
@@ -99,7 +100,7 @@ def _vote_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
     answers = {"weak": {q: g.answer for q, g in vote.first.items()}, "strong": {q: g.answer for q, g in vote.second.items()}}
     kept = vote.kept
     kept_weak = {q: answers["weak"][q] for q in kept}
-    figures = {
+    figures: dict[str, Any] = {
         "pool": len(question_ids),
         "weak_answered": sum(1 for a in answers["weak"].values() if a),
         "strong_answered": sum(1 for a in answers["strong"].values() if a),
@@ -137,7 +138,10 @@ def _pair_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
             figures.setdefault("pass_at_k", {"k": payload_of(job, EvaluatePayload).pass_at})[key.subject] = evaluated.accuracy
     if figures["has_gold"] and pairs:
         def correct(text: str, qid: int) -> bool:
-            return bool(gold.get(qid)) and answers_match(extract_answer(text, task), gold[qid], task)
+            expected = gold.get(qid)
+            if not expected:
+                return False
+            return answers_match(extract_answer(text, task), expected, task)
 
         figures["chosen_accuracy"] = sum(correct(p.chosen, p.question_id) for p in pairs) / len(pairs)
         figures["rejected_accuracy"] = sum(correct(p.rejected, p.question_id) for p in pairs) / len(pairs)
@@ -179,7 +183,7 @@ def _variants(session: Session, round_: Round) -> dict[str, Any]:
             entry.update(training_set=variant, setting=payload.setting)
         result = result_of(job, TrainResult) or TrainResult()
         if result.checkpoint_id:
-            checkpoint = session.get(Checkpoint, result.checkpoint_id)
+            checkpoint = get_by_id(session, Checkpoint, result.checkpoint_id, "checkpoint")
             entry.update(checkpoint=checkpoint.name, status=checkpoint.status,
                          accuracy=(checkpoint.metrics or {}).get("eval_accuracy"),
                          train_loss=(result.train or {}).get("final_loss"))

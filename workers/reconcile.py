@@ -56,6 +56,12 @@ class Reconciler:
     grace_s: float
     inspect_timeout: float = 1.0
     missing_since: dict[int, float] = field(default_factory=dict)
+    broker_url: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.settings.broker_url is None:  # the watchdog builds one only with a broker
+            raise ValueError("reconciliation compares the database with the broker: these settings name no broker")
+        self.broker_url = self.settings.broker_url
 
     def run_once(self, now: float | None = None) -> list[int]:
         """One pass: look, decide, send. Returns the ids sent."""
@@ -64,8 +70,8 @@ class Reconciler:
 
         started = time.monotonic()
         queued = queued_jobs(self.settings.database_url)
-        with control_app(self.settings.broker_url) as app:
-            census = message_census(self.settings.broker_url, app, self.inspect_timeout)
+        with control_app(self.broker_url) as app:
+            census = message_census(self.broker_url, app, self.inspect_timeout)
         if census is None:
             log.warning("reconciliation: the broker is not Redis; its queues cannot be read, nothing checked")
             return []

@@ -38,6 +38,16 @@ def test_a_message_taken_by_a_dead_worker_does_not_count():
     assert due == [7]
 
 
+def test_a_reconciler_needs_a_broker(tmp_path):
+    from services.settings import Settings
+    from workers.reconcile import Reconciler
+
+    with pytest.raises(ValueError, match="name no broker"):
+        Reconciler(Settings(home=tmp_path, broker_url=None), grace_s=5.0)
+    assert Reconciler(Settings(home=tmp_path, broker_url="redis://127.0.0.1:1/0"), grace_s=5.0).broker_url == \
+        "redis://127.0.0.1:1/0"
+
+
 def test_task_ids_name_their_job():
     from workers.dispatch import task_id
 
