@@ -54,9 +54,9 @@ def demo_pipeline_config(scale: str, seed: int) -> dict[str, Any]:
 
 def demo_round_config(scale: str, seed: int) -> dict[str, Any]:
     """The demo's first round (stage I, iteration 1) as a round config."""
-    from services.pipeline import next_step, parse_pipeline_config
+    from services.pipeline import first_round, parse_pipeline_config
 
-    return next_step(parse_pipeline_config(demo_pipeline_config(scale, seed), "demo pipeline"), [])[1]
+    return first_round(parse_pipeline_config(demo_pipeline_config(scale, seed), "demo pipeline"), [])[1]
 
 
 STEP_TITLES = {
@@ -125,6 +125,7 @@ def _run_pipeline(settings: Settings, dispatcher: Dispatcher, render_report: Cal
     in-process, and print each round as it goes: its jobs as they finish, then its report."""
     from db.schema import Job, Round
     from db.session import session_scope
+    from services.lookup import get_by_id
     from services.pipeline import get_pipeline, parse_pipeline_config
     from services.rounds import start_pipeline
 
@@ -139,11 +140,12 @@ def _run_pipeline(settings: Settings, dispatcher: Dispatcher, render_report: Cal
 
     def show(job_id: int) -> None:
         with session_scope(database_url) as session:
-            job = session.get(Job, job_id)
-            round_ = session.get(Round, job.round_id)
+            job = get_by_id(session, Job, job_id, "job")
+            round_ = get_by_id(session, Round, job.round_id, "round")
             if round_.id not in seen:
                 seen.add(round_.id)
-                title = STEP_TITLES.get(round_.pipeline_step, round_.pipeline_step)
+                step = round_.pipeline_step or f"round {round_.id}"  # a pipeline's rounds all name their step
+                title = STEP_TITLES.get(step, step)
                 console.print(title.format(student=round_.config.get("student")))
             took = (job.finished_at - job.started_at).total_seconds() if job.finished_at and job.started_at else 0.0
             console.print(f"   {job.key:<22} {job.state:<7} {took:6.1f}s")
@@ -161,10 +163,11 @@ def _print_round(database_url: str, round_id: int, console: Console,
                  render_report: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
     from db.schema import Round
     from db.session import session_scope
+    from services.lookup import get_by_id
     from services.report import job_counts
 
     with session_scope(database_url) as session:
-        round_ = session.get(Round, round_id)
+        round_ = get_by_id(session, Round, round_id, "round")
         report, state, error = round_.report or {}, round_.state, round_.error
         counts = job_counts(session, round_id)
     console.print(f"   round {round_id} {state}; jobs: " + ", ".join(f"{step} {sum(c.values())}" for step, c in counts.items()))

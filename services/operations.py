@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from db.schema import Job, Pipeline, Round
 from services.contracts import JobState, RoundState
 from services.errors import InputError, StateError
+from services.lookup import get_by_id
 from services.monitor import get_job
 from services.settings import DeliverySettings
 
@@ -32,13 +33,13 @@ def retry_job(session: Session, job_id: int, delivery: DeliverySettings, extra_a
                 "cancelled": "it was cancelled with its round"}.get(job.state, "")
         raise StateError(f"job {job_id} ({job.key}, round {job.round_id}) is {job.state}"
                          + (f": {hint}" if hint else "") + "; only a failed job can be retried")
-    round_ = session.scalar(select(Round).where(Round.id == job.round_id).with_for_update())
+    round_ = get_by_id(session, Round, job.round_id, "round", lock=True)
     if round_.state == RoundState.CANCELLED:
         raise StateError(f"job {job_id}: its round {round_.id} was cancelled; start a new round instead")
     # Conditional: a second `retry` racing this one finds the job queued and changes nothing.
     changed = session.execute(update(Job).where(Job.id == job_id, Job.state == JobState.FAILED).values(
         state=JobState.QUEUED, max_attempts=Job.attempts + extra_attempts, progress=0.0, owner=None,
-        heartbeat_at=None, started_at=None, finished_at=None)).rowcount
+        heartbeat_at=None, started_at=None, finished_at=None)).rowcount  # type: ignore[attr-defined]  # an UPDATE gives a CursorResult
     if changed != 1:
         raise StateError(f"job {job_id} changed while retrying it; look again with `w2sctl jobs show {job_id}`")
     if round_.state == RoundState.FAILED:
@@ -53,7 +54,7 @@ def _reopen(session: Session, round_: Round) -> None:
     session.execute(update(Job).where(Job.round_id == round_.id, Job.state == JobState.CANCELLED).values(
         state=JobState.QUEUED, finished_at=None, owner=None))
     if round_.pipeline_id is not None:
-        pipeline = session.get(Pipeline, round_.pipeline_id)
+        pipeline = get_by_id(session, Pipeline, round_.pipeline_id, "pipeline")
         newer = session.scalar(select(Round.id).where(Round.pipeline_id == pipeline.id, Round.id > round_.id).limit(1))
         if pipeline.state in ("stopped", "failed") and newer is None:  # it stopped at this round
             pipeline.state, pipeline.reason, pipeline.finished_at = "running", None, None

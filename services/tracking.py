@@ -26,6 +26,7 @@ from db.schema import Checkpoint, Pipeline, Round, TrackingRun, utcnow
 from db.session import session_scope
 from models.tracking import Run, TrackingTarget, flatten, numeric, open_run
 from services.config import TrackingConfig
+from services.lookup import get_by_id
 from services.settings import Settings
 
 log = logging.getLogger("w2s.tracking")
@@ -59,7 +60,9 @@ def round_run(session: Session, settings: Settings, round_id: int) -> Run:
     """The round's run, opened (with its pipeline's) on first use. Takes the round's row lock
     (PostgreSQL), so that two jobs of a round starting together open one run, not two."""
     round_ = session.scalar(select(Round).where(Round.id == round_id).with_for_update())
-    target = target_for(round_.config.get("tracking"), settings) if round_ is not None else None
+    if round_ is None:
+        return Run(None)
+    target = target_for(round_.config.get("tracking"), settings)
     if target is None:
         return Run(None)
     existing = session.scalar(select(TrackingRun.run_id).where(
@@ -86,7 +89,7 @@ def _student(session: Session, round_: Round) -> Checkpoint | None:
 
 
 def _pipeline_run(session: Session, target: TrackingTarget, pipeline_id: int) -> Run:
-    pipeline = session.scalar(select(Pipeline).where(Pipeline.id == pipeline_id).with_for_update())
+    pipeline = get_by_id(session, Pipeline, pipeline_id, "pipeline", lock=True)
     existing = session.scalar(select(TrackingRun.run_id).where(
         TrackingRun.owner == "pipeline", TrackingRun.owner_id == pipeline_id, TrackingRun.target == _key(target)))
     if existing is not None:
@@ -106,7 +109,7 @@ def training_run_spec(session: Session, settings: Settings, round_id: int, *, va
     run = round_run(session, settings, round_id)
     if run.target is None:
         return None
-    round_ = session.get(Round, round_id)
+    round_ = get_by_id(session, Round, round_id, "round")  # round_run found it: it has a target
     student = _student(session, round_)
     tags = {"w2s.round_id": round_id, "w2s.job_id": job_id, "w2s.attempt": attempt, "w2s.variant": variant,
             "w2s.stage": round_.stage, "w2s.checkpoint": checkpoint,
@@ -122,8 +125,10 @@ def record_round_end(settings: Settings, round_id: int) -> None:
     try:
         with session_scope(settings.database_url) as session:
             round_ = session.get(Round, round_id)
-            if round_ is None or round_.state not in END_STATUS or \
-                    target_for(round_.config.get("tracking"), settings) is None:
+            if round_ is None or round_.state not in END_STATUS:
+                return
+            target = target_for(round_.config.get("tracking"), settings)
+            if target is None:
                 return
             run = round_run(session, settings, round_id)
             if not _claim_end(session, "round", round_id, run):
@@ -136,7 +141,7 @@ def record_round_end(settings: Settings, round_id: int) -> None:
             run.end(END_STATUS[round_.state])
             pipeline = session.get(Pipeline, round_.pipeline_id) if round_.pipeline_id else None
             if pipeline is not None and pipeline.state in END_STATUS:
-                parent = _pipeline_run(session, run.target, pipeline.id)
+                parent = _pipeline_run(session, target, pipeline.id)
                 if _claim_end(session, "pipeline", pipeline.id, parent):
                     parent.set_tags({"w2s.state": pipeline.state, "w2s.reason": pipeline.reason})
                     parent.end(END_STATUS[pipeline.state])
@@ -150,7 +155,7 @@ def _claim_end(session: Session, owner: str, owner_id: int, run: Run) -> bool:
         return False
     claimed = session.execute(update(TrackingRun).where(
         TrackingRun.owner == owner, TrackingRun.owner_id == owner_id, TrackingRun.run_id == run.run_id,
-        TrackingRun.ended_at.is_(None)).values(ended_at=utcnow())).rowcount
+        TrackingRun.ended_at.is_(None)).values(ended_at=utcnow())).rowcount  # type: ignore[attr-defined]  # an UPDATE gives a CursorResult
     return claimed == 1
 
 
