@@ -26,7 +26,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -247,8 +247,20 @@ def resolve_preference(session: Session, config: PreferenceRoundConfig, eval_set
                               eval_id=eval_set.id, question_ids=question_ids)
 
 
-def load_config(round_: Round) -> AnyRoundConfig:
-    return parse_round_config(round_.config, source=f"round {round_.id} config")
+_C = TypeVar("_C", SFTRoundConfig, WeakSFTRoundConfig, PreferenceRoundConfig)
+
+
+@overload
+def load_config(round_: Round) -> AnyRoundConfig: ...
+@overload
+def load_config(round_: Round, expect: type[_C]) -> _C: ...
+def load_config(round_: Round, expect: type[_C] | None = None) -> AnyRoundConfig | _C:
+    """The round's config. With `expect`, a round of another stage is an error (as `resolved_of`'s)."""
+    config = parse_round_config(round_.config, source=f"round {round_.id} config")
+    if expect is not None and not isinstance(config, expect):
+        raise InputError(f"round {round_.id} is a {round_.stage} round, not the stage this step needs "
+                         f"({expect.__name__})")
+    return config
 
 
 # --- advance -------------------------------------------------------------------------------------

@@ -21,7 +21,13 @@ from models.backends import CheckpointError, configure_default_cache, default_ca
 from models.generation import generate
 from models.leco import score_steps
 from models.prompts import clean_response, fit_few_shot, zero_shot
-from services.config import SFTRoundConfig, StrategyConfig
+from services.config import (
+    PreferenceRoundConfig,
+    SamplingConfig,
+    SFTRoundConfig,
+    StrategyConfig,
+    WeakSFTRoundConfig,
+)
 from services.contracts import (
     CheckpointStatus,
     EvaluatePayload,
@@ -45,6 +51,7 @@ from services.contracts import (
 )
 from services.contracts.jobs import parse_contract
 from services.evaluation import EvalFigures, Sample, evaluate, round_eval_method, solve, step_dicts
+from services.lookup import get_by_id
 from services.promotion import SplitAccuracy, gate_on_dev
 from services.report import round_report
 from services.rounds import load_config
@@ -104,10 +111,10 @@ def _generation_setup(session, round_id: int, voter: str) -> _GenerationSetup:
     cached = _SETUPS.get(key)
     if cached is not None:
         return cached
-    round_ = session.get(Round, round_id)
+    round_ = get_by_id(session, Round, round_id, "round")
     config = load_config(round_)
     resolved = resolved_of(round_)
-    checkpoint = session.get(Checkpoint, resolved.voters()[voter])
+    checkpoint = get_by_id(session, Checkpoint, resolved.voters()[voter], "checkpoint")
     demonstrations: list[tuple[str, str]] = []
     if voter == "strong" and isinstance(resolved, ResolvedSFT) and resolved.demonstration_ids:
         demos = session.execute(
@@ -137,11 +144,12 @@ def run_generate(ctx: JobContext) -> None:
     config, task, demonstrations = setup.config, setup.task, setup.demonstrations
     checkpoint_id, path, model_name, decoding = setup.checkpoint_id, setup.path, setup.model_name, setup.decoding
 
-    sampling = getattr(config, "sampling", None) if voter == "student" else None
-    # Stage I voters answer with their configured strategy (cot: greedy, as the reference).
-    answering: StrategyConfig | None = None if sampling else getattr(config.strategies, voter)
-    n = sampling.samples if sampling else answering.samples if answering.strategy == "sc" else 1
-    strategy = "sampled" if sampling else "few-shot" if demonstrations else "zero-shot"
+    # Stage II's student samples; stage I voters answer with their configured strategy (cot: greedy,
+    # as the reference).
+    how: SamplingConfig | StrategyConfig = config.sampling if voter == "student" else getattr(config.strategies, voter)
+    answering = how if isinstance(how, StrategyConfig) else None
+    n = how.samples if isinstance(how, SamplingConfig) or how.strategy == "sc" else 1
+    strategy = "sampled" if answering is None else "few-shot" if demonstrations else "zero-shot"
     if answering is not None and answering.strategy != "cot":
         strategy += f"/{answering.label()}"
     backend = (answering.backend if answering else None) or config.generation.backend or ctx.settings.backend
@@ -174,14 +182,14 @@ def run_generate(ctx: JobContext) -> None:
             continue
         prompts = [fitted[q.id].prompt or "" for q in group]
         seed = config.seed * 1_000_003 + group[0].id
-        if sampling:
+        if isinstance(how, SamplingConfig):
             completions = generate(
                 loaded, prompts, max_new_tokens=max_new_tokens,
                 batch_size=config.generation.batch_size, do_sample=True, num_samples=n,
-                temperature=sampling.temperature, top_p=sampling.top_p, seed=seed, return_token_probs="top5")
+                temperature=how.temperature, top_p=how.top_p, seed=seed, return_token_probs="top5")
             answers = [[_scored_sample(c, task) for c in samples] for samples in completions]
         else:
-            solutions = solve(loaded, prompts, task, answering, max_new_tokens=max_new_tokens,
+            solutions = solve(loaded, prompts, task, how, max_new_tokens=max_new_tokens,
                               batch_size=config.generation.batch_size, seed=seed)
             answers = [solution.samples for solution in solutions]
         rows = []
@@ -219,8 +227,8 @@ def run_vote(ctx: JobContext) -> None:
     the transaction that marks the job done (a redelivered vote writes nothing twice: the unique
     keys; a stale attempt keeps nothing: the fenced finish rolls the whole transaction back)."""
     with ctx.session() as session:
-        round_ = session.get(Round, ctx.round_id)
-        config: SFTRoundConfig = load_config(round_)
+        round_ = get_by_id(session, Round, ctx.round_id, "round")
+        config = load_config(round_, SFTRoundConfig)
         resolved = resolved_of(round_, ResolvedSFT)
         sources = {variant: variant_sources(variant) for variant in config.variants}
         voted = kept = dropped = 0
@@ -255,11 +263,11 @@ def run_pairs(ctx: JobContext) -> None:
     model's original stage I response. A page of questions at a time (memory holds one page),
     each page's pairs inserted in bulk, in the transaction that marks the job done."""
     with ctx.session() as session:
-        round_ = session.get(Round, ctx.round_id)
-        config = load_config(round_)
+        round_ = get_by_id(session, Round, ctx.round_id, "round")
+        config = load_config(round_, PreferenceRoundConfig)
         resolved = resolved_of(round_, ResolvedPreference)
         question_ids = resolved.question_ids
-        total, skipped, cases = 0, Counter(), Counter()
+        total, skipped, cases = 0, Counter[str](), Counter[str]()
         for start in range(0, len(question_ids), PAIR_PAGE):
             page = question_ids[start : start + PAIR_PAGE]
             texts = dict(session.execute(select(Question.id, Question.text).where(Question.id.in_(page))).all())
@@ -320,14 +328,15 @@ def run_train(ctx: JobContext) -> None:
     payload = parse_contract(TrainPayload, ctx.payload, f"job {ctx.job_id} payload")
     variant, candidate = payload.variant, payload.candidate
     with ctx.session() as session:
-        round_ = session.get(Round, ctx.round_id)
+        round_ = get_by_id(session, Round, ctx.round_id, "round")
         config = load_config(round_)
         resolved = resolved_of(round_)
-        student = session.get(Checkpoint, resolved.student_id)
+        student = get_by_id(session, Checkpoint, resolved.student_id, "checkpoint")
         if variant == "gold" and not session.scalar(select(TrainingExample.id).where(  # weak-sft: the labelled
                 TrainingExample.round_id == ctx.round_id, TrainingExample.variant == "gold").limit(1)):  # set's own
             # solutions are the targets; written once (their unique key has a NULL, so a retry would duplicate them)
-            _write_gold_examples(session, ctx.round_id, resolved_of(round_, ResolvedWeakSFT).train_id, config.train_limit)
+            _write_gold_examples(session, ctx.round_id, resolved_of(round_, ResolvedWeakSFT).train_id,
+                                 load_config(round_, WeakSFTRoundConfig).train_limit)
         if round_.stage == "preference":
             examples = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in session.scalars(
                 select(PreferencePair).where(PreferencePair.round_id == ctx.round_id).order_by(PreferencePair.id))]
@@ -460,7 +469,7 @@ def run_evaluate(ctx: JobContext) -> None:
     the same method are reused."""
     payload = parse_contract(EvaluatePayload, ctx.payload, f"job {ctx.job_id} payload")
     with ctx.session() as session:
-        config = load_config(session.get(Round, ctx.round_id))
+        config = load_config(get_by_id(session, Round, ctx.round_id, "round"))
     method = round_eval_method(config, strategy=payload.strategy, shots=payload.shots, pass_at=payload.pass_at,
                                temperature=payload.temperature, top_p=payload.top_p)
 
@@ -494,7 +503,7 @@ def run_promote(ctx: JobContext) -> None:
     """The gate decides on the eval (dev) split alone; the report_on split's figures are recorded
     next to them for the report (services.promotion.gate_on_dev never sees them decide)."""
     with ctx.session() as session:
-        round_ = session.get(Round, ctx.round_id)
+        round_ = get_by_id(session, Round, ctx.round_id, "round")
         config = load_config(round_)
         jobs = {JobKey.parse(job.key): job for job in session.scalars(select(Job).where(Job.round_id == ctx.round_id))}
         resolved = resolved_of(round_)
@@ -504,12 +513,12 @@ def run_promote(ctx: JobContext) -> None:
             report = _accuracy(jobs[JobKey.evaluate(subject, report_on=True)]) if reporting else None
             return SplitAccuracy(decide=_accuracy(jobs[JobKey.evaluate(subject)]), report=report)
 
-        baseline = session.get(Checkpoint, resolved.baseline_id)
+        baseline = get_by_id(session, Checkpoint, resolved.baseline_id, "checkpoint")
         before = accuracies("baseline")
         candidates: dict[str, SplitAccuracy] = {}
         by_name: dict[str, Checkpoint] = {}
         for variant, checkpoint_id in parse_contract(PromotePayload, ctx.payload, f"job {ctx.job_id} payload").candidates.items():
-            checkpoint = session.get(Checkpoint, checkpoint_id)
+            checkpoint = get_by_id(session, Checkpoint, checkpoint_id, "checkpoint")
             candidates[checkpoint.name] = accuracies(variant)
             by_name[checkpoint.name] = checkpoint
         decision = gate_on_dev(baseline.name, before, candidates, config.promotion.min_improvement,

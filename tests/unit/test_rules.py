@@ -86,3 +86,16 @@ def test_settings_default_to_embedded(tmp_path):
     assert not remote.embedded
     assert "secret" not in remote.redacted_database_url()
     assert "pw" not in remote.redacted_broker_url()
+
+
+def test_a_step_is_refused_a_round_config_of_another_stage():
+    from db.schema import Round
+    from services.config import PreferenceRoundConfig, SFTRoundConfig
+    from services.errors import InputError
+    from services.rounds import load_config
+
+    round_ = Round(id=12, stage="sft", config=_sft())
+    assert isinstance(load_config(round_), SFTRoundConfig)
+    assert load_config(round_, SFTRoundConfig).variants == ["weak", "icl"]
+    with pytest.raises(InputError, match=r"round 12 is a sft round, not the stage this step needs \(PreferenceRoundConfig\)"):
+        load_config(round_, PreferenceRoundConfig)
