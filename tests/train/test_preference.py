@@ -113,36 +113,56 @@ def test_collate_pairs_puts_chosen_rows_first():
 # -- through the real launcher -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("loss", ["dpo", "orpo"])
-def test_preference_through_deepspeed_launcher(tmp_path, tiny_model, loss):  # noqa: F811
+LOSSES = ("dpo", "orpo")
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, tiny_model):  # noqa: F811
+    """A DPO and an ORPO job run one after the other in one DeepSpeed launch (tests/train/several_jobs.py):
+    a launch costs three Python processes importing torch and DeepSpeed, the training itself seconds.
+    Returns the launch's result and, by loss, the job's rows, output directory and lineage."""
+    root = tmp_path_factory.mktemp("preference")
+    rows = pair_rows(32)
+    train_file = root / "pairs.jsonl"
+    write_pairs(train_file, rows)
+    jobs, runs = [], {}
+    for number, loss in enumerate(LOSSES):
+        out = root / "ckpt" / f"{loss}-r1"
+        lineage = {"parent": "sft-r1", "round": 1, "job": 9 + number}
+        (root / loss).mkdir()
+        job = write_job(
+            root / loss,
+            base_model=tiny_model,
+            train_file=train_file,
+            output_dir=out,
+            lineage=lineage,
+            loss=loss,
+            beta=0.1,
+            learning_rate=3e-2,  # a tiny random model: big steps (DPO +~20, ORPO +~2.7 nats of margin)
+            epochs=8,
+            micro_batch_size=8,
+            warmup_ratio=0.1,
+            log_every=4,
+        )
+        jobs.append({"module": "models.train.preference", "config": str(job)})
+        runs[loss] = (rows, out, lineage)
+    (root / "jobs.json").write_text(json.dumps({"jobs": jobs}))
+    result = launch_training("tests.train.several_jobs", root / "jobs.json", num_ranks=1, log_path=root / "train.log",
+                             timeout_s=300)
+    return result, runs
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_preference_through_deepspeed_launcher(launched, tiny_model, loss):  # noqa: F811
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    rows = pair_rows(32)
-    train_file = tmp_path / "pairs.jsonl"
-    write_pairs(train_file, rows)
-    out = tmp_path / "ckpt" / f"{loss}-r1"
-    lineage = {"parent": "sft-r1", "round": 1, "job": 9}
-    job = write_job(
-        tmp_path,
-        base_model=tiny_model,
-        train_file=train_file,
-        output_dir=out,
-        lineage=lineage,
-        loss=loss,
-        beta=0.1,
-        learning_rate=3e-2,  # a tiny random model: big steps (DPO +~20, ORPO +~2.7 nats of margin)
-        epochs=8,
-        micro_batch_size=8,
-        warmup_ratio=0.1,
-        log_every=4,
-    )
-    result = launch_training(
-        "models.train.preference", job, num_ranks=1, log_path=tmp_path / "train.log", timeout_s=300
-    )
-
+    result, runs = launched
+    rows, out, lineage = runs[loss]
     assert result.returncode == 0, result.log_tail
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
-    seen = result.progress
+    # The jobs log in turn: this job's records are its share of the launch's, in order.
+    assert len(result.progress) == 8 * len(LOSSES), result.progress
+    seen = result.progress[8 * LOSSES.index(loss):][:8]
     assert [r["step"] for r in seen] == list(range(4, 33, 4))  # 4 micro-batches x 8 epochs
     for record in seen:
         assert {"step", "loss", "epoch", "lr", "reward_margin", "reward_accuracy"} <= record.keys()
