@@ -128,7 +128,8 @@ class Round(Base):
     state: Mapped[str] = mapped_column(String(20), default="running")  # running | done | failed | cancelled
     config: Mapped[dict[str, Any]] = mapped_column()  # the validated round config, defaults filled in
     # Names resolved to ids when the round started (models, datasets, the student the gate compares
-    # with), and facts fixed once while it runs (the in-context demonstrations).
+    # with, the pool's question count), and facts fixed once while it runs (the in-context
+    # demonstrations). The pool's question ids are rows of `round_questions`, not part of this JSON.
     resolved: Mapped[dict[str, Any]] = mapped_column(default=dict)
     outcome: Mapped[str | None] = mapped_column(String(20))  # promoted | rejected
     error: Mapped[str | None] = mapped_column(Text)
@@ -137,6 +138,17 @@ class Round(Base):
     finished_at: Mapped[datetime | None] = mapped_column()
 
     jobs: Mapped[list[Job]] = relationship(back_populates="round", order_by="Job.id")
+
+
+class RoundQuestion(Base):
+    """The pool questions a round answers, in order (migration 0010): a table, not a list in
+    `rounds.resolved`, so reading a round's row never reads a million ids (`round status`)."""
+
+    __tablename__ = "round_questions"
+
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0-based: the order chunks follow
+    question_id: Mapped[int] = mapped_column(ForeignKey("questions.id", ondelete="CASCADE"))
 
 
 class Job(Base):

@@ -101,7 +101,8 @@ def session_scope(url: str) -> Iterator[Session]:
 
 
 def insert_ignore(session: Session, model: type[Base], rows: Iterable[dict[str, Any]]) -> list[int]:
-    """INSERT … ON CONFLICT DO NOTHING, in bulk; returns the ids of the rows actually inserted.
+    """INSERT … ON CONFLICT DO NOTHING, in bulk; returns the ids of the rows actually inserted (for a
+    table without an `id`, such as `round_questions`, the last column of its primary key).
 
     This is what makes a re-run job write nothing twice: the unique keys decide. Nothing is
     committed here: the rows go in the caller's transaction, with whatever fences it.
@@ -118,7 +119,7 @@ def insert_ignore(session: Session, model: type[Base], rows: Iterable[dict[str, 
     table = model.__table__
     if session.get_bind().dialect.name == "postgresql":
         return _insert_ignore_unnest(session, table, rows)
-    stmt = sqlite.insert(table).on_conflict_do_nothing().returning(table.c.id)
+    stmt = sqlite.insert(table).on_conflict_do_nothing().returning(_returned_key(table))
     return list(session.connection().execute(stmt, rows).scalars())
 
 
@@ -145,8 +146,12 @@ def _insert_ignore_unnest(session: Session, table: Any, rows: list[dict[str, Any
     selected = [cast(unnested.c[column.name], column.type) if isinstance(column.type, JSON) else unnested.c[column.name]
                 for column in columns]
     stmt = (postgresql.insert(table).from_select([column.name for column in columns], select(*selected))
-            .on_conflict_do_nothing().returning(table.c.id))
+            .on_conflict_do_nothing().returning(_returned_key(table)))
     return list(session.connection().execute(stmt).scalars())
+
+
+def _returned_key(table: Any) -> Any:
+    return table.c.id if "id" in table.c else list(table.primary_key.columns)[-1]
 
 
 def insert_ignore_batches(session: Session, model: type[Base], rows: Iterable[dict[str, Any]],

@@ -577,9 +577,9 @@ def overall_progress(round_state: str, steps: list[StepProgress]) -> float:
 
 
 def pool_size(round_: Round) -> int:
-    """How many pool questions the round answers (0 for weak-sft): the length of the stored list,
-    without validating a million ids into a model on every status refresh."""
-    return len((round_.resolved or {}).get("question_ids") or [])
+    """How many pool questions the round answers (0 for weak-sft): the count its resolved ids keep
+    (the ids themselves are rows of `round_questions`, never read here)."""
+    return getattr(resolved_of(round_), "question_count", 0)
 
 
 # Above this many pool questions a running round's status shows no live report: computing it reads

@@ -33,6 +33,7 @@ from services.contracts import (
 )
 from services.contracts.graph import JOB_STEP_ORDER
 from services.lookup import get_by_id
+from services.round_questions import round_question_ids
 from services.selection import accuracy
 from services.voting import round_vote
 
@@ -94,7 +95,7 @@ def prompt_fit(session: Session, round_id: int) -> dict[str, Any]:
 
 def _vote_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
     resolved = resolved_of(round_, ResolvedSFT)
-    question_ids = resolved.question_ids
+    question_ids = round_question_ids(session, round_.id)
     gold = _pool_gold(session, resolved.pool_id, question_ids)
     vote = round_vote(session, round_.id, question_ids, task, (round_.config.get("vote") or {}).get("min_step_score"))
     answers = {"weak": {q: g.answer for q, g in vote.first.items()}, "strong": {q: g.answer for q, g in vote.second.items()}}
@@ -119,7 +120,7 @@ def _vote_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
 
 def _pair_figures(session: Session, round_: Round, task: str) -> dict[str, Any]:
     resolved = resolved_of(round_, ResolvedPreference)
-    question_ids = resolved.question_ids
+    question_ids = round_question_ids(session, round_.id)
     gold = _pool_gold(session, resolved.pool_id, question_ids)
     pairs = session.scalars(select(PreferencePair).where(PreferencePair.round_id == round_.id)).all()
     pairs_job = session.scalar(select(Job).where(Job.round_id == round_.id, Job.key == str(JobKey.single(JobKind.PAIRS))))

@@ -68,6 +68,7 @@ from services.errors import InputError, StateError
 from services.lookup import get_by_id
 from services.pipeline import ALL_PROMOTED, ALL_RAN, PipelineConfig, StepOutcome, first_round, next_step
 from services.registry import current_student, get_checkpoint, get_dataset, lineage_root
+from services.round_questions import round_question_ids, store_round_questions
 from services.settings import DeliverySettings
 
 
@@ -108,7 +109,7 @@ def start_round(session: Session, config: AnyRoundConfig, delivery: DeliverySett
                 raise InputError(f"--name {name!r}: round {existing.id} already has that name, with another config; "
                                  "choose another name")
             return existing, resume_round(session, existing.id, delivery)
-    resolved = resolve(session, config)
+    resolved, question_ids = resolve(session, config)
     round_ = Round(
         stage=config.stage,
         iteration=getattr(config, "iteration", 1),
@@ -123,6 +124,7 @@ def start_round(session: Session, config: AnyRoundConfig, delivery: DeliverySett
     except IntegrityError:
         raise StateError(f"--name {name!r}: another `round start` with that name committed first; "
                          "run the command again to get its round") from None
+    store_round_questions(session, round_.id, question_ids)
     return round_, advance(session, round_.id, delivery)
 
 
@@ -168,11 +170,13 @@ def named_round(session: Session, name: str) -> Round | None:
     return session.scalar(select(Round).where(Round.name == name))
 
 
-def resolve(session: Session, config: AnyRoundConfig) -> AnyResolved:
-    """Names → ids, with every check that needs the database. Raises before anything is written."""
-    resolved = _resolve(session, config)
+def resolve(session: Session, config: AnyRoundConfig) -> tuple[AnyResolved, list[int]]:
+    """Names → ids, with every check that needs the database. Raises before anything is written.
+    Returns the resolved ids and the pool's question ids in order (none for weak-sft), which the
+    caller stores with `store_round_questions` once the round has its id."""
+    resolved, question_ids = _resolve(session, config)
     if config.eval.report_on is None:
-        return resolved
+        return resolved, question_ids
     report_set = get_dataset(session, config.eval.report_on)
     if not report_set.labelled:
         raise InputError(f"eval.report_on {report_set.name!r} has no gold answers (it was imported with --unlabelled)")
@@ -181,10 +185,10 @@ def resolve(session: Session, config: AnyRoundConfig) -> AnyResolved:
     if report_set.id in (resolved.eval_id, getattr(resolved, "pool_id", None), getattr(resolved, "train_id", None)):
         raise InputError(f"eval.report_on {report_set.name!r} is also the round's eval, pool or train set: "
                          "report on held-out questions")
-    return resolved.model_copy(update={"report_on_id": report_set.id})
+    return resolved.model_copy(update={"report_on_id": report_set.id}), question_ids
 
 
-def _resolve(session: Session, config: AnyRoundConfig) -> AnyResolved:
+def _resolve(session: Session, config: AnyRoundConfig) -> tuple[AnyResolved, list[int]]:
     eval_set = get_dataset(session, config.eval.dataset)
     if not eval_set.labelled:
         raise InputError(f"eval.dataset {eval_set.name!r} has no gold answers (it was imported with --unlabelled)")
@@ -199,7 +203,7 @@ def _resolve(session: Session, config: AnyRoundConfig) -> AnyResolved:
             raise InputError(f"train is a {train_set.task} dataset but eval.dataset is {eval_set.task}")
         baseline = current_student(session, weak)
         return ResolvedWeakSFT(task=train_set.task, student_id=weak.id, baseline_id=baseline.id,
-                               lineage_root_id=lineage_root(weak), train_id=train_set.id, eval_id=eval_set.id)
+                               lineage_root_id=lineage_root(weak), train_id=train_set.id, eval_id=eval_set.id), []
 
     weak, strong = get_checkpoint(session, config.weak), get_checkpoint(session, config.strong)
     student = get_checkpoint(session, config.student) if config.student else strong
@@ -208,18 +212,17 @@ def _resolve(session: Session, config: AnyRoundConfig) -> AnyResolved:
         raise InputError(f"pool is a {pool.task} dataset but eval.dataset is {eval_set.task}")
     if pool.id == eval_set.id:
         raise InputError("pool and eval.dataset are the same dataset: evaluate on held-out questions")
-    question_ids = session.scalars(
-        select(Question.id).where(Question.dataset_id == pool.id).order_by(Question.index).limit(config.pool_limit)
-    ).all()
+    question_ids = list(session.scalars(
+        select(Question.id).where(Question.dataset_id == pool.id).order_by(Question.index).limit(config.pool_limit)))
     if config.demonstrations > len(question_ids):
         raise InputError(f"demonstrations: {config.demonstrations} is more than the pool's {len(question_ids)} questions")
     baseline = current_student(session, student)
     return ResolvedSFT(task=pool.task, weak_id=weak.id, strong_id=strong.id, student_id=student.id,
                        baseline_id=baseline.id, lineage_root_id=lineage_root(student), pool_id=pool.id,
-                       eval_id=eval_set.id, question_ids=list(question_ids))
+                       eval_id=eval_set.id, question_count=len(question_ids)), question_ids
 
 
-def resolve_preference(session: Session, config: PreferenceRoundConfig, eval_set) -> ResolvedPreference:
+def resolve_preference(session: Session, config: PreferenceRoundConfig, eval_set) -> tuple[ResolvedPreference, list[int]]:
     student, weak = get_checkpoint(session, config.student), get_checkpoint(session, config.weak)
     if student.status not in (CheckpointStatus.PROMOTED, CheckpointStatus.CANDIDATE):
         raise InputError(f"student {student.name!r} is a {student.status} checkpoint: stage II starts from a "
@@ -244,7 +247,7 @@ def resolve_preference(session: Session, config: PreferenceRoundConfig, eval_set
     baseline = current_student(session, student)
     return ResolvedPreference(task=pool.task, student_id=student.id, weak_id=weak.id, weak_round_id=weak_round.id,
                               baseline_id=baseline.id, lineage_root_id=lineage_root(student), pool_id=pool.id,
-                              eval_id=eval_set.id, question_ids=question_ids)
+                              eval_id=eval_set.id, question_count=len(question_ids)), question_ids
 
 
 _C = TypeVar("_C", SFTRoundConfig, WeakSFTRoundConfig, PreferenceRoundConfig)
@@ -421,16 +424,26 @@ def _tail(jobs: dict[JobKey, Job], variants: list[str], resolved: AnyResolved) -
     return plan
 
 
-def _chunks(question_ids: list[int], size: int) -> list[list[int]]:
-    return [question_ids[i : i + size] for i in range(0, len(question_ids), size)]
+def _generation_chunks(session: Session, round_id: int, voters: list[str], question_count: int, size: int,
+                       jobs: dict[JobKey, Job]) -> list[JobSpec]:
+    """The generation chunks of `voters` not planned yet: chunk i answers the pool questions at
+    positions [i * size, (i + 1) * size). Only the ids of those chunks are read (one range for all
+    voters), so planning a round whose chunks are all planned reads none of its pool."""
+    missing = [(voter, i) for voter in voters for i in range(-(-question_count // size))
+               if JobKey.generate(voter, i) not in jobs]
+    if not missing:
+        return []
+    low, high = min(i for _, i in missing) * size, (max(i for _, i in missing) + 1) * size
+    ids = round_question_ids(session, round_id, low, high)
+    return [JobSpec(JobKey.generate(voter, i),
+                    GeneratePayload(voter=voter, question_ids=ids[i * size - low : (i + 1) * size - low]))
+            for voter, i in missing]
 
 
 def plan_sft(session: Session, round_: Round, config: SFTRoundConfig, jobs: dict[JobKey, Job]) -> list[JobSpec]:
     resolved = resolved_of(round_, ResolvedSFT)
-    chunks = _chunks(resolved.question_ids, config.generation.chunk_size)
     plan = _baseline_evaluations(resolved, config)
-    plan += [JobSpec(JobKey.generate("weak", i), GeneratePayload(voter="weak", question_ids=chunk))
-             for i, chunk in enumerate(chunks)]
+    voters = ["weak"]
 
     # The strong voter's few-shot demonstrations come from the weak voter's own outputs: one fixed
     # set per round, so it can only be chosen once every weak answer is in.
@@ -438,8 +451,8 @@ def plan_sft(session: Session, round_: Round, config: SFTRoundConfig, jobs: dict
         if resolved.demonstration_ids is None:
             resolved = resolved.model_copy(update={"demonstration_ids": choose_demonstrations(session, round_, config)})
             round_.resolved = resolved.stored()
-        plan += [JobSpec(JobKey.generate("strong", i), GeneratePayload(voter="strong", question_ids=chunk))
-                 for i, chunk in enumerate(chunks)]
+        voters.append("strong")
+    plan += _generation_chunks(session, round_.id, voters, resolved.question_count, config.generation.chunk_size, jobs)
 
     if _done(jobs, "generate:weak") and _done(jobs, "generate:strong"):
         plan.append(JobSpec(JobKey.single(JobKind.VOTE), VotePayload()))
@@ -461,8 +474,8 @@ def plan_preference(session: Session, round_: Round, config: PreferenceRoundConf
     for variant, checkpoint_id in _candidates(jobs).items():
         plan.append(JobSpec(JobKey.evaluate(variant, pass_at_k=True),
                             _evaluate(checkpoint_id, resolved.eval_id, config, **pass_at)))
-    plan += [JobSpec(JobKey.generate("student", i), GeneratePayload(voter="student", question_ids=chunk))
-             for i, chunk in enumerate(_chunks(resolved.question_ids, config.generation.chunk_size))]
+    plan += _generation_chunks(session, round_.id, ["student"], resolved.question_count,
+                               config.generation.chunk_size, jobs)
     if _done(jobs, "generate:student"):
         plan.append(JobSpec(JobKey.single(JobKind.PAIRS), PairsPayload()))
     if _done(jobs, "pairs"):
@@ -622,7 +635,7 @@ def advance_pipeline(session: Session, pipeline_id: int, delivery: DeliverySetti
     step, round_data = decision
     try:
         round_config = parse_round_config(round_data, f"pipeline {pipeline_id} {step}")
-        resolved = resolve(session, round_config)
+        resolved, question_ids = resolve(session, round_config)
     except Exception as exc:  # noqa: BLE001 - a step that cannot start ends the chain with its reason
         pipeline.state, pipeline.reason, pipeline.finished_at = "failed", f"{step}: {exc}", utcnow()
         return []
@@ -630,7 +643,10 @@ def advance_pipeline(session: Session, pipeline_id: int, delivery: DeliverySetti
         "stage": round_config.stage, "iteration": getattr(round_config, "iteration", 1), "state": RoundState.RUNNING,
         "config": round_config.model_dump(mode="json"), "resolved": resolved.stored(), "pipeline_id": pipeline_id,
         "pipeline_step": step, "created_at": utcnow()}])
-    return advance(session, new[0], delivery) if new else []
+    if not new:
+        return []
+    store_round_questions(session, new[0], question_ids)
+    return advance(session, new[0], delivery)
 
 
 def _outcome(session: Session, round_: Round) -> StepOutcome:

@@ -1,6 +1,7 @@
 """Idempotence and fencing of the bulk write paths, on whichever database a test passes (PostgreSQL
 in tests/cluster, SQLite in tests/embedded): the generation chunks, the paged vote, and
-`insert_ignore` itself over more rows than one multi-row INSERT holds.
+`insert_ignore` itself over more rows than one multi-row INSERT holds; a round's pool question
+ids (`round_questions`): stored once, in order, the chunks covering them, and their migration.
 
 A redelivered job (its state reset, as after a lost acknowledgement) writes nothing twice; a stale
 attempt (another worker took the job over) writes nothing at all, though its rows went out in
@@ -9,13 +10,13 @@ batches before the fenced `done` mark refused it."""
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
-from db.schema import Generation, Job, Question, TrainingExample
+from db.schema import Generation, Job, Question, Round, TrainingExample
 from db.session import insert_ignore, session_scope, upgrade
 from services.settings import load_settings
 from tests.cluster_support import write_questions, write_replay_models
@@ -164,3 +165,122 @@ def check_insert_ignore_pages(url: str, tmp_path: Path) -> None:
         payload = session.scalar(select(Job.payload).where(Job.round_id == round_id, Job.key == "bulk:02000"))
     assert payload == {"k": 2000}  # the first write stands
     assert _count(url, Job, round_id) == planned + 3900
+
+
+# --- a round's pool questions (round_questions, migration 0010) ------------------------------------
+
+
+def check_round_questions(url: str, tmp_path: Path) -> None:
+    """The round's pool ids are stored once, in pool order; the generation chunks cover exactly
+    them, in order; a second start or planning writes none again; a chunk planned late gets its ids."""
+    from db.schema import Question, Round, RoundQuestion
+    from services.contracts import ResolvedSFT, resolved_of
+    from services.round_questions import round_question_ids, store_round_questions
+    from services.rounds import advance
+
+    round_id = make_round(url, tmp_path)
+    delivery = load_settings({"W2S_DATABASE_URL": url}).delivery
+    with session_scope(url) as session:
+        round_ = session.get(Round, round_id)
+        pool = list(session.scalars(select(Question.id).where(Question.dataset_id == resolved_of(round_, ResolvedSFT).pool_id)
+                                    .order_by(Question.index)))
+        assert len(pool) == POOL and resolved_of(round_, ResolvedSFT).question_count == POOL
+        assert "question_ids" not in round_.resolved  # the row holds the count, never the list
+        assert round_question_ids(session, round_id) == pool
+        assert round_question_ids(session, round_id, 5, 10) == pool[5:10]
+        for voter in ("weak", "strong"):
+            chunks = session.scalars(select(Job).where(Job.round_id == round_id, Job.step == f"generate:{voter}")
+                                     .order_by(Job.id)).all()
+            assert [job.key for job in chunks] == [f"generate:{voter}:{i:04d}" for i in range(3)]
+            assert [qid for job in chunks for qid in job.payload["question_ids"]] == pool, voter
+
+    with session_scope(url) as session:  # planning and storing again write nothing twice
+        assert advance(session, round_id, delivery) == []
+        assert store_round_questions(session, round_id, pool) == 0
+    with session_scope(url) as session:
+        assert session.scalar(select(func.count()).select_from(RoundQuestion).where(RoundQuestion.round_id == round_id)) == POOL
+        assert round_question_ids(session, round_id) == pool
+        # A chunk missing from the middle (e.g. planned by an older version) is planned with its own ids.
+        session.execute(delete(Job).where(Job.round_id == round_id, Job.key == "generate:strong:0001"))
+    with session_scope(url) as session:
+        assert len(advance(session, round_id, delivery)) == 1
+        replanned = session.scalar(select(Job).where(Job.round_id == round_id, Job.key == "generate:strong:0001"))
+        assert replanned.payload["question_ids"] == pool[5:10]
+
+
+def check_named_start_stores_the_ids_once(url: str, tmp_path: Path) -> None:
+    """`round start --name` retried finds its round and writes its pool ids no second time."""
+    from db.schema import RoundQuestion
+    from services.config import parse_round_config
+    from services.round_questions import round_question_ids
+    from services.rounds import start_round
+
+    round_id = make_round(url, tmp_path)
+    delivery = load_settings({"W2S_DATABASE_URL": url}).delivery
+    with session_scope(url) as session:
+        config = parse_round_config(session.get(Round, round_id).config)
+    name = f"named-{uuid.uuid4().hex[:8]}"
+    ids = []
+    for _ in range(2):
+        with session_scope(url) as session:
+            round_, _jobs = start_round(session, config, delivery, name=name)
+            ids.append(round_.id)
+    assert ids[0] == ids[1] != round_id
+    with session_scope(url) as session:
+        assert session.scalar(select(func.count()).select_from(RoundQuestion).where(RoundQuestion.round_id == ids[0])) == POOL
+        assert round_question_ids(session, ids[0]) == round_question_ids(session, round_id)
+
+
+def check_round_questions_migration(url: str) -> None:
+    """Migration 0010 on a database at 0009 (`url`: a fresh, empty one): a round's `question_ids`
+    move into `round_questions` in their order and the JSON keeps their count; a weak-sft round is
+    untouched; the downgrade puts the list back as it was and drops the table; upgrading again works."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from db.session import alembic_config, current_revision, get_engine
+
+    upgrade(url, "0009")
+    now = datetime.now(timezone.utc)
+    datasets = sa.table("datasets", *(sa.column(c) for c in ("id", "name", "task", "labelled", "source", "size")),
+                        sa.column("created_at", sa.DateTime(timezone=True)))
+    questions = sa.table("questions", *(sa.column(c) for c in ("id", "dataset_id", "index", "text")))
+    rounds = sa.table("rounds", sa.column("id"), sa.column("stage"), sa.column("iteration"), sa.column("state"),
+                      sa.column("config", sa.JSON()), sa.column("resolved", sa.JSON()),
+                      sa.column("created_at", sa.DateTime(timezone=True)))
+    base = {"task": "gsm8k", "student_id": 1, "baseline_id": 1, "lineage_root_id": 1, "eval_id": 1}
+    sft = {**base, "weak_id": 1, "strong_id": 2, "pool_id": 1, "question_ids": [13, 11, 12], "demonstration_ids": [4]}
+    weak_sft = {**base, "train_id": 1}
+    empty = {**base, "weak_id": 1, "strong_id": 2, "pool_id": 1, "question_ids": []}
+    with get_engine(url).begin() as connection:
+        connection.execute(datasets.insert().values(id=1, name="pool", task="gsm8k", labelled=True, source="x", size=3,
+                                                    created_at=now))
+        connection.execute(questions.insert(), [{"id": 10 + i, "dataset_id": 1, "index": i, "text": f"q{i}"} for i in (1, 2, 3)])
+        connection.execute(rounds.insert(), [
+            {"id": rid, "stage": stage, "iteration": 1, "state": "done", "config": {}, "resolved": resolved, "created_at": now}
+            for rid, stage, resolved in ((1, "sft", sft), (2, "weak-sft", weak_sft), (3, "sft", empty))])
+
+    def state() -> tuple[dict[int, dict], list[tuple[int, int, int]] | None]:
+        with get_engine(url).connect() as connection:
+            resolved = {rid: value for rid, value in connection.execute(sa.select(rounds.c.id, rounds.c.resolved))}
+            if not sa.inspect(connection).has_table("round_questions"):
+                return resolved, None
+            rows = connection.execute(sa.text("SELECT round_id, position, question_id FROM round_questions "
+                                              "ORDER BY round_id, position")).all()
+            return resolved, [tuple(row) for row in rows]
+
+    upgrade(url, "0010")
+    resolved, rows = state()
+    assert rows == [(1, 0, 13), (1, 1, 11), (1, 2, 12)]
+    assert resolved[1] == {**{k: v for k, v in sft.items() if k != "question_ids"}, "question_count": 3}
+    assert resolved[2] == weak_sft
+    assert resolved[3] == {**{k: v for k, v in empty.items() if k != "question_ids"}, "question_count": 0}
+
+    command.downgrade(alembic_config(url), "0009")
+    assert current_revision(url) == "0009"
+    resolved, rows = state()
+    assert rows is None, "the downgrade left the round_questions table"
+    assert resolved == {1: sft, 2: weak_sft, 3: empty}
+
+    upgrade(url)
+    assert state()[1] == [(1, 0, 13), (1, 1, 11), (1, 2, 12)]

@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 
 from db.schema import Checkpoint, Generation, Job, Round
 from db.session import session_scope
+from services.round_questions import round_question_ids
 from tests.support import drop_database, fresh_database  # noqa: F401 - the cluster tests import them from here
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,8 +208,7 @@ class Cluster:
         with self.session() as session:
             rows = session.execute(select(Generation.question_id, Generation.voter, Generation.sample_index)
                                    .where(Generation.round_id == round_id)).all()
-            round_ = session.get(Round, round_id)
-            expected = {(q, v, 0) for q in round_.resolved["question_ids"] for v in ("weak", "strong")}
+            expected = {(q, v, 0) for q in round_question_ids(session, round_id) for v in ("weak", "strong")}
         assert len(rows) == len(expected) == 2 * pool, (len(rows), len(expected))
         assert set(map(tuple, rows)) == expected
 

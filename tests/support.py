@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 from db.schema import Checkpoint, Evaluation, Generation, Job, Round, TrainingExample
 from db.session import session_scope
 from services.promotion import gate
+from services.round_questions import round_question_ids
 from services.selection import Vote, stage1_vote
 
 
@@ -92,10 +93,11 @@ def check_stage1_round(database_url: str, round_id: int, *, pool_size: int, vari
         assert len({(g.voter, g.question_id) for g in generations}) == 2 * pool_size
         weak = {g.question_id: g.answer for g in generations if g.voter == "weak"}
         strong = {g.question_id: g.answer for g in generations if g.voter == "strong"}
-        assert set(weak) == set(strong) == set(round_.resolved["question_ids"])
+        question_ids = round_question_ids(session, round_id)
+        assert set(weak) == set(strong) == set(question_ids)
 
         # The vote, recomputed from the stored answers with the pure rule, matches what was kept.
-        kept = stage1_vote([Vote(q, weak[q], strong[q]) for q in round_.resolved["question_ids"]], "gsm8k")
+        kept = stage1_vote([Vote(q, weak[q], strong[q]) for q in question_ids], "gsm8k")
         vote_job = next(job for job in jobs if job.key == "vote")
         assert vote_job.result["kept"] == len(kept)
         for variant in variants:

@@ -54,6 +54,7 @@ from services.evaluation import EvalFigures, Sample, evaluate, round_eval_method
 from services.lookup import get_by_id
 from services.promotion import SplitAccuracy, gate_on_dev
 from services.report import round_report
+from services.round_questions import round_question_ids
 from services.rounds import load_config
 from services.selection import decide_pairs, variant_sources
 from services.store import checkpoint_path
@@ -230,9 +231,10 @@ def run_vote(ctx: JobContext) -> None:
         round_ = get_by_id(session, Round, ctx.round_id, "round")
         config = load_config(round_, SFTRoundConfig)
         resolved = resolved_of(round_, ResolvedSFT)
+        question_ids = round_question_ids(session, ctx.round_id)
         sources = {variant: variant_sources(variant) for variant in config.variants}
         voted = kept = dropped = 0
-        for page in voted_pages(session, ctx.round_id, resolved.question_ids, resolved.task, config.vote.min_step_score):
+        for page in voted_pages(session, ctx.round_id, question_ids, resolved.task, config.vote.min_step_score):
             examples = []
             for question in page:
                 voted += 1
@@ -247,9 +249,9 @@ def run_vote(ctx: JobContext) -> None:
                         examples.append({"round_id": ctx.round_id, "variant": variant, "question_id": question.question_id,
                                          "generation_id": generation.id, "prompt": prompt, "response": generation.text})
             insert_ignore(session, TrainingExample, examples)
-            ctx.progress(session, 0.99 * voted / max(len(resolved.question_ids), 1))
+            ctx.progress(session, 0.99 * voted / max(len(question_ids), 1))
         counts = {variant: kept * len(variant_from) for variant, variant_from in sources.items()}
-        ctx.finish(session, VoteResult(pool=len(resolved.question_ids), voted=voted, kept=kept,
+        ctx.finish(session, VoteResult(pool=len(question_ids), voted=voted, kept=kept,
                                        dropped_by_step_score=dropped, examples=counts).stored())
 
 
@@ -266,7 +268,7 @@ def run_pairs(ctx: JobContext) -> None:
         round_ = get_by_id(session, Round, ctx.round_id, "round")
         config = load_config(round_, PreferenceRoundConfig)
         resolved = resolved_of(round_, ResolvedPreference)
-        question_ids = resolved.question_ids
+        question_ids = round_question_ids(session, ctx.round_id)
         total, skipped, cases = 0, Counter[str](), Counter[str]()
         for start in range(0, len(question_ids), PAIR_PAGE):
             page = question_ids[start : start + PAIR_PAGE]

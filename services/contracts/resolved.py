@@ -2,14 +2,16 @@
 one model per stage, and the one accessor every reader goes through.
 
 Stored in `rounds.resolved` as the same JSON object as before these models existed (no `stage`
-field: the round row has it), so rounds of an existing database read back unchanged.
+field: the round row has it), so rounds of an existing database read back unchanged. The pool's
+question ids are not here: they are rows of `round_questions` (migration 0010; read them with
+`services.round_questions.round_question_ids`); the JSON keeps their count.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol, TypeVar, Union, overload
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.contracts.states import Stage
 from services.errors import InputError
@@ -42,7 +44,7 @@ class ResolvedSFT(_Resolved):
     weak_id: int
     strong_id: int
     pool_id: int
-    question_ids: list[int]
+    question_count: int = Field(ge=0)  # the pool questions the round answers: rows of `round_questions`
     # The weak generations shown to the strong voter; chosen once every weak answer is in.
     demonstration_ids: list[int] | None = None
 
@@ -62,7 +64,7 @@ class ResolvedPreference(_Resolved):
     weak_id: int
     weak_round_id: int  # the stage I round whose weak answers form one side of every pair
     pool_id: int
-    question_ids: list[int]
+    question_count: int = Field(ge=0)  # the pool questions the round samples: rows of `round_questions`
 
     def voters(self) -> dict[str, int]:
         return {"student": self.student_id}
@@ -83,6 +85,9 @@ def parse_resolved(stage: str, data: dict[str, Any], source: str = "round") -> A
         model = RESOLVED_BY_STAGE[Stage(stage)]
     except ValueError:
         raise InputError(f"{source}: unknown stage {stage!r} (one of {', '.join(Stage)})") from None
+    if "question_ids" in data:  # the ids moved to `round_questions`; extra keys are otherwise kept
+        raise InputError(f"{source}: its resolved ids still hold the pool's question_ids: the database predates "
+                         "migration 0010 (run `w2sctl db upgrade`)")
     try:
         parsed = model.model_validate(data)
     except ValidationError as exc:

@@ -26,6 +26,7 @@ from sqlalchemy import func, select
 
 from db.schema import Evaluation, Generation, Job, Question, Round, TrainingExample
 from db.session import session_scope
+from services.round_questions import round_question_ids
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.support import drop_database, fresh_database, invoke_cli, stop_process_group
 
@@ -277,7 +278,7 @@ def test_report_plot_draws_the_rounds_metrics(live):
         assert [t.get_text() for t in top.get_xticklabels()] == ["strong", "round2-hybrid"]
 
         # The vote: kept share and pseudo-label accuracy, recomputed from the rows.
-        question_ids = round_.resolved["question_ids"]
+        question_ids = round_question_ids(session, round_.id)
         kept = set(session.scalars(select(TrainingExample.question_id).where(TrainingExample.round_id == 2)))
         gold = dict(session.execute(select(Question.id, Question.gold_answer).where(Question.id.in_(question_ids))).all())
         weak = dict(session.execute(select(Generation.question_id, Generation.answer).where(

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from db.schema import Generation, Job, Round
 from db.session import session_scope
 from models.answers import answers_match
+from services.round_questions import round_question_ids
 from services.selection import Vote, agreed, min_step_score
 from services.settings import load_settings
 
@@ -57,7 +58,7 @@ def test_round_with_leco_and_sc_voters_and_a_step_score_threshold(w2s_home, cli_
                 assert all(count >= sum(answers_match(b, a, "gsm8k") for a in answers if a) for b in answers if b)
 
         votes = [Vote(q, weak[q].answer, strong[q][0].answer, min_step_score(weak[q].step_scores),
-                      min_step_score(strong[q][0].step_scores)) for q in round_.resolved["question_ids"]]
+                      min_step_score(strong[q][0].step_scores)) for q in round_question_ids(session, round_.id)]
         agreed_ids = [v.question_id for v in votes if agreed(v, "gsm8k")]
         assert agreed_ids, "the tiny voters agreed on nothing: the threshold was not exercised"
         vote = session.scalar(select(Job).where(Job.round_id == 1, Job.key == "vote"))

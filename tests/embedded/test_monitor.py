@@ -158,7 +158,7 @@ def _round_with_jobs(session, jobs: list[tuple[str, str, int]], *, round_state="
         session.flush()
     round_ = Round(stage="sft", iteration=1, state=round_state, config=config.model_dump(mode="json"),
                    resolved={"task": "gsm8k", "weak_id": 1, "strong_id": 1, "student_id": 1, "baseline_id": 1,
-                             "lineage_root_id": 1, "pool_id": 1, "eval_id": 1, "question_ids": []},
+                             "lineage_root_id": 1, "pool_id": 1, "eval_id": 1, "question_count": 0},
                    error="job 1 (evaluate:baseline) failed: boom" if round_state == "failed" else None,
                    pipeline_id=pipe.id if pipe else None, pipeline_step="iteration1" if pipe else None)
     session.add(round_)
@@ -265,7 +265,7 @@ def test_pipeline_report_follows_the_lineage(w2s_home, cli_runner, tmp_path):
                       resolved={"task": "gsm8k", "weak_id": ckpt["weak"].id, "strong_id": ckpt["strong"].id,
                                 "student_id": ckpt[baseline].id, "baseline_id": ckpt[baseline].id,
                                 "lineage_root_id": ckpt["strong"].id, "pool_id": test_set.id, "eval_id": test_set.id,
-                                "question_ids": []})
+                                "question_count": 0})
             session.add(r)
             session.flush()
             rounds.append(r)

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from db.schema import Generation, Job, Round
 from db.session import session_scope
 from models.prompts import few_shot
+from services.round_questions import round_question_ids
 from services.settings import load_settings
 
 POOL = 16
@@ -47,7 +48,7 @@ def test_a_round_whose_demonstrations_overflow_the_context_finishes_and_counts_t
     with session_scope(load_settings().database_url) as session:
         round_ = session.get(Round, 1)
         assert round_.state == "done", round_.error
-        questions = round_.resolved["question_ids"]
+        questions = round_question_ids(session, round_.id)
         long_ids = set(questions[POOL:])
         demo_ids = round_.resolved["demonstration_ids"]
         demos = session.scalars(select(Generation).where(Generation.id.in_(demo_ids)).order_by(Generation.id)).all()

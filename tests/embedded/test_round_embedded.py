@@ -89,6 +89,38 @@ def test_stage1_round_embedded(in_round_home, cli_runner):
     assert {j["key"] for j in jobs} >= {"vote", "train:hybrid", "promote", "evaluate:baseline"}
 
 
+def test_status_commands_read_no_pool_question_ids(in_round_home, cli_runner):
+    """`round status` (both forms), `jobs --round`, `queues` and `round report` read the round's
+    row, which holds the pool's size, never its question ids (rows of `round_questions`, read
+    by no status query): at a million questions the list was most of `round status`'s time."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from db.schema import Round
+    from services.round_questions import round_question_ids
+
+    with session_scope(load_settings().database_url) as session:
+        round_ = session.get(Round, 1)
+        assert "question_ids" not in round_.resolved and round_.resolved["question_count"] == POOL_LIMIT
+        assert len(round_question_ids(session, 1)) == POOL_LIMIT
+
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        for command in (["round", "status", "1"], ["round", "status", "1", "--json"], ["jobs", "--round", "1"],
+                        ["queues"], ["round", "report", "1"]):
+            before = len(statements)
+            cli_runner(*command)
+            assert len(statements) > before, f"{command}: no SQL seen (the listener is not on the CLI's engine)"
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    assert not [s for s in statements if "round_questions" in s]
+
+
 def test_rerunning_a_job_writes_nothing_twice(in_round_home):
     """A redelivered generation job (state reset, as after a lost ack) writes no second row."""
     from workers.runner import run_job
