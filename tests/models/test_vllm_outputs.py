@@ -26,6 +26,7 @@ from models.backends.vllm import (
     chosen_probs,
     completion_from,
     continued_from,
+    engine_dtype,
     join_pieces,
     request_seeds,
 )
@@ -58,6 +59,18 @@ def test_a_vllm_logprob_object_and_a_missing_token_are_handled():
 def test_seeds_give_every_sequence_its_own_and_do_not_depend_on_batching():
     assert request_seeds(100, 3, 10) == [100, 110, 120]  # vLLM: sample i of prompt j gets 100 + 10j + i
     assert request_seeds(None, 2, 4) == [None, None]
+
+
+def test_an_engine_runs_in_the_dtype_the_transformers_backend_would_not_vllms_auto():
+    # vLLM's auto runs a float32 checkpoint in bfloat16 even on CPU: 5 of 80 greedy pool answers of
+    # the tiny models then left transformers' (docs/design-notes.md). The transformers rule instead.
+    assert engine_dtype(None, "float32", "cpu", True) == "float32"
+    assert engine_dtype(None, "bfloat16", "cpu", True) == "float32"
+    assert engine_dtype(None, "float32", "cuda", True) == "bfloat16"
+    assert engine_dtype(None, "float32", "cuda", False) == "float32"  # vLLM's auto: float16
+    assert engine_dtype(None, "float16", "cuda", True) == "float16"
+    assert engine_dtype(torch.float32, "bfloat16", "cuda", True) == "float32"  # asked for: as asked
+    assert engine_dtype("bfloat16", "float32", "cpu", True) == "bfloat16"
 
 
 def test_a_prompt_too_long_is_refused_with_the_services_message(demo_assets):
