@@ -1,5 +1,6 @@
 """Decide on dev, report on test, with a training grid: a weak-sft round on the tiny demo models,
-embedded (SQLite, in-process jobs). Its gold answers make it the cheapest round that trains."""
+embedded (SQLite, in-process jobs). Its gold answers make it the cheapest round that trains, and
+the suite's one weak-sft round: it also shows what that stage trains (the weak model, on gold)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from tests.support import invoke_cli
 
 GRID = "training.grid={learning_rate: [0.0001, 0.003]}"  # YAML: 1e-4 would be read as a string
 CANDIDATES = ["gold-lr1e-4", "gold-lr3e-3"]
+TRAIN_LIMIT = 120
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def grid_round(tmp_path_factory, demo_assets):
         split = invoke_cli("dataset", "split", "test", "--dev", 40, "--seed", 0)
         invoke_cli("model", "register", "weak", "--path", demo_assets.weak_model, "--role", "weak")
         started = invoke_cli("round", "start", "--stage", "weak-sft", "--weak", "weak", "--train", "weak-train",
-                             "--train-limit", 120, "--eval", "test-dev", "--report-on", "test-test",
+                             "--train-limit", TRAIN_LIMIT, "--eval", "test-dev", "--report-on", "test-test",
                              "--set", "eval.report_limit=40", "--set", "generation.max_new_tokens=48",
                              "--set", "training.epochs=1", "--set", "training.max_seq_len=128", "--set", GRID)
         yield {"home": home, "split": split.output, "started": started.output}
@@ -68,7 +70,7 @@ def test_dataset_split_makes_disjoint_dev_and_test_sets(in_home):
 
 
 def test_a_grid_round_trains_one_candidate_per_setting_and_promotes_the_best_on_dev(in_home, cli_runner):
-    from db.schema import Checkpoint, Dataset, Evaluation, Job, Round
+    from db.schema import Checkpoint, Dataset, Evaluation, Job, Round, TrainingExample
 
     url = load_settings().database_url
     with session_scope(url) as session:
@@ -85,6 +87,10 @@ def test_a_grid_round_trains_one_candidate_per_setting_and_promotes_the_best_on_
         # The job file each launch read carried its own setting.
         for name, checkpoint in candidates.items():
             assert checkpoint.metrics["setting"] == {"learning_rate": 0.0001 if name.endswith("1e-4") else 0.003}
+            # weak-sft trains the weak model on gold: its candidates are weak models, children of the student.
+            assert checkpoint.role == "weak" and checkpoint.parent_id == round_.resolved["student_id"]
+        examples = session.scalars(select(TrainingExample).where(TrainingExample.round_id == 1)).all()
+        assert len(examples) == TRAIN_LIMIT and all(e.variant == "gold" and e.generation_id is None for e in examples)
         accuracy = {(e.checkpoint_id, e.dataset_id): e.accuracy for e in session.scalars(select(Evaluation))}
         on_dev = {name: accuracy[(c.id, dev)] for name, c in candidates.items()}
         baseline_dev = accuracy[(round_.resolved["baseline_id"], dev)]
