@@ -20,6 +20,11 @@ DEMO_CACHE = Path(os.environ.get("W2S_TEST_CACHE", REPO / ".w2s-test-cache"))
 # what a test needs: `make test-fast` runs the folders that need no server and no DeepSpeed launch.
 FOLDER_MARKERS = ("unit", "models", "train", "embedded", "cluster", "conformance", "vllm")
 TESTS = Path(__file__).resolve().parent
+# DeepSpeed compiles a small op on a training launch's first use into TORCH_EXTENSIONS_DIR. The
+# Makefile gives each checkout's venv its own; a bare `pytest` would share ~/.cache/torch_extensions
+# with every other venv on the machine, and each venv's build replaces the other's (about 50 s of CPU
+# per rebuild, paid by whichever launch comes next). Launches and workers inherit this environment.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 # tests/vllm needs vLLM, which lives in its own environment (make venv-vllm / make test-vllm): the
 # default install never has it, so there the folder is not collected (nothing imports vLLM).
 collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
