@@ -116,11 +116,12 @@ class Cluster:
         return result
 
     def start_worker(self, name: str, roles: str, *, netns: str | None = None, failpoint: str | None = None,
-                     **env: str) -> Worker:
+                     backend: str | None = None, **env: str) -> Worker:
         log_path = self.tmp_path / f"worker-{name}.log"
         prefix = ["ip", "netns", "exec", netns] if netns else []
         w2sctl = [*W2SCTL_FAILPOINT, failpoint] if failpoint else W2SCTL
-        command = [*prefix, *w2sctl, "worker", "--role", roles, "--hostname", f"{name}@%h", "--loglevel", "info"]
+        command = [*prefix, *w2sctl, "worker", "--role", roles, "--hostname", f"{name}@%h", "--loglevel", "info",
+                                *(["--backend", backend] if backend else [])]
         with log_path.open("w") as log:
             process = subprocess.Popen(command, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True, cwd=REPO)

@@ -69,6 +69,11 @@ class TransformersBackend:
     def context_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
 
+    @property
+    def dtype(self) -> str:
+        """The model's dtype as the vllm backend names it (``float32``); a job records it."""
+        return str(self.model.dtype).removeprefix("torch.")
+
     def formatted(self, prompt_format: str) -> TransformersBackend:
         """The same model and tokenizer reading prompts in ``prompt_format``; a chat format is
         refused here when the tokenizer has no chat template."""

@@ -73,7 +73,9 @@ def load_backend(path: str | os.PathLike, *, backend: str | None = None, **optio
 
 
 def describe(loaded: ModelBackend) -> dict[str, Any]:
-    """What a job records about the engine that generated: its name and its libraries' versions."""
+    """What a job records about the engine that generated: its name, its libraries' versions and
+    the dtype it computes in (when the backend has one: the same weights in bfloat16 answer
+    differently from float32)."""
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
@@ -82,7 +84,8 @@ def describe(loaded: ModelBackend) -> dict[str, Any]:
             versions[package] = version(package)
         except PackageNotFoundError:
             continue
-    return {"name": loaded.name, "versions": versions}
+    dtype = getattr(loaded, "dtype", None)
+    return {"name": loaded.name, "versions": versions, **({"dtype": dtype} if dtype else {})}
 
 
 def in_format(backend: ModelBackend, prompt_format: str) -> ModelBackend:

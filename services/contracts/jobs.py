@@ -86,7 +86,7 @@ class GenerateResult(Contract):
     generated: int  # rows this attempt wrote (a retry skips what is in)
     questions: int
     samples_per_question: int
-    engine: dict[str, Any] | None = None  # the backend that generated: {"name", "versions": {package: version}}
+    engine: dict[str, Any] | None = None  # the backend that generated: {"name", "versions": {package: version}, "dtype"}
     # Output tokens of the samples this attempt generated: `round status` sums them per step from
     # the done jobs instead of reading every generation row (None in rows written before).
     output_tokens: int | None = None

@@ -45,3 +45,8 @@ def test_a_bf16_checkpoint_loads_in_float32_on_cpu(penalised):
     loaded = ModelCache().get(penalised)
     assert loaded.model.device.type == "cpu"
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    # and a generate job records that dtype with the engine (loader.describe)
+    from models.backends.loader import describe
+
+    engine = describe(loaded)
+    assert engine["name"] == "transformers" and engine["dtype"] == loaded.dtype == "float32", engine
