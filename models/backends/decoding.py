@@ -102,3 +102,33 @@ def describe(applied: dict[str, Any], overridden: dict[str, Any], overrides: dic
     if overridden:
         parts.append(f"{listed(overridden)} (w2s's own sampling settings win)")
     return "generation_config.json changes decoding: " + "; ".join(parts) if parts else None
+
+
+# The decoding fields vLLM's SamplingParams applies exactly as transformers does: field ->
+# SamplingParams argument (both penalise the prompt's and the output's tokens alike). Refused,
+# though vLLM has a near namesake: ``min_p`` (vLLM filters by it before top_p, transformers after),
+# ``min_new_tokens`` (vLLM's ``min_tokens`` also holds back stop strings). The rest of NEUTRAL has
+# no vLLM equivalent (n-gram blocking, beams, typical/epsilon/eta cutoffs, suppression by token
+# ids, a prompt-inclusive ``min_length``).
+VLLM_SAMPLING: dict[str, str] = {"repetition_penalty": "repetition_penalty"}
+
+
+class UnsupportedDecoding(ValueError):
+    """A decoding setting the vllm backend cannot apply as transformers would."""
+
+
+def vllm_sampling(config: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The SamplingParams arguments that decode as the transformers backend does with this
+    generation config and a registration's ``--decoding`` overrides (written over it). A field that
+    changes decoding but has no vLLM equivalent is refused, naming it and the override that makes
+    it plain: vLLM would otherwise decode differently without a word."""
+    merged = {**config, **(overrides or {})}
+    applied = decoding_changes(merged)[0]
+    unsupported = [k for k in applied if k not in VLLM_SAMPLING]
+    if unsupported:
+        fixes = " ".join(f"--decoding {k}={'null' if NEUTRAL[k] is None else NEUTRAL[k]}" for k in unsupported)
+        raise UnsupportedDecoding(
+            f"generation_config.json sets {', '.join(f'{k}={applied[k]}' for k in unsupported)}, which the vllm "
+            f"backend cannot apply as transformers does (no vLLM equivalent): use the transformers backend, or "
+            f"register the model with {fixes} (or --decoding neutral) to decode without it")
+    return {VLLM_SAMPLING[k]: v for k, v in applied.items()}

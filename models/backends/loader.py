@@ -141,7 +141,7 @@ def choose_dtype(device_type: str, checkpoint_dtype: str | None, bf16_supported:
 
 # Engines that merge a checkpoint's generation_config.json into their decoding and take a
 # registration's overrides of it (``models.backends.decoding``).
-DECODING_BACKENDS = ("transformers",)
+DECODING_BACKENDS = ("transformers", "vllm")
 
 
 class ModelCache:
@@ -191,7 +191,7 @@ class ModelCache:
                 for other in [k for k in self._models if k[1] == key[1]]:
                     self._evict(other)
             loaded = load_backend(resolved, backend=key[1], trust_remote_code=trust_remote_code,
-                                  # overrides of generation_config.json: the transformers engine's (DECODING_BACKENDS)
+                                  # overrides of generation_config.json: the engines that take them (DECODING_BACKENDS)
                                   **({"decoding": decoding} if decoding and key[1] in DECODING_BACKENDS else {}),
                                   **{**self.options, **self.backend_options.get(key[1], {})})
             self.loads += 1

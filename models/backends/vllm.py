@@ -12,7 +12,9 @@ text is decoded by w2s as for transformers. The pure functions below (``completi
 outputs, without vLLM.
 
 - Greedy: ``temperature=0``. Sampling: ``temperature`` / ``top_p``, ``top_k`` off, as transformers.
-  A checkpoint's ``repetition_penalty`` (generation_config.json) applies in both, as there.
+  A checkpoint's generation_config.json, with its registered ``--decoding`` overrides written over
+  it, applies as there (``decoding.vllm_sampling``): ``repetition_penalty``; a setting vLLM cannot
+  apply the same way is refused before the engine starts, naming it.
 - Seeds: prompt j's request gets the seed ``seed + j * num_samples``; vLLM gives its i-th sample
   ``seed + j * num_samples + i``. So every sequence has its own seed, and the samples do not depend
   on the batching (transformers' do: it seeds per batch). Same hardware and software, same samples.
@@ -45,6 +47,7 @@ from typing import Any
 
 from models.backends.base import Completion, GenerationParams, StepOptions
 from models.backends.checkpoints import check_remote_code, fingerprint
+from models.backends.decoding import read_generation_config, vllm_sampling
 from models.backends.loader import choose_dtype, declared_dtype
 from models.backends.tokens import (
     Continued,
@@ -173,7 +176,8 @@ class VllmBackend:
     fingerprint: str
     max_model_len: int
     lora: Any = None  # a vllm LoRARequest for a LoRA checkpoint, else None
-    repetition_penalty: float = 1.0  # from the checkpoint's generation_config.json, as transformers applies it
+    # SamplingParams arguments from generation_config.json and the registered overrides, as transformers applies them
+    decoding: dict[str, Any] = field(default_factory=dict)
     end_ids: set[int] = field(default_factory=set)
     name: str = "vllm"
     dtype: str = "float32"  # the engine's (engine_dtype)
@@ -197,7 +201,7 @@ class VllmBackend:
     def _sampling(self, **kwargs: Any):
         from vllm import SamplingParams
 
-        return SamplingParams(repetition_penalty=self.repetition_penalty, **kwargs)
+        return SamplingParams(**self.decoding, **kwargs)
 
     def _run(self, prompts: list[Any], params: Any) -> list[Any]:
         return self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
@@ -320,8 +324,10 @@ def load(
     max_lora_rank: int = 64,
     block_size: int | None = None,
     seed: int = 0,
+    decoding: dict[str, Any] | None = None,
 ) -> VllmBackend:
-    """Start an engine for a checked local checkpoint (safetensors only, prefix caching on)."""
+    """Start an engine for a checked local checkpoint (safetensors only, prefix caching on).
+    ``decoding``: a registered model's overrides of its generation_config.json."""
     import json
 
     check_remote_code(path, trust_remote_code, remote_code_allowed)
@@ -343,6 +349,8 @@ def load(
         model = adapter["base_model_name_or_path"]
         lora = LoRARequest("w2s-adapter", 1, str(path))
         options = dict(enable_lora=True, max_loras=1, max_lora_rank=max(max_lora_rank, int(adapter.get("r", 8))))
+    # before the engine starts: a setting vLLM would not apply as transformers does is refused here
+    sampling = vllm_sampling(read_generation_config(model), decoding)
     import torch
     from vllm.platforms import current_platform
 
@@ -362,11 +370,10 @@ def load(
         logprobs_mode="raw_logprobs", max_logprobs=6, block_size=block_size, **options,
     )
     config = llm.llm_engine.model_config
-    penalty = float((config.get_diff_sampling_param() or {}).get("repetition_penalty", 1.0))
     eos = _generation_eos(path)
     end_ids = {tokenizer.pad_token_id, tokenizer.eos_token_id, *eos} - {None}
     return VllmBackend(llm=llm, tokenizer=tokenizer, path=path, fingerprint=stamp, max_model_len=config.max_model_len,
-                       lora=lora, repetition_penalty=penalty, end_ids=end_ids,
+                       lora=lora, decoding=sampling, end_ids=end_ids,
                        dtype=str(config.dtype).removeprefix("torch."))
 
 

@@ -99,3 +99,40 @@ def test_one_vllm_engine_per_process_and_options_reach_its_loader(tmp_path, monk
     cache.get("other", backend="transformers")  # other backends keep the usual capacity
     assert len(cache) == 2 and closed == [str(tmp_path / "weak")]
     assert loads[0][2]["enforce_eager"] is True and "enforce_eager" not in loads[-1][2]
+
+
+def test_a_vllm_engine_decodes_with_the_settings_transformers_applies():
+    from models.backends.decoding import UnsupportedDecoding, vllm_sampling
+
+    shipped = {"repetition_penalty": 1.2, "top_k": 20, "temperature": 0.6, "do_sample": True, "eos_token_id": 2}
+    # the file's penalty, as transformers applies it; w2s's own sampling fields never count
+    assert vllm_sampling(shipped) == {"repetition_penalty": 1.2}
+    # a registration's override wins over the file, as the transformers loader writes it over
+    assert vllm_sampling(shipped, {"repetition_penalty": 1.05}) == {"repetition_penalty": 1.05}
+    assert vllm_sampling(shipped, {"repetition_penalty": 1.0}) == {}
+    assert vllm_sampling({}) == {}
+    # plain values of fields vLLM lacks are no change: nothing to refuse
+    assert vllm_sampling({"no_repeat_ngram_size": 0, "num_beams": 1, "min_p": None}) == {}
+    for config, named in (({"no_repeat_ngram_size": 3}, "no_repeat_ngram_size=3"), ({"num_beams": 4}, "num_beams=4"),
+                          ({"min_p": 0.05}, "min_p=0.05"), ({"typical_p": 0.9}, "typical_p=0.9")):
+        with pytest.raises(UnsupportedDecoding, match=named) as refused:
+            vllm_sampling({**shipped, **config})
+        field = named.split("=")[0]
+        assert f"--decoding {field}=" in str(refused.value)
+        # the override it suggests makes the model load
+        fix = str(refused.value).split(f"--decoding {field}=", 1)[1].split()[0]
+        from models.backends.decoding import parse_overrides
+
+        assert vllm_sampling({**shipped, **config}, parse_overrides([f"{field}={fix}"], config)) == {"repetition_penalty": 1.2}
+    with pytest.raises(UnsupportedDecoding, match="no_repeat_ngram_size"):  # an override can add one, too
+        vllm_sampling({}, {"no_repeat_ngram_size": 2})
+
+
+def test_registered_decoding_overrides_reach_a_vllm_engine(tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(loader, "load_backend", lambda path, *, backend=None, **options: loads.append(options) or
+                        FakeEngine(backend, path, []))
+    monkeypatch.setattr(loader, "check_checkpoint_dir", lambda path, backend=None: tmp_path / path)
+    monkeypatch.setattr(loader, "fingerprint", lambda path: "same")
+    loader.ModelCache().get("m", backend="vllm", decoding={"repetition_penalty": 1.0})
+    assert loads[-1]["decoding"] == {"repetition_penalty": 1.0}

@@ -117,3 +117,36 @@ def test_a_prompt_too_long_is_refused_before_the_engine(vllm_strong):
 
     with pytest.raises(PromptTooLong, match=r"prompt 2 of .*: prompt too long: \d+ prompt tokens \+ max_new_tokens 4 exceed the model.s context of 256 tokens"):
         generate(vllm_strong, ["What is 1 + 1 ?", " ".join(["What is 1 + 1 ?"] * 100)], max_new_tokens=4)
+
+
+def test_a_repetition_penalty_decodes_as_in_transformers(vllm_strong, hf_strong, prompts):
+    """The one generation_config.json field vLLM applies (decoding.VLLM_SAMPLING), here as a
+    registration's override would set it: the same greedy completions as transformers with it."""
+    import dataclasses
+
+    penalised = dataclasses.replace(vllm_strong, decoding={"repetition_penalty": 1.5})
+    ours = generate(penalised, prompts[:8], max_new_tokens=MAX_NEW, batch_size=8)
+    plain = generate(vllm_strong, prompts[:8], max_new_tokens=MAX_NEW, batch_size=8)
+    config = hf_strong.model.generation_config
+    try:
+        config.repetition_penalty = 1.5
+        theirs = generate(hf_strong, prompts[:8], max_new_tokens=MAX_NEW, batch_size=1)
+    finally:
+        config.repetition_penalty = 1.0
+    assert [c[0].text for c in ours] == [c[0].text for c in theirs]
+    assert [c[0].text for c in ours] != [c[0].text for c in plain]  # the penalty changed something
+
+
+def test_a_setting_vllm_cannot_apply_is_refused_before_the_engine_starts(wide_models, tmp_path):
+    import json
+    import shutil
+
+    from models.backends.decoding import UnsupportedDecoding
+    from models.backends.vllm import load
+
+    path = tmp_path / "ngram"
+    shutil.copytree(wide_models["strong"], path)
+    config = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**config, "no_repeat_ngram_size": 3}))
+    with pytest.raises(UnsupportedDecoding, match="no_repeat_ngram_size=3.*--decoding no_repeat_ngram_size=0"):
+        load(path.resolve(), dtype="float32", gpu_memory_utilization=0.05)
