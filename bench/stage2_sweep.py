@@ -1,7 +1,7 @@
 """Stage II settings against the stage I student they start from, on the demo models.
 
     python bench/stage2_sweep.py [--scale tiny|full] [--seed 0] [--workdir DIR] [--pool-limit N]
-                                 [--eval-limit N] [--only NAME,...] [--out FILE.md]
+                                 [--eval-limit N] [--only NAME,...] [--out FILE.md] [--home DIR]
 
 One stage I round (iteration 1, the hybrid set, deciding on demo-dev and reporting on demo-test)
 trains the student; every stage II setting then starts from that same checkpoint, whatever its
@@ -50,19 +50,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-limit", type=int, default=None, help="dev and test questions (default: all)")
     parser.add_argument("--only", help="comma-separated SWEEP rounds: " + ", ".join(SWEEP))
     parser.add_argument("--out", type=Path, help="write the table as Markdown here")
+    parser.add_argument("--home", type=Path, help="keep the state here (default: a new temporary folder); a home "
+                        "whose stage I round is done is reused: its student starts every setting again")
     args = parser.parse_args(argv)
     pool_limit = args.pool_limit or (200 if args.scale == "tiny" else None)
 
-    home = Path(tempfile.mkdtemp(prefix="w2s-stage2-"))
+    home = args.home.absolute() if args.home else Path(tempfile.mkdtemp(prefix="w2s-stage2-"))
     os.environ.update({"W2S_HOME": str(home), "W2S_DATABASE_URL": f"sqlite:///{home / 'w2s.sqlite'}",
                        "W2S_CHECKPOINT_DIR": str(home / "checkpoints")})
     os.environ.pop("W2S_BROKER_URL", None)
 
+    from sqlalchemy import select
+
+    from db.schema import Dataset
     from db.session import ensure_schema, session_scope
     from models.demo import build_demo
     from services.config import parse_round_config
     from services.demo import DPO_TRAINING, GENERATION, SFT_TRAINING
-    from services.registry import import_dataset, register_model
     from services.settings import load_settings
     from workers.dispatch import JobDispatcher
 
@@ -72,11 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     url, dispatcher = settings.database_url, JobDispatcher(settings)
     ensure_schema(url)
     with session_scope(url) as session:
-        import_dataset(session, assets.pool, name="demo-pool", task="gsm8k", labelled=False)
-        import_dataset(session, assets.dev, name="demo-dev", task="gsm8k", labelled=True)
-        import_dataset(session, assets.test, name="demo-test", task="gsm8k", labelled=True)
-        register_model(session, name="demo-weak", path=assets.weak_model, role="weak")
-        register_model(session, name="demo-strong", path=assets.strong_model, role="strong")
+        if session.scalar(select(Dataset.id).where(Dataset.name == "demo-pool")) is not None:
+            print(f"  reusing the datasets and models registered in {home}")
+        else:
+            _register(session, assets)
     evals = {"dataset": "demo-dev", "report_on": "demo-test",
              **({"limit": args.eval_limit, "report_limit": args.eval_limit} if args.eval_limit else {})}
     generation = {**GENERATION, "chunk_size": 1000 if args.scale == "full" else 100}
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         "stage": "sft", "weak": "demo-weak", "strong": "demo-strong", "pool": "demo-pool", "pool_limit": pool_limit,
         "eval": evals, "demonstrations": 0, "variants": ["hybrid"], "seed": args.seed, "generation": generation,
         "training": SFT_TRAINING})
-    report1 = _run_round(url, dispatcher, settings, stage1, "stage I (iteration 1, hybrid)")
+    report1 = _done_stage_one(url) or _run_round(url, dispatcher, settings, stage1, "stage I (iteration 1, hybrid)")
     student = report1["variants"]["hybrid"]
     _keep_as_candidate(url, student["checkpoint"])
 
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
         fields = SWEEP[name]
         config = parse_round_config({
             "stage": "preference", "student": student["checkpoint"], "weak": "demo-weak", "pool": "demo-pool",
-            "pool_limit": pool_limit, "eval": evals, "seed": args.seed, "sampling": {"samples": 10},
+            # pass@k would add a sampled evaluation per setting; the table compares greedy accuracy.
+            "pool_limit": pool_limit, "eval": evals, "seed": args.seed, "sampling": {"samples": 10, "pass_at_k": False},
             "generation": {"max_new_tokens": 64, "batch_size": 320, "chunk_size": generation["chunk_size"]},
             **{k: v for k, v in fields.items() if k != "training"},
             "training": {**BASE_TRAINING, **dpo_defaults, **fields["training"]}})
@@ -109,10 +113,10 @@ def main(argv: list[str] | None = None) -> None:
                          **lengths, "dev": entry.get("accuracy"), "test": entry.get("report_accuracy"),
                          "skipped": entry.get("skipped")})
         _keep_as_candidate(url, student["checkpoint"])  # a promoted setting must not change the next round's start
-    table = _table(rows, student)
-    print(table)
+        if args.out:  # after every round: a sweep stopped part-way keeps the rows it has
+            args.out.write_text(_table(rows, student) + "\n")
+    print(_table(rows, student))
     if args.out:
-        args.out.write_text(table + "\n")
         print(f"wrote {args.out}")
     print(f"state kept in {home}")
 
@@ -135,6 +139,31 @@ def _run_round(url: str, dispatcher, settings, config, title: str) -> dict[str, 
         report = dict(round_.report)
     print(f"{title}: round {round_id} done in {time.perf_counter() - started:.0f}s — {report.get('reason')}", flush=True)
     return report
+
+
+def _register(session, assets) -> None:
+    from services.registry import import_dataset, register_model
+
+    import_dataset(session, assets.pool, name="demo-pool", task="gsm8k", labelled=False)
+    import_dataset(session, assets.dev, name="demo-dev", task="gsm8k", labelled=True)
+    import_dataset(session, assets.test, name="demo-test", task="gsm8k", labelled=True)
+    register_model(session, name="demo-weak", path=assets.weak_model, role="weak")
+    register_model(session, name="demo-strong", path=assets.strong_model, role="strong")
+
+
+def _done_stage_one(url: str) -> dict[str, Any] | None:
+    """The report of a finished stage I round already in this home (--home), if any."""
+    from sqlalchemy import select
+
+    from db.schema import Round
+    from db.session import session_scope
+
+    with session_scope(url) as session:
+        for round_ in session.scalars(select(Round).where(Round.state == "done").order_by(Round.id)):
+            if (round_.report or {}).get("stage") == "sft":
+                print(f"stage I (iteration 1, hybrid): round {round_.id} reused — {round_.report.get('reason')}", flush=True)
+                return dict(round_.report)
+    return None
 
 
 def _keep_as_candidate(url: str, name: str) -> None:

@@ -227,6 +227,9 @@ class SamplingConfig(_Strict):
     samples: int = Field(10, ge=2, le=256, description="answers the student samples per question (ref: 10)")
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="ref: 1.0")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="ref: 1.0")
+    # Costs one sampled evaluation (samples × eval questions) for the student and each candidate:
+    # a sweep of many settings turns it off; it never decides anything.
+    pass_at_k: bool = Field(True, description="report pass@k (k: samples) of the student and each candidate on the eval set")
 
 
 class PairRulesConfig(_Strict):

@@ -40,7 +40,7 @@ from services.contracts import (
     resolved_of,
     result_of,
 )
-from services.contracts.graph import reports_on, stage_steps, variants_of
+from services.contracts.graph import reports_on, reports_pass_at_k, stage_steps, variants_of
 from services.errors import InputError, W2SError
 from services.lookup import get_by_id
 
@@ -381,7 +381,8 @@ class StepProgress:
 
 def expected_steps(stage: str, config: dict[str, Any]) -> list[str]:
     """The steps a round of this stage goes through, in display order (the step graph's)."""
-    return [str(step) for step in stage_steps(stage, variants_of(stage, config), report_on=reports_on(config))]
+    return [str(step) for step in stage_steps(stage, variants_of(stage, config), report_on=reports_on(config),
+                                               pass_at_k=reports_pass_at_k(config))]
 
 
 def step_state(states: list[str]) -> str:

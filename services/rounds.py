@@ -468,12 +468,13 @@ def plan_preference(session: Session, round_: Round, config: PreferenceRoundConf
     resolved = resolved_of(round_, ResolvedPreference)
     # pass@k (k = the samples per question) of the starting student and of the candidate, for the report.
     pass_at = {"pass_at": config.sampling.samples, "temperature": config.sampling.temperature, "top_p": config.sampling.top_p}
-    plan = [*_baseline_evaluations(resolved, config),
-            JobSpec(JobKey.evaluate("student", pass_at_k=True),
-                    _evaluate(resolved.student_id, resolved.eval_id, config, **pass_at))]
-    for variant, checkpoint_id in _candidates(jobs).items():
-        plan.append(JobSpec(JobKey.evaluate(variant, pass_at_k=True),
-                            _evaluate(checkpoint_id, resolved.eval_id, config, **pass_at)))
+    plan = _baseline_evaluations(resolved, config)
+    if config.sampling.pass_at_k:
+        plan.append(JobSpec(JobKey.evaluate("student", pass_at_k=True),
+                            _evaluate(resolved.student_id, resolved.eval_id, config, **pass_at)))
+        for variant, checkpoint_id in _candidates(jobs).items():
+            plan.append(JobSpec(JobKey.evaluate(variant, pass_at_k=True),
+                                _evaluate(checkpoint_id, resolved.eval_id, config, **pass_at)))
     plan += _generation_chunks(session, round_.id, ["student"], resolved.question_count,
                                config.generation.chunk_size, jobs)
     if _done(jobs, "generate:student"):

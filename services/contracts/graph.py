@@ -53,6 +53,7 @@ VOTER_QUEUES: dict[str, Queue] = {"weak": Queue.WEAK, "strong": Queue.STRONG, "s
 
 VARIANT = "{variant}"  # a step repeated for each of the round's candidates (variant × grid setting)
 REPORT_ON = "evaluate:report-on:"  # the steps of a round with an eval.report_on split only
+PASS_AT_K = "evaluate:pass-at-k:"  # the steps of a stage II round with sampling.pass_at_k on
 
 # Per stage, the steps of a round in display order; planning emits them in this order.
 STAGE_STEPS: dict[Stage, tuple[str, ...]] = {
@@ -134,11 +135,16 @@ def reports_on(config: Mapping[str, Any]) -> bool:
     return bool((config.get("eval") or {}).get("report_on"))
 
 
-def stage_steps(stage: str, variants: list[str], *, report_on: bool = False) -> list[StepName]:
+def reports_pass_at_k(config: Mapping[str, Any]) -> bool:
+    """Whether a stage II round (its stored config) evaluates pass@k (sampling.pass_at_k, on by default)."""
+    return bool((config.get("sampling") or {}).get("pass_at_k", True))
+
+
+def stage_steps(stage: str, variants: list[str], *, report_on: bool = False, pass_at_k: bool = True) -> list[StepName]:
     """The steps a round of this stage goes through, in display order."""
     steps = []
     for template in STAGE_STEPS[Stage(stage)]:
-        if template.startswith(REPORT_ON) and not report_on:
+        if (template.startswith(REPORT_ON) and not report_on) or (template.startswith(PASS_AT_K) and not pass_at_k):
             continue
         names = [template.replace(VARIANT, v) for v in variants] if VARIANT in template else [template]
         steps += [StepName.parse(name) for name in names]

@@ -209,14 +209,18 @@ def _plan_until_settled(plan_round, round_, config, jobs, seen, Job) -> list[str
                     "eval": {"dataset": "dev", "report_on": "test"}}),
     ("weak-sft", {"weak": "w", "train": "t"}),
     ("preference", {"student": "s", "weak": "w", "pool": "p", "training": {"loss": "orpo"}}),
+    ("preference", {"student": "s", "weak": "w", "pool": "p", "sampling": {"pass_at_k": False},
+                    "training": {"loss": "dpo", "grid": {"beta": [0.1, 1]}}}),
 ])
 def test_each_stage_plans_its_steps_in_the_graphs_order(stage, fields):
-    from services.contracts.graph import reports_on, stage_steps, variants_of
+    from services.contracts.graph import reports_on, reports_pass_at_k, stage_steps, variants_of
     from services.monitor import expected_steps
 
     round_, _ = _round(stage, **fields)
     graph = [str(step) for step in stage_steps(stage, variants_of(stage, round_.config),
-                                               report_on=reports_on(round_.config))]
+                                               report_on=reports_on(round_.config),
+                                               pass_at_k=reports_pass_at_k(round_.config))]
+    assert any("pass-at-k" in step for step in graph) == (stage == "preference" and "sampling" not in fields)
     assert _run_planning(stage, **fields) == graph
     assert expected_steps(stage, round_.config) == graph  # the progress view shows the same steps
 
