@@ -30,7 +30,7 @@ from typing import Any, TypeVar, overload
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from db.schema import Checkpoint, Generation, Job, Pipeline, Question, Round, utcnow
 from db.session import insert_ignore
@@ -290,7 +290,10 @@ def advance(session: Session, round_id: int, delivery: DeliverySettings, *, afte
     if after_job is not None and _step_still_running(session, round_id, after_job):
         return requeued
     round_ = get_by_id(session, Round, round_id, "round")
-    jobs = {JobKey.parse(job.key): job for job in session.scalars(select(Job).where(Job.round_id == round_id))}
+    # Payloads deferred: planning reads keys, states and results; a generation chunk's payload holds
+    # its question ids (a million-question round's chunks carry every pool id, on every pass).
+    jobs = {JobKey.parse(job.key): job
+            for job in session.scalars(select(Job).where(Job.round_id == round_id).options(defer(Job.payload)))}
 
     failed = [job for job in jobs.values() if job.state == JobState.FAILED]
     if failed:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, event, func, inspect, select, update
 
 from db.schema import Generation, Job, Question, Round, TrainingExample
 from db.session import insert_ignore, session_scope, upgrade
@@ -194,8 +194,20 @@ def check_round_questions(url: str, tmp_path: Path) -> None:
             assert [job.key for job in chunks] == [f"generate:{voter}:{i:04d}" for i in range(3)]
             assert [qid for job in chunks for qid in job.payload["question_ids"]] == pool, voter
 
+    loaded: list[set[str]] = []  # per Job row planning loads: its attributes left unloaded
+
+    def on_load(job, _context) -> None:
+        loaded.append(set(inspect(job).unloaded))
+
+    event.listen(Job, "load", on_load)
     with session_scope(url) as session:  # planning and storing again write nothing twice
-        assert advance(session, round_id, delivery) == []
+        try:
+            assert advance(session, round_id, delivery) == []
+        finally:
+            event.remove(Job, "load", on_load)
+        # ... and reads no payload: a chunk's holds its question ids (at scale, every pool id, per pass)
+        assert len(loaded) >= 6 and all("payload" in unloaded for unloaded in loaded), \
+            "advance loaded the jobs' payloads"
         assert store_round_questions(session, round_id, pool) == 0
     with session_scope(url) as session:
         assert session.scalar(select(func.count()).select_from(RoundQuestion).where(RoundQuestion.round_id == round_id)) == POOL
