@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,13 @@ def load_named(name: str, path: str, backend: str | None = None, settings=None,
         raise CheckpointError(path, f"model {name!r} does not load: {reason}") from exc
 
 
+# A generation chunk commits its groups' rows at least this often (and with its last group): a
+# model slower than this per group commits every group, as before; a fast one (a replay, vLLM on
+# small prompts) commits a few times per chunk instead of per group, each commit a fenced progress
+# update and a round trip or more. At most this much work is redone after a crash.
+GENERATION_COMMIT_S = 1.0
+
+
 def _batches(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -140,7 +148,9 @@ def run_generate(ctx: JobContext) -> None:
         existing = Counter(session.scalars(select(Generation.question_id).where(
             Generation.round_id == ctx.round_id, Generation.voter == voter,
             Generation.question_id.in_(payload.question_ids))))
-        by_id = {q.id: q for q in session.scalars(select(Question).where(Question.id.in_(payload.question_ids)))}
+        # Id and text only: whole ORM rows cost more to build than the chunk's replayed answers.
+        by_id = {q.id: q for q in session.execute(select(Question.id, Question.text)
+                                                  .where(Question.id.in_(payload.question_ids)))}
         questions = [by_id[qid] for qid in payload.question_ids]
     config, task, demonstrations = setup.config, setup.task, setup.demonstrations
     checkpoint_id, path, model_name, decoding = setup.checkpoint_id, setup.path, setup.model_name, setup.decoding
@@ -175,9 +185,13 @@ def run_generate(ctx: JobContext) -> None:
                               **({"fewer_demonstrations": fewer} if fewer else {}),
                               **({"skipped": skipped} if skipped else {})).stored()
 
-    # Commit group by group: a retry skips the groups already complete. Groups are fixed by the
-    # chunk, and each group's sampling seed by (round seed, group's first question), so a re-run
-    # reproduces the same samples. The last group's rows commit with the job's done mark.
+    # Commit group by group, or several groups at once when they come faster than
+    # GENERATION_COMMIT_S (a fast model: one transaction per chunk, not per group): a retry skips the
+    # groups already complete. Groups are fixed by the chunk, and each group's sampling seed by
+    # (round seed, group's first question), so a re-run reproduces the same samples. The last
+    # group's rows commit with the job's done mark.
+    pending: list[dict[str, Any]] = []
+    committed_at = time.monotonic()
     for done_groups, group in enumerate(groups, start=1):
         if all(existing[q.id] >= n for q in group):
             continue
@@ -202,15 +216,21 @@ def run_generate(ctx: JobContext) -> None:
                              "step_scores": sample.steps, "input_tokens": sample.input_tokens,
                              "output_tokens": sample.output_tokens})
         tokens += sum(row["output_tokens"] for row in rows)
+        pending += rows
+        last = done_groups == len(groups)
+        if not last and time.monotonic() - committed_at < GENERATION_COMMIT_S:
+            continue
         with ctx.session() as session:
-            generated += len(insert_ignore(session, Generation, rows))
-            if done_groups == len(groups):
+            generated += len(insert_ignore(session, Generation, pending))
+            if last:
                 ctx.finish(session, result())
                 finished = True
             else:
                 ctx.progress(session, done_groups / len(groups))
-    if not finished:  # every group was already in (a redelivery after the last commit but one)
+        pending, committed_at = [], time.monotonic()
+    if not finished:  # the last group was already in (a redelivery): the rows still pending, and the done mark
         with ctx.session() as session:
+            generated += len(insert_ignore(session, Generation, pending))
             ctx.finish(session, result())
 
 
