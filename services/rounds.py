@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar, overload
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer
 
@@ -321,10 +321,10 @@ def advance(session: Session, round_id: int, delivery: DeliverySettings, *, afte
 
 def _step_still_running(session: Session, round_id: int, job_id: int) -> bool:
     """The job is a generation chunk that did not fail, and another chunk of its step is not done."""
-    job = session.execute(select(Job.kind, Job.step, Job.state).where(Job.id == job_id, Job.round_id == round_id)).first()
-    if job is None or job.kind != JobKind.GENERATE or job.state not in (JobState.DONE, JobState.QUEUED):
-        return False
-    return session.scalar(select(Job.id).where(Job.round_id == round_id, Job.step == job.step,
+    # One query: the job's step (NULL, matching nothing, unless it is such a chunk), then any other unfinished job of it.
+    step = select(Job.step).where(Job.id == job_id, Job.round_id == round_id, Job.kind == JobKind.GENERATE,
+                                  Job.state.in_((JobState.DONE, JobState.QUEUED))).scalar_subquery()
+    return session.scalar(select(Job.id).where(Job.round_id == round_id, Job.step == step,
                                                Job.state != JobState.DONE).limit(1)) is not None
 
 
@@ -337,23 +337,26 @@ def expire_leases(session: Session, round_id: int, delivery: DeliverySettings) -
     """
     now = utcnow()
     requeued = []
-    for kind in sorted(set(session.scalars(select(Job.kind).where(Job.round_id == round_id, Job.state == JobState.RUNNING)))):
-        cutoff = now - timedelta(seconds=delivery.lease(kind))
-        stale = session.execute(select(Job.id, Job.attempts, Job.max_attempts, Job.owner, Job.heartbeat_at).where(
-            Job.round_id == round_id, Job.kind == kind, Job.state == JobState.RUNNING, Job.heartbeat_at < cutoff)).all()
-        for job_id, attempts, max_attempts, owner, heartbeat_at in stale:
-            lost = f"attempt {attempts} lost: its worker {owner} stopped heart-beating at {heartbeat_at:%Y-%m-%d %H:%M:%S}"
-            if attempts >= max_attempts:
-                values = {"state": JobState.FAILED, "finished_at": now,
-                          "error": f"{lost}; gave up after {attempts} attempts (does the job kill its worker, "
-                                   "e.g. by running out of memory?)"}
-            else:
-                values = {"state": JobState.QUEUED, "error": lost}
-            changed = session.execute(update(Job).where(
-                Job.id == job_id, Job.state == JobState.RUNNING, Job.attempts == attempts, Job.heartbeat_at < cutoff,
-            ).values(**values).execution_options(synchronize_session=False)).rowcount  # type: ignore[attr-defined]
-            if changed and values["state"] == JobState.QUEUED:
-                requeued.append(job_id)
+    # One query for every kind (each has its own lease): this runs after every job.
+    cutoffs = {kind: now - timedelta(seconds=delivery.lease(kind)) for kind in JobKind}
+    stale = session.execute(select(Job.id, Job.kind, Job.attempts, Job.max_attempts, Job.owner, Job.heartbeat_at).where(
+        Job.round_id == round_id, Job.state == JobState.RUNNING,
+        or_(*(and_(Job.kind == kind, Job.heartbeat_at < cutoff) for kind, cutoff in cutoffs.items())),
+    ).order_by(Job.kind, Job.id)).all()
+    for job_id, kind, attempts, max_attempts, owner, heartbeat_at in stale:
+        cutoff = cutoffs[JobKind(kind)]
+        lost = f"attempt {attempts} lost: its worker {owner} stopped heart-beating at {heartbeat_at:%Y-%m-%d %H:%M:%S}"
+        if attempts >= max_attempts:
+            values = {"state": JobState.FAILED, "finished_at": now,
+                      "error": f"{lost}; gave up after {attempts} attempts (does the job kill its worker, "
+                               "e.g. by running out of memory?)"}
+        else:
+            values = {"state": JobState.QUEUED, "error": lost}
+        changed = session.execute(update(Job).where(
+            Job.id == job_id, Job.state == JobState.RUNNING, Job.attempts == attempts, Job.heartbeat_at < cutoff,
+        ).values(**values).execution_options(synchronize_session=False)).rowcount  # type: ignore[attr-defined]
+        if changed and values["state"] == JobState.QUEUED:
+            requeued.append(job_id)
     return requeued
 
 

@@ -64,6 +64,7 @@ class JobContext:
     payload: dict[str, Any]
     kind: str = ""
     stop: StopSignal = field(default_factory=StopSignal)  # set once this attempt lost the job
+    finished: bool = False  # `finish` marked the job done (in the handler's transaction)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -86,6 +87,7 @@ class JobContext:
     def finish(self, session: Session, result: dict[str, Any]) -> None:
         """Mark the job done inside the transaction that writes its results, fenced."""
         self._fence(session, state="done", progress=1.0, result=result, finished_at=utcnow(), error=None)
+        self.finished = True
 
     def set_log_path(self, path: str) -> None:
         with self.session() as session:
@@ -155,7 +157,8 @@ class Heartbeat:
 def claim(session: Session, job_id: int, lease: timedelta, owner: str | None = None) -> Job | None:
     """Take a queued job (or one whose lease expired) with a conditional update; None if not ours."""
     now = utcnow()
-    result = session.execute(
+    # RETURNING the claimed row: one round trip, not an update and a read.
+    return session.scalars(
         update(Job)
         .where(
             Job.id == job_id,
@@ -164,10 +167,9 @@ def claim(session: Session, job_id: int, lease: timedelta, owner: str | None = N
         )
         .values(state="running", attempts=Job.attempts + 1, owner=owner or worker_id(), heartbeat_at=now, started_at=now,
                 progress=0.0)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return None
-    return session.get(Job, job_id, populate_existing=True)
+        .returning(Job),
+        execution_options={"populate_existing": True, "synchronize_session": False},
+    ).one_or_none()
 
 
 def run_job(job_id: int, handler: Callable[[JobContext], None], *, settings: Settings,
@@ -176,17 +178,17 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, settings: Set
     delivery = settings.delivery
     try:
         with session_scope(settings.database_url) as session:
-            job = session.get(Job, job_id)
-            if job is None:
+            # The job's kind and its round's state in one read (the round row's JSON is not needed).
+            found = session.execute(select(Job.kind, Round.state).join(Round, Round.id == Job.round_id)
+                                    .where(Job.id == job_id)).first()
+            if found is None:
                 log.warning("job %s does not exist; message dropped", job_id)
                 return "missing"
-            # The state only: the round row's JSON holds the pool's question ids (megabytes at scale).
-            round_state = session.scalar(select(Round.state).where(Round.id == job.round_id))
+            kind, round_state = found
             if round_state in TERMINAL_ROUND_STATES:
-                if job.state == "queued":
-                    job.state, job.finished_at = "cancelled", utcnow()
+                session.execute(update(Job).where(Job.id == job_id, Job.state == "queued")
+                                .values(state="cancelled", finished_at=utcnow()))
                 return "round-over"
-            kind = job.kind
             job = claim(session, job_id, timedelta(seconds=delivery.lease(kind)), worker_id(settings.worker_name))
             if job is None:
                 return "not-claimed"  # done, running elsewhere, or out of attempts
@@ -209,7 +211,8 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, settings: Set
                 handler(ctx)
             outcome = "done"
         finally:
-            _release_if_cancelled(ctx)
+            if not ctx.finished:  # a job marked done was not cancelled: nothing to acknowledge
+                _release_if_cancelled(ctx)
     except (Superseded, Stopped) as exc:
         log.warning("job %s attempt %s stopped: %s", job_id, ctx.attempt, exc or "it no longer owns the job")
         return "superseded"
@@ -219,7 +222,10 @@ def run_job(job_id: int, handler: Callable[[JobContext], None], *, settings: Set
 
     with session_scope(settings.database_url) as session:
         new_ids = advance(session, ctx.round_id, delivery, after_job=job_id)
-    record_round_end(settings, ctx.round_id)  # a round that just ended: its figures to experiment tracking
+        # Read under advance's lock on the round: a round that ends later is seen by whoever ends it.
+        ended = session.scalar(select(Round.state).where(Round.id == ctx.round_id)) in TERMINAL_ROUND_STATES
+    if ended:  # a round that just ended: its figures to experiment tracking
+        record_round_end(settings, ctx.round_id)
     enqueue(new_ids)
     if outcome == "retry":  # back off: transient causes (a busy GPU, a network blip) get time to clear
         enqueue([job_id], countdown=delivery.retry_backoff_s * 2 ** (ctx.attempt - 1))
