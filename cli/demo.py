@@ -38,8 +38,10 @@ def demo(app: App, workdir: Path, scale: str, seed: int, seeds: str | None, dete
 
     if seeds is None:
         settings = demo_settings(workdir, app.settings)
-        run_demo(workdir, scale=scale, seed=seed, console=console, settings=settings,
-                 dispatcher=JobDispatcher(settings), render_report=render_report)
+        result = run_demo(workdir, scale=scale, seed=seed, console=console, settings=settings,
+                          dispatcher=JobDispatcher(settings), render_report=render_report)
+        if scale == "full":
+            console.print(expected_figures_table(headline_figures(result)))
         return
     try:
         chosen = [int(s) for s in seeds.split(",") if s.strip()]
@@ -68,3 +70,18 @@ def seed_figures_table(per_seed):
     for name, mean, spread, values in seed_table(per_seed):
         table.add_row(name, f"{mean:.1%} ± {spread:.1%}", *(f"{values[s]:.1%}" if s in values else "—" for s in seeds))
     return table
+
+
+def expected_figures_table(figures):
+    """This run's headline figures beside the README's (mean ± sd over seeds 0, 1, 2)."""
+    from rich.table import Table
+
+    from services.demo import against_expected
+
+    table = Table("figure", "this run", "expected (seeds 0,1,2)", "",
+                  title="this run against the README's figures (mean ± sd over three seeds)")
+    for name, value, mean, spread, inside in against_expected(figures):
+        table.add_row(name, f"{value:.1%}", f"{mean:.1%} ± {spread:.1%}",
+                      "" if inside else "[yellow]outside ± 2 sd[/]")
+    return table
+

@@ -172,3 +172,51 @@ def test_demo_refuses_bad_seeds_and_late_pins(tmp_path, args, says):
     result = invoke_cli("demo", "--workdir", tmp_path / "demo", *args, ok=False)
     assert result.exit_code == 2 and says in " ".join(result.output.split())
     assert not (tmp_path / "demo").exists()  # nothing started
+
+
+def test_a_run_is_compared_with_the_seeds_range_and_flagged_outside_two_sd():
+    from services.demo import against_expected
+
+    expected = {"strong model, dev": (0.40, 0.02), "stage II dpo, test": (0.45, 0.001), "never printed": (0.5, 0.1)}
+    rows = against_expected({"strong model, dev": 0.45, "stage II dpo, test": 0.459, "extra": 0.3}, expected)
+    assert [(name, inside) for name, _, _, _, inside in rows] == [
+        ("strong model, dev", False),  # 5 points off, 2 sd is 4
+        ("stage II dpo, test", True),  # 0.9 points off: inside the ±1 point floor though 2 sd is 0.2
+    ]
+
+
+def test_the_readme_figures_name_what_a_full_demo_prints():
+    from services.demo import EXPECTED_FULL, headline_figures
+
+    def variants(**accuracies):
+        return {name: {"accuracy": dev, "report_accuracy": test} for name, (dev, test) in accuracies.items()}
+
+    before = {"name": "demo-strong", "accuracy": 0.4, "report_accuracy": 0.4}
+    full_run = {"rounds": [
+        {"report": {"stage": "sft", "iteration": 1, "outcome": "promoted", "student_before": before,
+                    "variants": variants(weak=(0.38, 0.37), hybrid=(0.44, 0.45))}},
+        {"report": {"stage": "sft", "iteration": 2, "outcome": "promoted", "variants": variants(hybrid=(0.48, 0.44))}},
+        {"report": {"stage": "preference", "iteration": 1, "outcome": "rejected", "variants": variants(dpo=(0.44, 0.37)),
+                    "pass_at_k": {"k": 10, "student": 0.61, "dpo": 0.52}}}]}
+    assert EXPECTED_FULL and set(EXPECTED_FULL) <= set(headline_figures(full_run))
+
+
+def test_the_stage_two_verdict_needs_both_splits_and_names_the_pair_quality():
+    from services.demo import stage_two_verdict
+
+    def preference(dev, test, chosen=0.51):
+        return {"stage": "preference", "chosen_accuracy": chosen,
+                "student_before": {"name": "round2-hybrid", "accuracy": 0.48, "report_accuracy": 0.444},
+                "variants": {"dpo": {"accuracy": dev, "report_accuracy": test}}}
+
+    stage_one = {"stage": "sft", "variants": {"hybrid": {"accuracy": 0.9, "report_accuracy": 0.9}}}
+    helped = stage_two_verdict([stage_one, preference(0.50, 0.46)])
+    assert helped == ("Stage II helped on both splits: dpo 50.0% / 46.0% against round2-hybrid 48.0% / 44.4% "
+                      "(dev / test).")
+    # Better on dev (it would be promoted) but worse on the held-out test: not a help.
+    not_helped = stage_two_verdict([stage_one, preference(0.518, 0.37)])
+    assert not_helped.startswith("Stage II did not help on both splits: dpo 51.8% / 37.0%")
+    assert "chosen answers were 51% right" in not_helped and "wrong too often" in not_helped
+    sound_pairs = stage_two_verdict([stage_one, preference(0.518, 0.37, chosen=0.87)])
+    assert "87% right" in sound_pairs and "the pairs were sound" in sound_pairs
+    assert stage_two_verdict([stage_one]) is None  # no stage II round (the tiny scale)
