@@ -5,7 +5,7 @@ processes). Beyond the 7,000 real GSM8K pool questions the pool is synthetic: ea
 again with a copy number, and its recorded response.
 
     python bench/orchestration.py [--questions 7000 70000 1000000] [--workers 1 2] [--no-in-process]
-                                  [--redis URL] [--postgres URL]
+                                  [--redis URL] [--postgres URL] [--keep]
     python bench/orchestration.py --status-only 1000000
 
 For each size, the same work four ways (every pool question answered by the weak and the strong
@@ -31,6 +31,9 @@ the time: it bulk-loads (COPY) N questions and 2N generations into a round plann
 `start_round`, marks generation done, plans the vote, times the status commands, runs the vote
 job in a child process (its wall time and peak memory: the control worker's, at N), times the
 status commands again, and prints EXPLAIN of the queries behind them.
+
+`--keep` leaves each size's database in place (its URL is printed; the round cancelled after the
+timings) to query after, e.g. with EXPLAIN ANALYZE; drop it when done.
 
 Needs the real PostgreSQL and Redis (the test servers: 127.0.0.1:5432 and :6379).
 """
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--status-only", type=int, metavar="N", help="bulk-load N questions and time the reads only")
     parser.add_argument("--redis", default=f"redis://127.0.0.1:6379/{os.environ.get('W2S_TEST_REDIS_DB', '15')}")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres", help="admin URL")
+    parser.add_argument("--keep", action="store_true", help="keep each size's database (its URL is printed) to query after")
     args = parser.parse_args(argv)
     for path in (POOL, WEAK_OUTPUTS):
         if not path.is_file():
@@ -139,6 +143,9 @@ class fresh_database:
         from db.session import dispose_engines
 
         dispose_engines()
+        if self.args.keep:
+            print(f"kept database: {os.environ['W2S_DATABASE_URL']} (drop it when done)", flush=True)
+            return
         with psycopg.connect(self.args.postgres, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 

@@ -35,6 +35,13 @@ def render_report(report: dict[str, Any]) -> Table:
     table = Table("", "value", title="report", show_header=False)
     if "deferred" in report:
         table.add_row("not yet", report["deferred"])
+    if "vote" in report:  # a deferred report: the vote's stored counts
+        vote = report["vote"]
+        table.add_row("pool questions", str(vote["pool"]))
+        table.add_row("answered by both voters", str(vote["voted"]))
+        table.add_row("kept by the vote", f"{vote['kept']} ({pct(report.get('kept_share'))})")
+        if vote.get("dropped_by_step_score"):
+            table.add_row("dropped by step score", str(vote["dropped_by_step_score"]))
     if "pool" in report:
         table.add_row("pool questions", str(report["pool"]))
         table.add_row("answered (weak / strong)", f"{report['weak_answered']} / {report['strong_answered']}")

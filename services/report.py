@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.schema import Checkpoint, Job, PreferencePair, Question, Round, TrainingExample
@@ -170,7 +170,10 @@ def _difficulty_mix(session: Session, kept: list[int]) -> dict[str, int]:
 
 def _variants(session: Session, round_: Round) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    examples = Counter(session.scalars(select(TrainingExample.variant).where(TrainingExample.round_id == round_.id)))
+    # Counted in SQL: a round of N kept questions has N examples per variant.
+    examples = Counter(dict(session.execute(select(TrainingExample.variant, func.count())
+                                            .where(TrainingExample.round_id == round_.id)
+                                            .group_by(TrainingExample.variant)).tuples().all()))
     if round_.stage == "preference":  # one training set: the pairs, named after the loss
         examples = Counter({round_.config["training"]["loss"]: len(session.scalars(
             select(PreferencePair.id).where(PreferencePair.round_id == round_.id)).all())})
