@@ -5,7 +5,8 @@ ids (`round_questions`): stored once, in order, the chunks covering them, and th
 
 A redelivered job (its state reset, as after a lost acknowledgement) writes nothing twice; a stale
 attempt (another worker took the job over) writes nothing at all, though its rows went out in
-batches before the fenced `done` mark refused it."""
+batches before the fenced `done` mark refused it. While the vote's transaction is open, its job's
+heartbeat still gets through (PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -89,10 +90,14 @@ def _redeliver(url: str, job_id: int) -> None:
 
 
 def check_bulk_paths(url: str, tmp_path: Path, monkeypatch) -> None:
+    import functools
+
+    from services.voting import voted_pages
     from workers import steps
     from workers.runner import run_job
 
-    monkeypatch.setattr("services.voting.PAGE", 4)
+    # Pages of 4 (voted_pages binds its default page when defined: patching PAGE would not reach it).
+    monkeypatch.setattr(steps, "voted_pages", functools.partial(voted_pages, page=4))
     settings = _settings(url, tmp_path)
     round_id = make_round(url, tmp_path)
     no_enqueue = lambda *a, **k: None  # noqa: E731 - the test runs every job itself
@@ -296,3 +301,72 @@ def check_round_questions_migration(url: str) -> None:
 
     upgrade(url)
     assert state()[1] == [(1, 0, 13), (1, 1, 11), (1, 2, 12)]
+
+
+# --- the heartbeat while a long job transaction is open ---------------------------------------------
+
+
+def check_heartbeat_during_vote(url: str, tmp_path: Path, monkeypatch, deadline_s: float = 10.0) -> None:
+    """The vote writes every page in one transaction, which commits with its done mark. Held open
+    after its first page (examples inserted, progress recorded), the job's heartbeat from another
+    connection must still get through: a heartbeat that waits for the vote's transaction gets
+    nothing through for a vote longer than its lease, and the job stops itself."""
+    import functools
+    import threading
+
+    from services.voting import voted_pages
+    from workers import steps
+    from workers.runner import JobContext, claim, run_job
+
+    # Pages of 4, as in check_bulk_paths.
+    monkeypatch.setattr(steps, "voted_pages", functools.partial(voted_pages, page=4))
+    settings = _settings(url, tmp_path)
+    round_id = make_round(url, tmp_path)
+    for job_id in _jobs(url, round_id, "generate"):
+        assert run_job(job_id, steps.run_generate, settings=settings, enqueue=lambda *a, **k: None) == "done"
+    (vote,) = _jobs(url, round_id, "vote")
+
+    paused, resume = threading.Event(), threading.Event()
+    real_insert = steps.insert_ignore
+    calls = 0
+
+    def insert_then_pause(session, model, rows):
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # page 1's examples and progress are in the open transaction
+            paused.set()
+            assert resume.wait(120), "the test never let the vote go on"
+        return real_insert(session, model, rows)
+
+    monkeypatch.setattr(steps, "insert_ignore", insert_then_pause)
+    with session_scope(url) as session:
+        job = claim(session, vote, timedelta(seconds=300), owner="voter@host:1")
+        ctx = JobContext(settings, job.id, job.round_id, job.attempts, dict(job.payload or {}), kind=job.kind)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            steps.run_vote(ctx)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            failure.append(exc)
+
+    voter = threading.Thread(target=run, daemon=True)
+    voter.start()
+    beat_done = threading.Event()
+    beater = threading.Thread(target=lambda: (ctx.beat(), beat_done.set()), daemon=True)
+    try:
+        assert paused.wait(60), f"the vote did not reach its second page within 60 s: {failure}"
+        beater.start()
+        got_through = beat_done.wait(deadline_s)
+    finally:
+        resume.set()
+        voter.join(60)
+        if beater.is_alive():
+            beater.join(60)
+    assert got_through, (f"the heartbeat's UPDATE of job {vote} did not complete within {deadline_s:.0f} s while the "
+                         "vote's transaction was open after its first page: the vote holds the job's row lock")
+    assert not voter.is_alive() and not failure, f"the vote did not finish: {failure}"
+    with session_scope(url) as session:
+        done = session.get(Job, vote)
+        assert (done.state, done.progress) == ("done", 1.0)
+    assert _count(url, TrainingExample, round_id) == 2 * POOL

@@ -81,8 +81,28 @@ class JobContext:
             raise Superseded(f"job {self.job_id} attempt {self.attempt} no longer owns the job")
 
     def progress(self, session: Session, fraction: float) -> None:
-        """Record progress (and heartbeat) inside the caller's transaction, fenced."""
+        """Record progress (and heartbeat) inside the caller's transaction, fenced. This locks the
+        job's row until that transaction ends, and the heartbeat waits for it: only for a
+        transaction that commits right after (a generation chunk's); a long one uses `page_done`."""
         self._fence(session, progress=max(0.0, min(1.0, fraction)))
+
+    def page_done(self, session: Session, fraction: float) -> None:
+        """Progress of a long transaction (the vote's, the pairs'), fenced, without locking the job's
+        row in it: a fenced write in it would hold that row until the final commit, and the
+        heartbeat's UPDATE would wait behind it for the whole job (minutes at 70,000 questions,
+        longer than the lease: the job stopped itself). PostgreSQL: the progress commits in a short
+        transaction of its own (seen by `round status` at once; a stale attempt raises Superseded
+        there). SQLite has one writer for the whole database, so a second connection would wait for
+        this transaction: a read checks the fence instead. Either way the results still commit only
+        with `finish`'s fenced done mark."""
+        if session.get_bind().dialect.name == "sqlite":
+            owned = session.scalar(select(Job.id).where(Job.id == self.job_id, Job.attempts == self.attempt,
+                                                        Job.state == "running"))
+            if owned is None:
+                raise Superseded(f"job {self.job_id} attempt {self.attempt} no longer owns the job")
+            return
+        with self.session() as own:
+            self._fence(own, progress=max(0.0, min(1.0, fraction)))
 
     def finish(self, session: Session, result: dict[str, Any]) -> None:
         """Mark the job done inside the transaction that writes its results, fenced."""

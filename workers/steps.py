@@ -269,7 +269,7 @@ def run_vote(ctx: JobContext) -> None:
                         examples.append({"round_id": ctx.round_id, "variant": variant, "question_id": question.question_id,
                                          "generation_id": generation.id, "prompt": prompt, "response": generation.text})
             insert_ignore(session, TrainingExample, examples)
-            ctx.progress(session, 0.99 * voted / max(len(question_ids), 1))
+            ctx.page_done(session, 0.99 * voted / max(len(question_ids), 1))
         counts = {variant: kept * len(variant_from) for variant, variant_from in sources.items()}
         ctx.finish(session, VoteResult(pool=len(question_ids), voted=voted, kept=kept,
                                        dropped_by_step_score=dropped, examples=counts).stored())
@@ -325,7 +325,7 @@ def run_pairs(ctx: JobContext) -> None:
                                  "rejected_generation_id": source[pair.rejected]})
             insert_ignore(session, PreferencePair, rows)
             total += len(rows)
-            ctx.progress(session, 0.99 * (start + len(page)) / max(len(question_ids), 1))
+            ctx.page_done(session, 0.99 * (start + len(page)) / max(len(question_ids), 1))
         ctx.finish(session, PairsResult(questions=len(question_ids), pairs=total, by_case=dict(cases),
                                         skipped=dict(skipped)).stored())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from tests.bulk_support import (
     check_bulk_paths,
+    check_heartbeat_during_vote,
     check_insert_ignore_pages,
     check_named_start_stores_the_ids_once,
     check_round_questions,
@@ -16,6 +17,11 @@ from tests.support import drop_database, fresh_database
 
 def test_bulk_generation_and_vote_are_idempotent_and_fenced_on_postgresql(postgres_url, tmp_path, monkeypatch):
     check_bulk_paths(postgres_url, tmp_path, monkeypatch)
+
+
+def test_the_heartbeat_gets_through_while_the_vote_transaction_is_open_on_postgresql(postgres_url, tmp_path,
+                                                                                    monkeypatch):
+    check_heartbeat_during_vote(postgres_url, tmp_path, monkeypatch)
 
 
 def test_insert_ignore_over_many_pages_on_postgresql(postgres_url, tmp_path):
