@@ -178,6 +178,39 @@ def test_cancel_leaves_nothing_to_claim(round_db):
             cancel_round(session, round_id, load_settings().delivery)
 
 
+def test_page_progress_leaves_the_job_row_unlocked_and_is_fenced(round_db):
+    """`page_done`, the progress of a long job transaction (the vote's, the pairs'): while that
+    transaction is still open, the job's heartbeat from another connection gets through and the
+    progress is already seen; a stale attempt's raises Superseded and records nothing."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from workers.runner import JobContext, Superseded
+
+    cluster, round_id = round_db
+    with cluster.session() as session:
+        job_id = session.scalar(select(Job.id).where(Job.round_id == round_id, Job.kind == "generate").limit(1))
+    _run(cluster, job_id, attempts=1, heartbeat_age_s=0)
+    ctx = JobContext(cluster_settings(cluster), job_id, round_id, attempt=1, payload={})
+    with ctx.session() as long_transaction:
+        long_transaction.execute(select(Job.id).where(Job.id == job_id))  # the transaction is open
+        ctx.page_done(long_transaction, 0.5)
+        with cluster.session() as other:
+            other.execute(text("SET LOCAL lock_timeout = '5s'"))
+            try:
+                other.execute(update(Job).where(Job.id == job_id, Job.attempts == 1).values(heartbeat_at=utcnow()))
+            except OperationalError as exc:
+                pytest.fail(f"the heartbeat's UPDATE of job {job_id} waited over 5 s for its row lock while the "
+                            f"job's transaction was open after page_done: {exc}")
+            assert other.scalar(select(Job.progress).where(Job.id == job_id)) == 0.5
+    _run(cluster, job_id, attempts=2, heartbeat_age_s=0, owner="live@host:2")  # another worker took the job over
+    with pytest.raises(Superseded):
+        with ctx.session() as long_transaction:
+            ctx.page_done(long_transaction, 0.75)
+    with cluster.session() as session:
+        assert session.scalar(select(Job.progress).where(Job.id == job_id)) == 0.5, "a stale attempt recorded progress"
+
+
 def cluster_settings(cluster):
     from services.settings import load_settings
 
