@@ -47,7 +47,7 @@ def test_expected_steps_per_stage():
     assert expected_steps("preference", {"training": {"loss": "orpo"}})[-4:] == [
         "train:orpo", "evaluate:orpo", "evaluate:pass-at-k:orpo", "promote"]
     # A sweep turns pass@k off: its steps are not waited for.
-    assert not any("pass-at-k" in step for step in expected_steps("preference", {"sampling": {"pass_at_k": False}}))
+    assert not any("pass-at-k" in step for step in expected_steps("preference", {"training": {"loss": "dpo"}, "sampling": {"pass_at_k": False}}))
     assert expected_steps("weak-sft", {}) == ["evaluate:baseline", "train:gold", "evaluate:gold", "promote"]
 
 
