@@ -80,7 +80,7 @@ def load_named(name: str, path: str, backend: str | None = None, settings=None,
 
 
 # A generation chunk commits its groups' rows at least this often (and with its last group): a
-# model slower than this per group commits every group, as before; a fast one (a replay, vLLM on
+# model slower than this per group commits every group, as before; a fast one (recorded answers, vLLM on
 # small prompts) commits a few times per chunk instead of per group, each commit a fenced progress
 # update and a round trip or more. At most this much work is redone after a crash.
 GENERATION_COMMIT_S = 1.0
@@ -148,7 +148,7 @@ def run_generate(ctx: JobContext) -> None:
         existing = Counter(session.scalars(select(Generation.question_id).where(
             Generation.round_id == ctx.round_id, Generation.voter == voter,
             Generation.question_id.in_(payload.question_ids))))
-        # Id and text only: whole ORM rows cost more to build than the chunk's replayed answers.
+        # Id and text only: whole ORM rows cost more to build than answering the chunk when answers are fast.
         by_id = {q.id: q for q in session.execute(select(Question.id, Question.text)
                                                   .where(Question.id.in_(payload.question_ids)))}
         questions = [by_id[qid] for qid in payload.question_ids]
