@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     from db.session import ensure_schema, session_scope
     from models.demo import build_demo
     from services.config import parse_round_config
-    from services.demo import DPO_TRAINING, GENERATION, SFT_TRAINING
+    from services.demo import GENERATION, PREFERENCE_TRAINING, SFT_TRAINING
     from services.settings import load_settings
     from workers.dispatch import JobDispatcher
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     _keep_as_candidate(url, student["checkpoint"])
 
     rows = []
-    dpo_defaults = {k: v for k, v in DPO_TRAINING.items() if k not in ("loss", "beta", "learning_rate", "epochs")}
+    dpo_defaults = {k: v for k, v in PREFERENCE_TRAINING.items() if k not in ("loss", "beta", "learning_rate", "epochs")}
     for name in (args.only.split(",") if args.only else SWEEP):
         fields = SWEEP[name]
         config = parse_round_config({

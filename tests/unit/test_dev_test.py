@@ -196,8 +196,8 @@ def test_the_readme_figures_name_what_a_full_demo_prints():
         {"report": {"stage": "sft", "iteration": 1, "outcome": "promoted", "student_before": before,
                     "variants": variants(weak=(0.38, 0.37), hybrid=(0.44, 0.45))}},
         {"report": {"stage": "sft", "iteration": 2, "outcome": "promoted", "variants": variants(hybrid=(0.48, 0.44))}},
-        {"report": {"stage": "preference", "iteration": 1, "outcome": "rejected", "variants": variants(dpo=(0.44, 0.37)),
-                    "pass_at_k": {"k": 10, "student": 0.61, "dpo": 0.52}}}]}
+        {"report": {"stage": "preference", "iteration": 1, "outcome": "promoted", "variants": variants(orpo=(0.50, 0.45)),
+                    "pass_at_k": {"k": 10, "student": 0.61, "orpo": 0.62}}}]}
     assert EXPECTED_FULL and set(EXPECTED_FULL) <= set(headline_figures(full_run))
 
 
