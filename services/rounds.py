@@ -274,14 +274,16 @@ def advance(session: Session, round_id: int, delivery: DeliverySettings, *, afte
     `delivery` gives the leases (expired ones are re-planned) and new jobs' attempts.
 
     Takes a row lock on the round (PostgreSQL) so concurrent callers plan one after the other;
-    the unique job keys make a second planner's inserts no-ops either way.
+    the unique job keys make a second planner's inserts no-ops either way. The lock is FOR NO KEY
+    UPDATE: the rows a running vote or pair step inserts hold FOR KEY SHARE on the round (their
+    foreign key), which FOR UPDATE would wait for until that step commits, minutes on a big pool.
 
     `after_job`: the job whose end prompts this call. When it is a generation chunk whose step
     still has chunks to finish, nothing can have become ready (every step waits for whole steps),
     so only leases are checked: the full planning reads every job of the round, and a round of a
     million questions has thousands of chunks, each of which calls this.
     """
-    state = session.scalar(select(Round.state).where(Round.id == round_id).with_for_update())
+    state = session.scalar(select(Round.state).where(Round.id == round_id).with_for_update(key_share=True))
     if state is None:
         get_by_id(session, Round, round_id, "round")  # raises NotFound with the usual message
     if state in TERMINAL_ROUND_STATES:

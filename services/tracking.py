@@ -58,8 +58,9 @@ def _key(target: TrackingTarget) -> str:
 
 def round_run(session: Session, settings: Settings, round_id: int) -> Run:
     """The round's run, opened (with its pipeline's) on first use. Takes the round's row lock
-    (PostgreSQL), so that two jobs of a round starting together open one run, not two."""
-    round_ = session.scalar(select(Round).where(Round.id == round_id).with_for_update())
+    (PostgreSQL), so that two jobs of a round starting together open one run, not two; FOR NO KEY
+    UPDATE, as the planner's (services.rounds.advance), so a long vote's inserts don't hold it up."""
+    round_ = session.scalar(select(Round).where(Round.id == round_id).with_for_update(key_share=True))
     if round_ is None:
         return Run(None)
     target = target_for(round_.config.get("tracking"), settings)

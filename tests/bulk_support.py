@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, event, func, inspect, select, update
+from sqlalchemy import delete, event, func, inspect, select, text, update
 
 from db.schema import Generation, Job, Question, Round, TrainingExample
 from db.session import insert_ignore, session_scope, upgrade
@@ -310,10 +310,12 @@ def check_heartbeat_during_vote(url: str, tmp_path: Path, monkeypatch, deadline_
     """The vote writes every page in one transaction, which commits with its done mark. Held open
     after its first page (examples inserted, progress recorded), the job's heartbeat from another
     connection must still get through: a heartbeat that waits for the vote's transaction gets
-    nothing through for a vote longer than its lease, and the job stops itself."""
+    nothing through for a vote longer than its lease, and the job stops itself. On PostgreSQL the
+    planner (run when any other job of the round ends) must get the round's row lock too."""
     import functools
     import threading
 
+    from services.rounds import advance
     from services.voting import voted_pages
     from workers import steps
     from workers.runner import JobContext, claim, run_job
@@ -354,17 +356,42 @@ def check_heartbeat_during_vote(url: str, tmp_path: Path, monkeypatch, deadline_
     voter.start()
     beat_done = threading.Event()
     beater = threading.Thread(target=lambda: (ctx.beat(), beat_done.set()), daemon=True)
+    planned: list[object] = []
+
+    def plan() -> None:
+        # Another job of the round ending now calls the planner, which locks the round's row.
+        with session_scope(url) as session:
+            if session.bind.dialect.name == "postgresql":
+                # Fail fast instead of hanging when the lock waits for the vote's transaction.
+                session.execute(text(f"SET LOCAL lock_timeout = '{int(deadline_s * 1000)}ms'"))
+            try:
+                planned.append(advance(session, round_id, settings.delivery))
+            except Exception as exc:  # noqa: BLE001 - reported by the test
+                planned.append(exc)
+
+    planner = threading.Thread(target=plan, daemon=True)
     try:
         assert paused.wait(60), f"the vote did not reach its second page within 60 s: {failure}"
         beater.start()
         got_through = beat_done.wait(deadline_s)
+        if url.startswith("postgresql"):
+            planner.start()
+            planner.join(deadline_s + 5)
     finally:
         resume.set()
         voter.join(60)
         if beater.is_alive():
             beater.join(60)
+        if planner.is_alive():
+            planner.join(60)
     assert got_through, (f"the heartbeat's UPDATE of job {vote} did not complete within {deadline_s:.0f} s while the "
                          "vote's transaction was open after its first page: the vote holds the job's row lock")
+    if url.startswith("postgresql"):
+        # The vote's inserts hold FOR KEY SHARE on the round's row (the foreign key); a planner
+        # that locked it FOR UPDATE would wait for the whole vote.
+        assert planned and not isinstance(planned[0], Exception), (
+            f"the planner (advance) did not get the round's row lock within {deadline_s:.0f} s while the vote's "
+            f"transaction was open: {planned[0] if planned else 'still waiting'}")
     assert not voter.is_alive() and not failure, f"the vote did not finish: {failure}"
     with session_scope(url) as session:
         done = session.get(Job, vote)
