@@ -65,12 +65,15 @@ ROUND = {"stage": "sft", "weak": "weak", "strong": "strong", "pool": "pool", "ev
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", type=int, nargs="+", default=[7000])
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--no-in-process", dest="in_process", action="store_false")
     parser.add_argument("--status-only", type=int, metavar="N", help="bulk-load N questions and time the reads only")
     parser.add_argument("--redis", default=f"redis://127.0.0.1:6379/{os.environ.get('W2S_TEST_REDIS_DB', '15')}")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres", help="admin URL")
     parser.add_argument("--keep", action="store_true", help="keep each size's database (its URL is printed) to query after")
+    parser.add_argument("--profile-sql", action="store_true",
+                        help="in-process run: time every SQL statement (count, total, mean by statement text) and "
+                             "each job (first and last tenth of the round)")
     args = parser.parse_args(argv)
     for path in (POOL, WEAK_OUTPUTS):
         if not path.is_file():
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             setup(work, n)
             results = {"compute": compute_only(work, n)}
             if args.in_process:
-                results["in-process"] = in_process(n)
+                results["in-process"] = in_process(n, profile_sql=args.profile_sql)
             for count in args.workers:
                 results[f"{count} worker{'s' if count > 1 else ''}"] = distributed(work, count, n, env, time_status=last)
         table.append((n, results))
@@ -209,7 +212,7 @@ def compute_only(work: Path, n: int) -> dict:
     return {"wall_s": time.perf_counter() - start}
 
 
-def in_process(n: int) -> dict:
+def in_process(n: int, *, profile_sql: bool = False) -> dict:
     from sqlalchemy import select
 
     from db.schema import Job
@@ -227,12 +230,57 @@ def in_process(n: int) -> dict:
         round_, _ = start_round(session, parse_round_config({**ROUND, "pool_limit": n}), settings.delivery)
         round_id = round_.id
         jobs = list(session.scalars(select(Job.id).where(Job.round_id == round_id, Job.kind == "generate")))
+    statements = SQLTimes() if profile_sql else None
+    job_s = []
     for job_id in jobs:
+        began = time.perf_counter()
         assert run_job(job_id, run_generate, settings=settings, enqueue=lambda *a, **k: None) == "done"
+        job_s.append(time.perf_counter() - began)
     wall = time.perf_counter() - start
+    if statements is not None:
+        statements.stop()
+        statements.report(n, len(jobs))
+        tenth = max(1, len(job_s) // 10)
+        print(f"  per job: mean {sum(job_s) / len(job_s) * 1000:.1f} ms; first tenth "
+              f"{sum(job_s[:tenth]) / tenth * 1000:.1f} ms, last tenth {sum(job_s[-tenth:]) / tenth * 1000:.1f} ms",
+              flush=True)
     with session_scope(url) as session:
         cancel_round(session, round_id, settings.delivery, "benchmark: generation measured")
     return {"wall_s": wall, "jobs": len(jobs)}
+
+
+class SQLTimes:
+    """Every statement's wall time, from SQLAlchemy's cursor events, summed by statement text."""
+
+    def __init__(self) -> None:
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
+        self.times: dict[str, list[float]] = {}
+        self._event, self._engine = event, Engine
+        event.listen(Engine, "before_cursor_execute", self._before)
+        event.listen(Engine, "after_cursor_execute", self._after)
+
+    def _before(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        conn.info.setdefault("w2s_bench_started", []).append(time.perf_counter())
+
+    def _after(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        took = time.perf_counter() - conn.info["w2s_bench_started"].pop()
+        entry = self.times.setdefault(" ".join(statement.split()), [0, 0.0])
+        entry[0] += 1
+        entry[1] += took
+
+    def stop(self) -> None:
+        self._event.remove(self._engine, "before_cursor_execute", self._before)
+        self._event.remove(self._engine, "after_cursor_execute", self._after)
+
+    def report(self, n: int, jobs: int) -> None:
+        total = sum(t for _, t in self.times.values())
+        print(f"\nSQL on the in-process path at {n} questions ({jobs} jobs): {total:.2f} s in statements, "
+              f"{total / jobs * 1000:.1f} ms a job", flush=True)
+        print(f"  {'count':>6} {'total s':>8} {'mean ms':>8} {'per job':>7}  statement")
+        for statement, (count, took) in sorted(self.times.items(), key=lambda kv: -kv[1][1])[:15]:
+            print(f"  {count:>6} {took:>8.2f} {took / count * 1000:>8.2f} {count / jobs:>7.1f}  {statement[:150]}")
 
 
 def distributed(work: Path, count: int, n: int, env: dict, *, time_status: bool = False) -> dict:
