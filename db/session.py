@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Engine, Text, bindparam, cast, create_engine, event, func, select
+from sqlalchemy import JSON, ColumnElement, Engine, Text, and_, bindparam, cast, create_engine, event, false, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -98,6 +98,20 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def among(column: Any, ids: Iterable[int]) -> ColumnElement[bool]:
+    """`column IN ids`, bounded by the ids' range as well. Where `column` follows equality columns
+    in an index (the generations' unique key: round, voter, question), PostgreSQL's planner without
+    statistics on the table (never analysed: autovacuum off, or a table that grew since) estimates
+    a few rows for the equality part and tests the IN list as a filter over every row of it: a
+    chunk's check read the voter's whole round, O(pool) per chunk (issue #15). A range is always
+    an index bound: the scan reads the chunk's stretch of the index (pool ids are consecutive in a
+    chunk or a page), whatever the plan. Same rows either way."""
+    ids = list(ids)
+    if not ids:
+        return false()
+    return and_(column.in_(ids), column.between(min(ids), max(ids)))
 
 
 def insert_ignore(session: Session, model: type[Base], rows: Iterable[dict[str, Any]]) -> list[int]:

@@ -25,6 +25,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, defer
 
 from db.schema import Checkpoint, Evaluation, Generation, Job, Question, Round, utcnow
+from db.session import among
 from services.config import QUEUES
 from services.contracts import (
     EvaluatePayload,
@@ -501,7 +502,7 @@ def generated_so_far(session: Session, round_id: int, jobs: list[Job]) -> dict[s
             count, tokens = session.execute(
                 select(func.count(), func.coalesce(func.sum(Generation.output_tokens), 0)).where(
                     Generation.round_id == round_id, Generation.voter == voter,
-                    Generation.question_id.in_(ids[start : start + 5000]))).one()
+                    among(Generation.question_id, ids[start : start + 5000]))).one()
             out[voter][0] += count
             out[voter][1] += tokens
     return {**{voter: (count, tokens) for voter, (count, tokens) in out.items()}, **counted}

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Update, select, update
 
 from db.schema import Checkpoint, Generation, Job, PreferencePair, Question, Round, TrainingExample, utcnow
-from db.session import insert_ignore
+from db.session import among, insert_ignore
 from models.answers import extract_answer
 from models.backends import CheckpointError, configure_default_cache, default_cache, describe, in_format
 from models.generation import generate
@@ -145,9 +145,10 @@ def run_generate(ctx: JobContext) -> None:
     voter = payload.voter
     with ctx.session() as session:
         setup = _generation_setup(session, ctx.round_id, voter)
+        # `among`: an index range of the chunk's size, not the voter's whole round (its plan without statistics).
         existing = Counter(session.scalars(select(Generation.question_id).where(
             Generation.round_id == ctx.round_id, Generation.voter == voter,
-            Generation.question_id.in_(payload.question_ids))))
+            among(Generation.question_id, payload.question_ids))))
         # Id and text only: whole ORM rows cost more to build than answering the chunk when answers are fast.
         by_id = {q.id: q for q in session.execute(select(Question.id, Question.text)
                                                   .where(Question.id.in_(payload.question_ids)))}
@@ -296,11 +297,11 @@ def run_pairs(ctx: JobContext) -> None:
             weak = {g.question_id: g for g in session.execute(select(
                 Generation.id, Generation.question_id, Generation.text, Generation.answer).where(
                 Generation.round_id == resolved.weak_round_id, Generation.voter == "weak", Generation.sample_index == 0,
-                Generation.question_id.in_(page)))}
+                among(Generation.question_id, page)))}
             samples: dict[int, list[Any]] = {}
             for g in session.execute(select(Generation.id, Generation.question_id, Generation.text, Generation.answer)
                                      .where(Generation.round_id == ctx.round_id, Generation.voter == "student",
-                                            Generation.question_id.in_(page))
+                                            among(Generation.question_id, page))
                                      .order_by(Generation.question_id, Generation.sample_index)):
                 samples.setdefault(g.question_id, []).append(g)
 
