@@ -5,8 +5,8 @@ optimiser, one loop. Everything DeepSpeed needs — process group, engine config
 precision, gathering a full state dict and writing a Hugging Face directory atomically — lives in
 :class:`DeepSpeedStrategy` (the shape of OpenRLHF's ``utils/deepspeed/deepspeed.py``, much smaller).
 
-A run is started by the DeepSpeed launcher (``models/train/launch.py``), which sets ``RANK``,
-``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` for every rank.
+A run is started by ``models/train/launch.py`` (DeepSpeed's launcher; one rank on one node without
+it), which sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` for every rank.
 """
 
 from __future__ import annotations

@@ -5,10 +5,13 @@ process per rank, each running ``python -m <module> --config <job file>``. Every
 print goes to ``log_path`` as it comes, and the JSON progress lines (``{"step": .., "loss": ..}``)
 can be followed with ``on_progress``. A timeout kills the whole process group (launcher and ranks).
 
-One node: ``num_ranks`` ranks on this host (the worker's ``--gpus``, or ``CUDA_VISIBLE_DEVICES``).
-Several nodes: a DeepSpeed hostfile (``host slots=N`` per line) in the worker's settings
-(:class:`ClusterSpec`, from ``W2S_TRAIN_*``), launched through DeepSpeed's multi-node backend
-(pdsh over ssh by default; openmpi, slurm, ... by name) with a configurable master address and port.
+One node: ``num_ranks`` ranks on this host (the worker's ``--gpus``, or ``CUDA_VISIBLE_DEVICES``),
+started by DeepSpeed's per-node launcher (``deepspeed.launcher.launch``) without its runner, and
+one rank without either: the rank process itself, with the variables the launcher would set
+(:func:`plan_launch`; docs/design-notes.md says why). Several nodes: a DeepSpeed hostfile
+(``host slots=N`` per line) in the worker's settings (:class:`ClusterSpec`, from ``W2S_TRAIN_*``),
+launched through DeepSpeed's runner and its multi-node backend (pdsh over ssh by default; openmpi,
+slurm, ... by name) with a configurable master address and port.
 
 The launcher's exit status is not enough: a multi-node launcher can exit 0 when a remote rank
 died (and DeepSpeed's runner itself exits 0 when its child is killed by a signal). Every rank
@@ -18,6 +21,7 @@ writes an exit record to a ``status_dir`` on the shared store (``models.train.co
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -45,7 +49,7 @@ WAIT_POLL_S = 0.5  # how soon the wait sees the launcher exit (a stop signal wak
 # the launch's business); values of names that look secret are redacted.
 RECORDED_ENV_PREFIXES = (
     "W2S_", "MASTER_", "NCCL_", "GLOO_", "CUDA_", "OMP_", "DS_", "TORCH", "HF_", "PDSH_", "PYTHON",
-    "TOKENIZERS_", "WORLD_SIZE", "LOCAL_", "SLURM_", "PATH",
+    "TOKENIZERS_", "WORLD_SIZE", "LOCAL_", "SLURM_", "PATH", "RANK", "CROSS_",
 )  # fmt: skip
 SECRET_NAME_PARTS = {"SECRET", "TOKEN", "PASSWORD", "PASSWD", "KEY", "CREDENTIALS", "AUTH", "PRIVATE"}
 LAUNCHERS = ("pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi")
@@ -177,7 +181,13 @@ _OOM_TEXT = re.compile(r"out of memory|OutOfMemoryError|MemoryError|oom-kill", r
 
 
 def failure_reason(
-    *, returncode: int, timed_out: bool, timeout_s: float | None, ranks: list[RankStatus], log_tail: str
+    *,
+    returncode: int,
+    timed_out: bool,
+    timeout_s: float | None,
+    ranks: list[RankStatus],
+    log_tail: str,
+    process: str = "launcher",  # what returncode is the status of: "launcher", or "rank" (no launcher)
 ) -> str | None:
     """Why a launch failed, in one line a person can act on; None if it did not.
 
@@ -189,6 +199,8 @@ def failure_reason(
         parts.append(f"hang: still running after the time limit of {timeout_s:g} s; process group killed")
     codes = [int(c) for c in _RANK_EXIT.findall(log_tail)]
     killed = [c for c in codes if c < 0]
+    if process == "rank" and returncode < 0:  # no launcher to log it: the rank's own status names the signal
+        killed = [returncode]
     missing = [r.rank for r in ranks if r.status == "missing"]
     if missing and not timed_out:
         how = f"killed by {_signal_name(-killed[0])}" if killed else "killed by a signal, or never started"
@@ -204,9 +216,9 @@ def failure_reason(
             host = f" (host {r.host}, node {r.node_rank})" if r.host else ""
             parts.append(f"rank {r.rank}{host} failed: {r.error}")
     if returncode != 0 and not timed_out:
-        parts.append(f"launcher exited with status {returncode}")
+        parts.append(f"{process} exited with status {returncode}")
     elif parts and returncode == 0:
-        parts.append("the launcher itself exited 0")
+        parts.append(f"the {process} itself exited 0")
     return "; ".join(parts) or None
 
 
@@ -315,7 +327,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def build_command(
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What to start for one job: the command line, and the variables it needs set on top of
+    the worker's environment (only a rank started without a launcher needs any)."""
+
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    kind: str = "runner"  # runner (several nodes) | launch (one node) | rank (one rank, no launcher)
+    named_devices: tuple[int | str, ...] = ()  # the devices named for the ranks (one node), to check
+
+
+def plan_launch(
     module: str,
     job_file: Path,
     *,
@@ -323,35 +346,71 @@ def build_command(
     master_port: int,
     visible_devices: str | None = None,
     cluster: ClusterSpec | None = None,
-) -> list[str]:
-    """The DeepSpeed launcher command line for one job.
+) -> LaunchPlan:
+    """How to start one job.
 
-    One node: with devices named (``cluster.gpus`` or ``CUDA_VISIBLE_DEVICES``) the launcher's
-    ``--num_gpus`` would ignore them and use devices 0..N-1, so they are named with
-    ``--include localhost:<ids>`` instead. Several nodes: ``--hostfile`` with every slot, the
-    backend (``--launcher``) and the master address.
+    Several nodes: DeepSpeed's runner, with ``--hostfile`` (every slot), the backend
+    (``--launcher``) and the master address. One node: what the runner would run for localhost,
+    without the runner: DeepSpeed's per-node launcher with the world it would compute
+    (``{"localhost": [device ids]}``, base64 JSON), or, for one rank, the rank itself with the
+    variables that launcher sets. Devices named (``cluster.gpus``, else ``CUDA_VISIBLE_DEVICES``)
+    are used in order, as the runner's ``--include localhost:<ids>`` used them; none named: 0..N-1,
+    as its ``--num_gpus N`` did.
     """
-    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
     if cluster is not None and cluster.multi_node:
         first_host = next(iter(cluster.hosts))
+        cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
         cmd += ["--hostfile", str(cluster.hostfile), "--launcher", cluster.launcher]
         cmd += ["--master_addr", cluster.master_addr or first_host]
         if cluster.launcher_args:
             cmd += ["--launcher_args", cluster.launcher_args]
         if not cluster.ssh_check:
             cmd += ["--no_ssh_check"]
-    else:
-        named = cluster.gpus if cluster is not None and cluster.gpus else visible_devices
-        devices = [d.strip() for d in (named or "").split(",") if d.strip()]
-        if devices:
-            if num_ranks > len(devices):
-                raise ValueError(f"num_ranks: {num_ranks} ranks but only {len(devices)} visible devices ({named})")
-            cmd += ["--include", "localhost:" + ",".join(devices[:num_ranks])]
-        else:
-            cmd += ["--num_gpus", str(num_ranks)]
-    cmd += ["--master_port", str(master_port), "--module", "--no_local_rank", module]
-    cmd += ["--config", str(job_file)]
-    return cmd
+        cmd += ["--master_port", str(master_port), "--module", "--no_local_rank", module]
+        return LaunchPlan(cmd + ["--config", str(job_file)])
+
+    named = cluster.gpus if cluster is not None and cluster.gpus else visible_devices
+    devices = [d.strip() for d in (named or "").split(",") if d.strip()]
+    if devices and num_ranks > len(devices):
+        raise ValueError(f"num_ranks: {num_ranks} ranks but only {len(devices)} visible devices ({named})")
+    # The runner's --include/--num_gpus parse ids as integers; UUIDs (GPU-…) are passed as they are.
+    ids: list[int | str] = [int(d) if d.isdigit() else d for d in devices[:num_ranks]] or list(range(num_ranks))
+    master_addr = "127.0.0.1"  # what the runner uses when there is no hostfile
+    if num_ranks == 1:
+        # launch.py's environment for its only rank (RANK.. LOCAL_SIZE, CROSS_*: DeepSpeed's
+        # checkpointing reads them; LOCAL_SIZE is the CPU accelerator's device count).
+        env = {
+            "CUDA_VISIBLE_DEVICES": str(ids[0]), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port),
+            "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_SIZE": "1", "CROSS_RANK": "0", "CROSS_SIZE": "1",
+        }  # fmt: skip
+        command = [sys.executable, "-u", "-m", module, "--config", str(job_file)]
+        return LaunchPlan(command, env, "rank", tuple(ids) if devices else ())
+    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": ids}).encode("utf-8")).decode("utf-8")
+    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}", "--node_rank=0"]
+    cmd += [f"--master_addr={master_addr}", f"--master_port={master_port}", "--module", "--no_local_rank", module]
+    return LaunchPlan(cmd + ["--config", str(job_file)], {}, "launch", tuple(ids) if devices else ())
+
+
+def check_devices(ids: tuple[int | str, ...]) -> None:
+    """Refuse a named device index this host does not have, as DeepSpeed's runner did: given
+    CUDA_VISIBLE_DEVICES naming no device, the ranks would not fail but train on the CPU.
+    The host's devices come from ``nvidia-smi`` (it ignores CUDA_VISIBLE_DEVICES, as the ids here
+    are physical); without it (no NVIDIA driver: CPU ranks) there is nothing to check. UUIDs are
+    left to CUDA."""
+    smi = shutil.which("nvidia-smi")
+    indices = [i for i in ids if isinstance(i, int)]
+    if smi is None or not indices:
+        return
+    try:
+        listed = subprocess.run(
+            [smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"devices: could not list this host's GPUs with {smi}: {exc}") from exc
+    missing = [i for i in indices if str(i) not in listed]
+    if missing:
+        have = ", ".join(listed) or "none"
+        raise ValueError(f"devices: {', '.join(map(str, missing))} named, but this host's GPUs are {have} (nvidia-smi)")
 
 
 def launch_training(
@@ -399,7 +458,7 @@ def launch_training(
     if "OMP_NUM_THREADS" not in run_env:
         # share this host's cores between the ranks (torch would otherwise give each one all of them)
         run_env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // num_ranks))
-    command = build_command(
+    plan = plan_launch(
         module,
         job_file,
         num_ranks=num_ranks,
@@ -407,6 +466,9 @@ def launch_training(
         visible_devices=run_env.get("CUDA_VISIBLE_DEVICES"),
         cluster=cluster,
     )
+    check_devices(plan.named_devices)
+    run_env.update(plan.env)
+    command = plan.command
 
     tail: deque[str] = deque(maxlen=tail_lines)
     progress: list[dict[str, Any]] = []
@@ -460,11 +522,13 @@ def launch_training(
 
     log_tail = "\n".join(tail)
     ranks = check_ranks(status_dir, world_size) if status_dir is not None else []
+    process = "rank" if plan.kind == "rank" else "launcher"
     failure = failure_reason(
-        returncode=proc.returncode, timed_out=timed_out, timeout_s=timeout_s, ranks=ranks, log_tail=log_tail
-    )
+        returncode=proc.returncode, timed_out=timed_out, timeout_s=timeout_s, ranks=ranks, log_tail=log_tail,
+        process=process,
+    )  # fmt: skip
     if failure is None and (proc.returncode != 0 or timed_out):  # defensive: never report a failed run ok
-        failure = f"launcher exited with status {proc.returncode}"
+        failure = f"{process} exited with status {proc.returncode}"
     result = LaunchResult(
         returncode=proc.returncode,
         command=command,

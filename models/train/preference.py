@@ -1,9 +1,11 @@
 """Stage II: preference optimisation of M_plus on the pairs it picked, with DPO or ORPO.
 
-Launched by DeepSpeed, one process per rank (see ``models/train/launch.py``)::
+Launched by DeepSpeed, one process per rank (see ``models/train/launch.py``); on one node::
 
-    python -m deepspeed.launcher.runner --num_gpus N --master_port P \\
-        --module --no_local_rank models.train.preference --config job.json
+    python -m deepspeed.launcher.launch --world_info=<base64 {"localhost": [0, 1]}> \\
+        --master_port P --module --no_local_rank models.train.preference --config job.json
+
+or, for one rank, ``python -m models.train.preference --config job.json`` with RANK=0, WORLD_SIZE=1, ….
 
 The job file is a :class:`PreferenceConfig` as JSON; the training file has one
 ``{"prompt", "chosen", "rejected"}`` per line. Reads like ``sft.py``: config, data, model,

@@ -1,9 +1,11 @@
 """Supervised fine-tuning of the strong student on trusted reasoning chains.
 
-Launched by DeepSpeed, one process per rank (see ``models/train/launch.py``)::
+Launched by DeepSpeed, one process per rank (see ``models/train/launch.py``); on one node::
 
-    python -m deepspeed.launcher.runner --num_gpus N --master_port P \\
-        --module --no_local_rank models.train.sft --config job.json
+    python -m deepspeed.launcher.launch --world_info=<base64 {"localhost": [0, 1]}> \\
+        --master_port P --module --no_local_rank models.train.sft --config job.json
+
+or, for one rank, ``python -m models.train.sft --config job.json`` with RANK=0, WORLD_SIZE=1, ….
 
 The job file is an :class:`SFTConfig` as JSON. Reads top to bottom like nanoGPT's ``train.py``:
 config, data, model, optimiser, one loop, save. The loss is the causal-LM cross-entropy on the

@@ -11,7 +11,7 @@ import torch
 
 from models.prompts import training_target, zero_shot
 from models.train.common import linear_warmup_decay
-from models.train.launch import LaunchError, build_command, launch_training, parse_progress
+from models.train.launch import LaunchError, launch_training, parse_progress
 from models.train.sft import IGNORE_INDEX, SFTConfig, build_example, collate
 
 WORDS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
@@ -128,19 +128,6 @@ def test_parse_progress():
     assert parse_progress('{"event": "saved"}') is None
     assert parse_progress("[2026] [INFO] {not json") is None
     assert parse_progress("") is None
-
-
-def test_build_command_respects_visible_devices(tmp_path):
-    job = tmp_path / "job.json"
-    cmd = build_command("models.train.sft", job, num_ranks=2, master_port=29511)
-    assert cmd[1:] == [
-        "-u", "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29511",
-        "--module", "--no_local_rank", "models.train.sft", "--config", str(job),
-    ]  # fmt: skip
-    cmd = build_command("models.train.sft", job, num_ranks=2, master_port=1, visible_devices="4,5,6")
-    assert cmd[4:6] == ["--include", "localhost:4,5"]
-    with pytest.raises(ValueError, match="num_ranks"):
-        build_command("models.train.sft", job, num_ranks=2, master_port=1, visible_devices="3")
 
 
 # -- through the real launcher -----------------------------------------------------------------------

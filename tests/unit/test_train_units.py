@@ -3,7 +3,9 @@ failure reasons, redaction, resume positions, resumable-state fingerprints, chec
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -14,10 +16,12 @@ from models.train.common import render_ds_config, resume_batches
 from models.train.launch import (
     ClusterSpec,
     RankStatus,
-    build_command,
+    check_devices,
     check_ranks,
     failure_reason,
+    launch_training,
     parse_hostfile,
+    plan_launch,
     prepare_state_dir,
     redact_env,
 )
@@ -133,17 +137,68 @@ def test_multi_node_command_and_world_size(tmp_path):
                                            "W2S_TRAIN_MASTER_PORT": "29600", "W2S_TRAIN_LAUNCHER": "openmpi",
                                            "W2S_TRAIN_SSH_CHECK": "0"}).cluster_options())
     assert cluster.world_size(num_ranks=1) == 4
-    cmd = build_command("models.train.sft", tmp_path / "job.json", num_ranks=1, master_port=29600, cluster=cluster)
-    joined = " ".join(cmd)
+    plan = plan_launch("models.train.sft", tmp_path / "job.json", num_ranks=1, master_port=29600, cluster=cluster)
+    joined = " ".join(plan.command)
+    assert plan.command[1:4] == ["-u", "-m", "deepspeed.launcher.runner"] and plan.env == {}  # several nodes: the runner
     assert f"--hostfile {hostfile}" in joined and "--launcher openmpi" in joined
     assert "--master_addr 10.0.0.1" in joined and "--master_port 29600" in joined and "--no_ssh_check" in joined
-    one_node = build_command("models.train.sft", tmp_path / "job.json", num_ranks=2, master_port=1,
-                             cluster=ClusterSpec(gpus="3,5,7"))
-    assert one_node[4:6] == ["--include", "localhost:3,5"]
+    assert joined.endswith(f"--module --no_local_rank models.train.sft --config {tmp_path / 'job.json'}")
     with pytest.raises(ConfigError, match="W2S_TRAIN_MASTER_PORT='x'"):
         load_settings({"W2S_TRAIN_MASTER_PORT": "x"})
     with pytest.raises(ValueError, match="launcher"):
         ClusterSpec(launcher="ssh-loop")
+
+
+def world_info(command: list[str]) -> dict:
+    (arg,) = [a for a in command if a.startswith("--world_info=")]
+    return json.loads(base64.urlsafe_b64decode(arg.split("=", 1)[1]))
+
+
+def test_one_node_starts_deepspeeds_node_launcher_and_one_rank_alone_without_the_runner(tmp_path):
+    """What DeepSpeed's runner would run for localhost, without the runner (docs/design-notes.md)."""
+    job = tmp_path / "job.json"
+    two = plan_launch("models.train.sft", job, num_ranks=2, master_port=29501, cluster=ClusterSpec())
+    assert two.kind == "launch" and two.env == {} and "deepspeed.launcher.runner" not in two.command
+    assert two.command[1:4] == ["-u", "-m", "deepspeed.launcher.launch"]
+    assert world_info(two.command) == {"localhost": [0, 1]}  # the runner's --num_gpus 2
+    assert two.command[5:] == ["--node_rank=0", "--master_addr=127.0.0.1", "--master_port=29501", "--module",
+                               "--no_local_rank", "models.train.sft", "--config", str(job)]
+    # named devices, in order, the first num_ranks of them (the runner's --include localhost:3,5)
+    named = plan_launch("models.train.sft", job, num_ranks=2, master_port=1, cluster=ClusterSpec(gpus="3, 5,7"))
+    assert world_info(named.command) == {"localhost": [3, 5]}
+    visible = plan_launch("models.train.sft", job, num_ranks=2, master_port=1, visible_devices="6,2")
+    assert world_info(visible.command) == {"localhost": [6, 2]}
+    with pytest.raises(ValueError, match=r"3 ranks but only 2 visible devices \(6,2\)"):
+        plan_launch("models.train.sft", job, num_ranks=3, master_port=1, visible_devices="6,2")
+
+    one = plan_launch("models.train.sft", job, num_ranks=1, master_port=29502, visible_devices="4,1")
+    assert one.kind == "rank" and one.command[1:] == ["-u", "-m", "models.train.sft", "--config", str(job)]
+    assert one.env == {"CUDA_VISIBLE_DEVICES": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29502",
+                       "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_SIZE": "1", "CROSS_RANK": "0",
+                       "CROSS_SIZE": "1"}
+    assert plan_launch("m", job, num_ranks=1, master_port=1).env["CUDA_VISIBLE_DEVICES"] == "0"  # as --num_gpus 1
+    # the worker's --gpus wins over CUDA_VISIBLE_DEVICES, as before
+    assert plan_launch("m", job, num_ranks=1, master_port=1, visible_devices="4", cluster=ClusterSpec(gpus="2")
+                       ).env["CUDA_VISIBLE_DEVICES"] == "2"
+
+
+def test_a_named_device_the_host_lacks_is_refused_before_any_rank_starts(tmp_path, monkeypatch):
+    """Without the runner's check the ranks would see no GPU and train on the CPU. A stand-in
+    nvidia-smi lists two GPUs, whatever CUDA_VISIBLE_DEVICES says (as the real one does)."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text('#!/bin/sh\n[ "$1" = "--query-gpu=index" ] || exit 2\nprintf "0\\n1\\n"\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+    check_devices((1, 0))
+    check_devices(("GPU-5f2c", 0))  # UUIDs are CUDA's to resolve
+    with pytest.raises(ValueError, match=r"devices: 7 named, but this host's GPUs are 0, 1 \(nvidia-smi\)"):
+        check_devices((0, 7))
+    job = tmp_path / "job.json"
+    job.write_text("{}")
+    with pytest.raises(ValueError, match="devices: 3 named"):  # launch_training checks before it starts anything
+        launch_training("models.train.sft", job, num_ranks=1, log_path=tmp_path / "x.log", cluster=ClusterSpec(gpus="3"))
+    assert not (tmp_path / "x.log").exists()
 
 
 def test_check_ranks_reads_one_record_per_rank(tmp_path):
@@ -174,6 +229,11 @@ def test_failure_reasons_name_the_cause_and_every_failed_rank():
     assert hang.startswith("hang: still running after the time limit of 30 s")
     assert failure_reason(returncode=2, timed_out=False, timeout_s=None, ranks=[], log_tail="") == \
         "launcher exited with status 2"
+    # one rank started without a launcher: its own status names the signal
+    alone = failure_reason(returncode=-int(signal.SIGKILL), timed_out=False, timeout_s=None,
+                           ranks=[RankStatus(0, "missing")], log_tail="", process="rank")
+    assert alone.startswith("rank 0 left no exit record: killed by SIGKILL (the kernel's OOM killer")
+    assert alone.endswith(f"rank exited with status -{int(signal.SIGKILL)}")
 
 
 def test_recorded_environment_hides_secrets():
