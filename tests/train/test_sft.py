@@ -165,6 +165,9 @@ def test_sft_through_deepspeed_launcher(tmp_path, tiny_model):
     )  # fmt: skip
 
     assert result.returncode == 0, result.log_tail
+    # one rank: the rank alone, no DeepSpeed launcher, with the variables the launcher would set
+    assert result.command[1:] == ["-u", "-m", "models.train.sft", "--config", str(job.resolve())]
+    assert result.env["RANK"] == "0" and result.env["WORLD_SIZE"] == "1" and result.env["LOCAL_SIZE"] == "1"
     assert out.is_dir()
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
     assert (out / "model.safetensors").is_file()

@@ -95,6 +95,7 @@ def test_dpo_two_ranks_margin_grows(tmp_path, tiny_model):
     result = launch_training("models.train.preference", job, num_ranks=2, log_path=tmp_path / "dpo.log",
                              timeout_s=300, status_dir=tmp_path / "ranks")
     assert result.ok and [r.status for r in result.ranks] == ["ok", "ok"]
+    assert result.command[1:4] == ["-u", "-m", "deepspeed.launcher.launch"]  # one node: the node launcher, no runner
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2
@@ -245,7 +246,7 @@ def test_train_job_with_a_killed_rank_fails_cleanly_and_its_retry_resumes_at_the
         assert job.state == "failed" and "rank 1 left no exit record" in job.error
         assert launch["failure"].startswith("rank 1 left no exit record: killed by SIGKILL")
         assert launch["ranks"][1] == {"rank": 1, "status": "missing"} and launch["world_size"] == 2
-        assert "deepspeed.launcher.runner" in launch["command"] and launch["attempt"] == 1
+        assert "deepspeed.launcher.launch" in launch["command"] and launch["attempt"] == 1  # one node: no runner
         assert launch["env"]["HF_TOKEN"] == "***" and "hf_do_not_record_me" not in json.dumps(job.result)
         assert job.log_path == launch["log_path"] == str(job_dir / "attempt1.log")
         assert session.scalars(select(Checkpoint).where(Checkpoint.round_id == round_id)).all() == []
