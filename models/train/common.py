@@ -11,6 +11,7 @@ it), which sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -157,6 +158,35 @@ def resume_batches(
                 yield epoch, index, batch
 
 
+def extension_build_root(root: str, install: str) -> str:
+    """The folder under ``root`` for the ops built by one install (see use_own_extension_builds)."""
+    name = "w2s-" + hashlib.sha256(install.encode()).hexdigest()[:12]
+    return root if Path(root).name == name else os.path.join(root, name)  # set once: never nested
+
+
+def use_own_extension_builds() -> str:
+    """Point TORCH_EXTENSIONS_DIR at a folder of this install's own.
+
+    DeepSpeed compiles an op on a rank's first use (on CPU its shared-memory collective) into
+    ``TORCH_EXTENSIONS_DIR/<op>``, with a build command that spells out the paths of its sources and
+    of torch. Two venvs, or one venv reached by two paths (a second checkout whose ``.venv`` links to
+    the first's), built into the same folder: each build replaced the other's, and the next launch
+    from the other side rebuilt it (65-110 s on 2 cores, seen four times in one evening). Keyed by
+    those paths, each install keeps its build."""
+    import importlib.util
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = get_default_build_root()  # torch's own default, which adds the python and CUDA versions below
+    spec = importlib.util.find_spec("deepspeed")
+    install = "|".join([spec.origin if spec and spec.origin else "", torch.__file__, torch.__version__,
+                        str(torch.version.cuda), sys.version])
+    os.environ["TORCH_EXTENSIONS_DIR"] = path = extension_build_root(root, install)
+    return path
+
+
 def temporary_dir_for(out_dir: Path) -> Path:
     """Where a checkpoint is written before the rename that publishes it."""
     return out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
@@ -213,6 +243,7 @@ class DeepSpeedStrategy:
 
     def setup_distributed(self) -> None:
         """Join the process group the launcher described in the environment; seed every PRNG."""
+        use_own_extension_builds()  # before DeepSpeed compiles or loads an op
         import deepspeed
         from deepspeed.runtime.utils import set_random_seed
 
