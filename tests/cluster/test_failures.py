@@ -149,7 +149,13 @@ def test_cancel_during_generation_stops_every_job(cluster):
     acknowledged = datetime.now(timezone.utc)
     assert "1 running job(s) stopped" in out and "not confirmed" not in out, out
     generations = cluster.wait_until(lambda: _generation_count(cluster), "generations")
-    time.sleep(3)  # the worker goes on taking the round's remaining messages
+    # The worker goes on taking the round's remaining messages: waited for until it is done with every
+    # job's message (run, ending at once as the round is cancelled, or discarded as revoked), not for
+    # a fixed time.
+    with cluster.session() as session:
+        job_ids = session.scalars(select(Job.id).where(Job.round_id == round_id)).all()
+    cluster.wait_until(lambda: all(_message_ran(worker, job_id) for job_id in job_ids),
+                       f"the worker to be done with the messages of jobs {job_ids} (Celery's 'succeeded', 'raised' or 'Discarding revoked task' line)")
 
     with cluster.session() as session:
         round_ = session.get(Round, round_id)
@@ -166,6 +172,13 @@ def test_cancel_during_generation_stops_every_job(cluster):
     assert _generation_count(cluster) == generations  # nothing written after the acknowledgement
     assert worker.alive()
     assert f"job {stopped[0].id} attempt 1 stopped" in worker.log()
+
+
+def _message_ran(worker, job_id: int) -> bool:
+    """The worker took the job's message and is done with it: ran it, or discarded it (revoked)."""
+    tag = f"[w2s-job-{job_id}]"
+    return any(f"{tag} succeeded" in line or f"{tag} raised" in line or ("Discarding revoked task" in line and tag in line)
+               for line in worker.log().splitlines())
 
 
 def _generation_count(cluster) -> int:
