@@ -187,6 +187,23 @@ def use_own_extension_builds() -> str:
     return path
 
 
+def skip_inference_collective_build() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce when the process group starts.
+
+    DeepSpeed's torch backend builds the ``deepspeed_shm_comm`` op on the CPU accelerator in its
+    constructor: 20-80 s of g++ on a rank's first launch in an install, and a compiler the machine
+    must have. Only ``inference_all_reduce`` (DeepSpeed inference, AutoTP) uses it; training
+    all-reduces through ``torch.distributed`` (gloo), and without the op ``inference_all_reduce``
+    falls back to the same. ``None`` is what DeepSpeed itself returns where the op is not
+    compatible, and on a GPU accelerator, which has no such builder, it returns ``None`` anyway."""
+    import importlib
+
+    # Not `import deepspeed.comm.torch as …`: the package's `torch` attribute is torch itself.
+    torch_backend = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(torch_backend, "build_shm_op"):
+        torch_backend.build_shm_op = lambda: None
+
+
 def temporary_dir_for(out_dir: Path) -> Path:
     """Where a checkpoint is written before the rename that publishes it."""
     return out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
@@ -244,6 +261,7 @@ class DeepSpeedStrategy:
     def setup_distributed(self) -> None:
         """Join the process group the launcher described in the environment; seed every PRNG."""
         use_own_extension_builds()  # before DeepSpeed compiles or loads an op
+        skip_inference_collective_build()
         import deepspeed
         from deepspeed.runtime.utils import set_random_seed
 
@@ -658,6 +676,19 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(exc).lower()
 
 
+def leave_process_group() -> None:
+    """Every rank done: leave the process group before the interpreter exits. A gloo group still
+    open at exit can abort its process ("terminate called without an active exception", seen once
+    in a two-rank job after its checkpoint was saved); DeepSpeed's launcher then kills the ranks
+    still finishing, and the job fails for nothing. The barrier keeps a fast rank from tearing
+    the group down under a slow one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_rank(train: Callable[[Any], Any], cfg: TrainJobConfig) -> None:
     """Run ``train(cfg)`` on this rank and leave an exit record in ``cfg.status_dir``.
 
@@ -668,6 +699,7 @@ def run_rank(train: Callable[[Any], Any], cfg: TrainJobConfig) -> None:
     started = time.time()
     try:
         train(cfg)
+        leave_process_group()
     except BaseException as exc:
         record.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000], out_of_memory=is_out_of_memory(exc))
         end_open_runs("FAILED")

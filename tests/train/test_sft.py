@@ -168,6 +168,8 @@ def test_sft_through_deepspeed_launcher(tmp_path, tiny_model):
     # one rank: the rank alone, no DeepSpeed launcher, with the variables the launcher would set
     assert result.command[1:] == ["-u", "-m", "models.train.sft", "--config", str(job.resolve())]
     assert result.env["RANK"] == "0" and result.env["WORLD_SIZE"] == "1" and result.env["LOCAL_SIZE"] == "1"
+    # DeepSpeed's inference-only CPU collective is neither built nor loaded (it prints this when it is).
+    assert "deepspeed_shm_comm" not in (tmp_path / "train.log").read_text()
     assert out.is_dir()
     assert not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
     assert (out / "model.safetensors").is_file()
