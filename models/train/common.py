@@ -677,7 +677,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def leave_process_group() -> None:
-    """Every rank done: leave the process group before the interpreter exits. A gloo group still
+    """The rank's last job done: leave the process group before the interpreter exits. A gloo group still
     open at exit can abort its process ("terminate called without an active exception", seen once
     in a two-rank job after its checkpoint was saved); DeepSpeed's launcher then kills the ranks
     still finishing, and the job fails for nothing. The barrier keeps a fast rank from tearing
@@ -699,7 +699,6 @@ def run_rank(train: Callable[[Any], Any], cfg: TrainJobConfig) -> None:
     started = time.time()
     try:
         train(cfg)
-        leave_process_group()
     except BaseException as exc:
         record.update(status="error", error=f"{type(exc).__name__}: {exc}"[:2000], out_of_memory=is_out_of_memory(exc))
         end_open_runs("FAILED")

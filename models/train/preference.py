@@ -42,7 +42,7 @@ from pydantic import Field
 
 from models.jsonl import iter_jsonl
 from models.prompts import model_text
-from models.train.common import DeepSpeedStrategy, TrainJobConfig, count_parameters, resume_batches, run_rank
+from models.train.common import DeepSpeedStrategy, TrainJobConfig, count_parameters, leave_process_group, resume_batches, run_rank
 from models.train.losses import dpo_loss, orpo_loss, sequence_logps
 from models.train.options import PreferenceHyperParameters
 from models.train.sft import IGNORE_INDEX, build_example, collate
@@ -305,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     run_rank(train, PreferenceConfig.from_json_file(args.config))
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pydantic import Field
 
 from models.jsonl import iter_jsonl
 from models.prompts import model_text
-from models.train.common import DeepSpeedStrategy, TrainJobConfig, count_parameters, resume_batches, run_rank
+from models.train.common import DeepSpeedStrategy, TrainJobConfig, count_parameters, leave_process_group, resume_batches, run_rank
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's ignore_index)
 
@@ -200,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     run_rank(train, SFTConfig.from_json_file(args.config))
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import importlib
 import json
 from pathlib import Path
 
-from models.train.common import run_rank
+from models.train.common import leave_process_group, run_rank
 
 CONFIGS = {"models.train.sft": "SFTConfig", "models.train.preference": "PreferenceConfig"}
 
@@ -29,6 +29,7 @@ def main() -> None:
         module = importlib.import_module(job["module"])
         config = getattr(module, CONFIGS[job["module"]]).from_json_file(job["config"])
         run_rank(module.train, config)
+    leave_process_group()  # as the real entry points do after their one job
 
 
 if __name__ == "__main__":
