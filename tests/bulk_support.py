@@ -25,17 +25,18 @@ from tests.cluster_support import write_questions, write_replay_models
 POOL = 13  # chunks of 5 (the last short), vote pages of 4: every bulk path spans several batches
 
 
-def make_round(url: str, tmp_path: Path) -> int:
-    """A stage I round on replay voters that agree, planned and not run; names unique per call
-    (the session's PostgreSQL database is shared by the tests)."""
+def make_round(url: str, tmp_path: Path, pool: int = POOL, generation: dict | None = None) -> int:
+    """A stage I round of `pool` questions on replay voters that agree, planned and not run; names
+    unique per call (the session's PostgreSQL database is shared by the tests). `generation`: the
+    round's generation settings (default: chunks of 5, batches of 1)."""
     from services.config import parse_round_config
     from services.registry import import_dataset, register_model
     from services.rounds import start_round
 
     tag = uuid.uuid4().hex[:8]
     upgrade(url)
-    pool_file, test_file = write_questions(tmp_path / "data", POOL, 2)
-    weak, strong = write_replay_models(tmp_path / "models", POOL, 2, agree=True, delay_s=0)
+    pool_file, test_file = write_questions(tmp_path / "data", pool, 2)
+    weak, strong = write_replay_models(tmp_path / "models", pool, 2, agree=True, delay_s=0)
     with session_scope(url) as session:
         import_dataset(session, pool_file, name=f"pool-{tag}", task="gsm8k", labelled=False)
         import_dataset(session, test_file, name=f"test-{tag}", task="gsm8k", labelled=True)
@@ -43,7 +44,8 @@ def make_round(url: str, tmp_path: Path) -> int:
         register_model(session, name=f"strong-{tag}", path=strong, role="strong")
         config = parse_round_config({"stage": "sft", "weak": f"weak-{tag}", "strong": f"strong-{tag}",
                                      "pool": f"pool-{tag}", "eval": {"dataset": f"test-{tag}"}, "demonstrations": 0,
-                                     "variants": ["hybrid"], "generation": {"chunk_size": 5, "batch_size": 1}})
+                                     "variants": ["hybrid"],
+                                     "generation": generation or {"chunk_size": 5, "batch_size": 1}})
         round_, _ = start_round(session, config, load_settings({"W2S_DATABASE_URL": url}).delivery)
         return round_.id
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 import functools
 import json
 import re
-import uuid
 from pathlib import Path
 
 from sqlalchemy import event, select, text, update
 
 from db.schema import Job
-from db.session import get_engine, session_scope, upgrade
+from db.session import get_engine, session_scope
 from services.settings import load_settings
-from tests.cluster_support import write_questions, write_replay_models
+from tests.bulk_support import make_round
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.support import drop_database, fresh_database
 
@@ -64,32 +63,16 @@ class _GenerationReads:
 
 
 def test_a_chunk_and_a_vote_page_read_only_their_own_generations_on_postgresql(tmp_path: Path, monkeypatch):
-    from services.config import parse_round_config
-    from services.registry import import_dataset, register_model
-    from services.rounds import start_round
     from services.voting import voted_pages
     from workers import steps
     from workers.runner import run_job
 
     url, name = fresh_database(POSTGRES_ADMIN_URL, prefix="w2s_test_bounds")
     try:
-        upgrade(url)
         settings = load_settings({"W2S_DATABASE_URL": url, "W2S_HOME": str(tmp_path / "home"),
                                   "W2S_CHECKPOINT_DIR": str(tmp_path / "checkpoints")})
-        pool_file, test_file = write_questions(tmp_path / "data", POOL, 2)
-        weak, strong = write_replay_models(tmp_path / "models", POOL, 2, agree=True, delay_s=0)
-        tag = uuid.uuid4().hex[:8]
+        round_id = make_round(url, tmp_path, POOL, {"chunk_size": CHUNK})
         with session_scope(url) as session:
-            import_dataset(session, pool_file, name=f"pool-{tag}", task="gsm8k", labelled=False)
-            import_dataset(session, test_file, name=f"test-{tag}", task="gsm8k", labelled=True)
-            register_model(session, name=f"weak-{tag}", path=weak, role="weak")
-            register_model(session, name=f"strong-{tag}", path=strong, role="strong")
-            config = parse_round_config({"stage": "sft", "weak": f"weak-{tag}", "strong": f"strong-{tag}",
-                                         "pool": f"pool-{tag}", "eval": {"dataset": f"test-{tag}"},
-                                         "demonstrations": 0, "variants": ["hybrid"],
-                                         "generation": {"chunk_size": CHUNK}})
-            round_, _ = start_round(session, config, settings.delivery)
-            round_id = round_.id
             chunks = list(session.scalars(select(Job.id).where(Job.round_id == round_id, Job.kind == "generate")
                                           .order_by(Job.id)))
             # The premise: nothing has statistics on the table (what a fresh database or a bench sees).
